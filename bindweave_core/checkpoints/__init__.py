@@ -1,0 +1,1 @@
+"""Finding, identifying and lazily loading model files."""

@@ -1,0 +1,315 @@
+"""Load a BindWeave / Wan DiT from the files users have, whatever their key layout.
+
+Layouts (detected from the keys):
+
+* ``diffusers``: ``ByteDance/BindWeave`` (sharded ``diffusion_pytorch_model-*.safetensors`` + index,
+  connector ``condition_embedder.text_projector.linear_1/2``), or any diffusers Wan transformer;
+* ``wan-original``: the original Wan single file (``blocks.N.self_attn.q.weight``, ...), connector as
+  ``text_projection.0/.2``, optionally fp8 (e4m3fn) with per-tensor ``scale_weight`` entries (the
+  repacked ``*_fp8_scaled*.safetensors`` files ComfyUI users download).
+
+The model is built on the meta device and every tensor is read from the memory-mapped file, cast
+(or dequantised, or quantised to fp8) on its way in, and assigned in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import PRESETS, DiTConfig
+from ..errors import CheckpointError
+from ..dit.fp8 import FP8_DTYPE, fp8_candidate_modules, quantize_weight, swap_in_fp8_linears
+from ..dit.transformer import BindWeaveTransformer
+from .identify import describe, identify, strip_wrapper_prefix
+from .safetensors_io import TensorInfo, iter_tensors, read_header
+
+log = logging.getLogger("BindWeave")
+
+WEIGHT_FORMATS = ("default", "fp8")
+CONFIG_METADATA_KEY = "bindweave_config"  # our own files carry their DiTConfig as JSON metadata
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+_IGNORED_KEYS = ("scaled_fp8",)
+_FP8_STORED = (torch.float8_e4m3fn, torch.float8_e5m2)
+_CONNECTOR_ORIGINAL = {"text_projection.0.": "condition_embedder.text_projector.linear_1.",
+                       "text_projection.2.": "condition_embedder.text_projector.linear_2."}
+# Modules kept in float32 when loading at lower precision (as diffusers does for Wan).
+_KEEP_FP32 = tuple(BindWeaveTransformer._keep_in_fp32_modules)
+ZERO_COPY_MAX_CONVERTED = 0.10  # see load_dit: fraction of converted bytes up to which views are kept
+
+
+@dataclass
+class DiTCheckpoint:
+    """What a DiT checkpoint holds, from its headers only (nothing is loaded)."""
+
+    path: Path
+    layout: str
+    config: DiTConfig
+    tensors: dict[str, TensorInfo]  # model key -> stored tensor
+    scales: dict[str, TensorInfo]  # model weight key -> its stored fp8 scale tensor
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def dtypes(self) -> Counter:
+        return Counter(str(i.dtype).replace("torch.", "") for i in self.tensors.values())
+
+    @property
+    def fp8_scaled(self) -> bool:
+        return bool(self.scales)
+
+    @property
+    def parameter_count(self) -> int:
+        total = 0
+        for info in self.tensors.values():
+            n = 1
+            for s in info.shape:
+                n *= s
+            total += n
+        return total
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {i.file for i in self.tensors.values()})
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(f"missing {len(self.missing)} keys: {', '.join(self.missing[:8])}"
+                       + (" ..." if len(self.missing) > 8 else ""))
+        if self.unexpected:
+            out.append(f"unexpected {len(self.unexpected)} keys: {', '.join(self.unexpected[:8])}"
+                       + (" ..." if len(self.unexpected) > 8 else ""))
+        return out
+
+
+# ---------------------------------------------------------------------------------------- keys
+def _original_to_diffusers(keys: list[str], prefix: str) -> tuple[dict[str, str], list[str]]:
+    """``{diffusers key: stored key}`` for original-layout keys, plus keys it cannot place."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    placeable, foreign = [], []
+    for k in keys:
+        (foreign if ("motion_encoder" in k or "face_adapter" in k) else placeable).append(k)
+    stripped = {k[len(prefix):]: k for k in placeable}
+    # diffusers' converter only renames keys: feed it key -> key and read the renaming back.
+    renamed = convert_wan_transformer_to_diffusers({k: k for k in stripped})
+    mapping = {}
+    for new, short in renamed.items():
+        for old_prefix, new_prefix in _CONNECTOR_ORIGINAL.items():
+            if new.startswith(old_prefix):
+                new = new_prefix + new[len(old_prefix):]
+        mapping[new] = stripped[short]
+    return mapping, foreign
+
+
+def _layout_of(keys: list[str], path: Path) -> tuple[str, str]:
+    sig = identify(keys)
+    if sig is None or sig.kind != "dit":
+        raise CheckpointError(
+            f"{path}: this is not a BindWeave/Wan DiT; it looks like {describe(keys)}. Load it with the "
+            "matching loader, or point this loader at the BindWeave transformer (ByteDance/BindWeave, or a "
+            "single file such as Wan2_1-I2V-14B-Bindweave_fp8_scaled_KJ.safetensors).")
+    marker = "blocks.0." if sig.layout == "wan-original" else "patch_embedding."
+    return sig.layout, strip_wrapper_prefix(keys, marker)
+
+
+def _map_keys(infos: dict[str, TensorInfo], path: Path):
+    keys = list(infos)
+    layout, prefix = _layout_of(keys, path)
+    if layout == "wan-original":
+        mapping, foreign = _original_to_diffusers(keys, prefix)
+    else:
+        mapping = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+        foreign = [k for k in keys if not k.startswith(prefix)]
+    tensors, scales, ignored = {}, {}, []
+    for new, old in mapping.items():
+        if new in _IGNORED_KEYS or new.endswith(_IGNORED_SUFFIXES):
+            ignored.append(old)
+            continue
+        scale_suffix = next((s for s in _SCALE_SUFFIXES if new.endswith(s)), None)
+        if scale_suffix:
+            scales[new[: -len(scale_suffix)] + ".weight"] = infos[old]
+        else:
+            tensors[new] = infos[old]
+    return layout, tensors, scales, ignored, foreign
+
+
+# ---------------------------------------------------------------------------------------- config
+def _shape(tensors: dict[str, TensorInfo], key: str) -> tuple[int, ...] | None:
+    info = tensors.get(key)
+    return info.shape if info is not None else None
+
+
+def infer_config(tensors: dict[str, TensorInfo], metadata: dict[str, str], directory: Path | None = None) -> DiTConfig:
+    """The architecture, read from tensor shapes (heads from metadata, config.json or the presets)."""
+    if CONFIG_METADATA_KEY in metadata:
+        return DiTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    patch = _shape(tensors, "patch_embedding.weight")
+    if patch is None:
+        raise CheckpointError("the checkpoint has no patch_embedding.weight: not a complete DiT")
+    dim, in_channels, patch_size = patch[0], patch[1], tuple(patch[2:])
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    ffn = _shape(tensors, "blocks.0.ffn.net.0.proj.weight")
+    text = _shape(tensors, "condition_embedder.text_embedder.linear_1.weight")
+    freq = _shape(tensors, "condition_embedder.time_embedder.linear_1.weight")
+    image = _shape(tensors, "condition_embedder.image_embedder.norm1.weight")
+    planner = _shape(tensors, "condition_embedder.text_projector.linear_1.weight")
+    out = _shape(tensors, "proj_out.weight")
+    if None in (ffn, text, freq, out) or not blocks:
+        raise CheckpointError("the checkpoint lacks core DiT tensors (blocks, embedders or proj_out): "
+                              "it is incomplete or not a Wan DiT")
+    head_dim = None
+    if directory is not None and (directory / "config.json").exists():
+        try:
+            cfg = json.loads((directory / "config.json").read_text())
+            head_dim = int(cfg["attention_head_dim"])
+        except (ValueError, KeyError):
+            head_dim = None
+    if head_dim is None:
+        head_dim = next((p.head_dim for p in PRESETS.values() if p.dim == dim), 128)
+    if dim % head_dim:
+        raise CheckpointError(f"cannot tell the head count of a DiT of width {dim}; pass a config explicitly")
+    if planner is not None:
+        family = "bindweave"
+    elif image is not None:
+        family = "wan-i2v"
+    else:
+        family = "wan-t2v"
+    prod = patch_size[0] * patch_size[1] * patch_size[2]
+    return DiTConfig(
+        family=metadata.get("bindweave_family", family), num_layers=max(blocks) + 1, num_heads=dim // head_dim,
+        head_dim=head_dim, ffn_dim=ffn[0], in_channels=in_channels, out_channels=out[0] // prod,
+        patch_size=patch_size, text_dim=text[1], freq_dim=freq[1],
+        image_dim=image[0] if image is not None else None,
+        planner_dim=planner[1] if planner is not None else None,
+        cross_attn_norm="blocks.0.norm2.weight" in tensors)
+
+
+# ---------------------------------------------------------------------------------------- scan
+def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTCheckpoint:
+    """Read a DiT checkpoint's headers: layout, family, config, dtypes and key problems."""
+    path = Path(path)
+    infos, metadata = read_header(path)
+    layout, tensors, scales, ignored, foreign = _map_keys(infos, path)
+    cfg = config or infer_config(tensors, metadata, path if path.is_dir() else None)
+    with torch.device("meta"):
+        expected = set(BindWeaveTransformer(cfg).state_dict())
+    ckpt = DiTCheckpoint(path=path, layout=layout, config=cfg, tensors=tensors, scales=scales,
+                         ignored=sorted(ignored), metadata=metadata)
+    ckpt.missing = sorted(expected - set(tensors))
+    ckpt.unexpected = sorted(set(foreign) | {tensors[k].key for k in set(tensors) - expected})
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------- load
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _keep_fp32(key: str) -> bool:
+    return any(part in _KEEP_FP32 for part in key.split("."))
+
+
+def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stored tensor gets in the model: norms/time embedding stay fp32 (as in diffusers)."""
+    if not stored.is_floating_point:
+        return stored
+    return torch.float32 if (_keep_fp32(key) and dtype != torch.float32) else dtype
+
+
+def _convert(key: str, stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor in the model's dtype, fp8 dequantised with its scale."""
+    if scale is not None or stored.dtype in _FP8_STORED:
+        stored = stored.float() * (scale if scale is not None else 1.0)
+    return stored.to(_target_dtype(key, stored.dtype, dtype))
+
+
+def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+             weight_format: str = "default", config: DiTConfig | None = None, attention_backend: str = "sdpa",
+             strict: bool = True) -> BindWeaveTransformer:
+    """Load a DiT checkpoint (file or sharded directory) without ever holding two copies.
+
+    Args:
+        dtype: compute dtype; floating tensors are cast to it (norm/time-embedding tensors stay fp32).
+        weight_format: ``default`` (fp8 files are dequantised to ``dtype``) or ``fp8`` (block linear
+            weights kept as fp8 e4m3 storage with per-tensor scales; high-precision files quantised).
+        strict: raise on missing or unexpected keys (listed by name); otherwise warn and zero-fill.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    ckpt = scan_dit(path, config)
+    if strict and (ckpt.missing or ckpt.unexpected):
+        raise CheckpointError(f"{ckpt.path}: keys do not match a {ckpt.family} DiT "
+                              f"({ckpt.layout} layout): " + "; ".join(ckpt.problems()) +
+                              ". The file is incomplete or made for another model.")
+    with torch.device("meta"):
+        model = BindWeaveTransformer(ckpt.config)
+    model_keys = set(model.state_dict())
+    fp8_modules = set(fp8_candidate_modules(model)) if weight_format == "fp8" else set()
+    swap_in_fp8_linears(model, sorted(fp8_modules))
+    device = torch.device(device)
+
+    scale_values = {info.key: t.float().reshape(()).clone()
+                    for info, t in iter_tensors([s for s in ckpt.scales.values() if s is not None])}
+    wanted = {info.key: key for key, info in ckpt.tensors.items() if key in model_keys}
+    # Tensors kept in their stored dtype can stay views of the memory-mapped file (zero copy). But a
+    # view keeps its whole file mapping alive, and with it the source pages of every tensor that was
+    # converted: so use views only when the converted tensors are a small part of the file.
+    converted = sum(info.nbytes for key, info in ckpt.tensors.items()
+                    if key in ckpt.scales or key.rpartition(".")[0] in fp8_modules
+                    or _target_dtype(key, info.dtype, dtype) != info.dtype)
+    total = sum(info.nbytes for info in ckpt.tensors.values())
+    zero_copy = device.type == "cpu" and converted <= ZERO_COPY_MAX_CONVERTED * total
+
+    def own(value: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        return value.clone() if not zero_copy and value.data_ptr() == stored.data_ptr() else value
+
+    for info, stored in iter_tensors([ckpt.tensors[k] for k in wanted.values()]):
+        key = wanted[info.key]
+        scale_info = ckpt.scales.get(key)
+        scale = scale_values[scale_info.key] if scale_info is not None else None
+        module_name = key.rpartition(".")[0]
+        if module_name in fp8_modules and key.endswith(".weight"):
+            if stored.dtype == FP8_DTYPE:
+                weight, scale = stored.to(device), (scale if scale is not None else torch.ones(()))
+            elif scale is None and stored.dtype not in _FP8_STORED:
+                weight, scale = quantize_weight(stored.to(device))
+            else:
+                weight, scale = quantize_weight(_convert(key, stored, scale, torch.float32).to(device))
+            _assign(model, key, own(weight, stored))
+            _assign(model, module_name + ".scale_weight", scale.to(device))
+        else:
+            _assign(model, key, own(_convert(key, stored, scale, dtype).to(device), stored))
+
+    leftover = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
+    if leftover and strict:
+        raise CheckpointError(f"{ckpt.path}: these tensors were not loaded: {', '.join(list(leftover)[:8])}")
+    for name, ref in leftover.items():
+        log.warning("tensor %s is not in the checkpoint; set to zeros", name)
+        _assign(model, name, torch.zeros(ref.shape, dtype=dtype, device=device))
+    model.set_attention_backend(attention_backend)
+    model.checkpoint_info = ckpt
+    log.info("loaded %s DiT (%s layout, %s) from %s", ckpt.family, ckpt.layout,
+             "fp8 storage" if fp8_modules else str(dtype).replace("torch.", ""), ckpt.path)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,86 @@
+"""``python -m bindweave_core inspect PATH``: what a model file is, from its headers only."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from .identify import identify
+from .safetensors_io import read_header
+
+# Kind-specific inspectors register here: kind -> function(path, infos, metadata) -> dict.
+INSPECTORS: dict[str, Any] = {}
+
+
+def _dit_report(path: Path, infos, metadata) -> dict[str, Any]:
+    from .dit_loader import scan_dit
+
+    ckpt = scan_dit(path)
+    return {
+        "family": ckpt.family,
+        "layout": ckpt.layout,
+        "fp8_scaled": ckpt.fp8_scaled,
+        "parameters": ckpt.parameter_count,
+        "config": ckpt.config.to_dict(),
+        "problems": ckpt.problems(),
+    }
+
+
+INSPECTORS["dit"] = _dit_report
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able report: kind, layout, family, dtypes, parameter count, key problems."""
+    path = Path(path)
+    infos, metadata = read_header(path)
+    sig = identify(infos)
+    dtypes = Counter(str(i.dtype).replace("torch.", "") for i in infos.values())
+    params = 0
+    for info in infos.values():
+        n = 1
+        for s in info.shape:
+            n *= s
+        params += n
+    report: dict[str, Any] = {
+        "path": str(path),
+        "kind": sig.kind if sig else "unknown",
+        "layout": sig.layout if sig else None,
+        "description": sig.description if sig else "unrecognised: no known key pattern",
+        "tensors": len(infos),
+        "dtypes": dict(dtypes),
+        "parameters": params,
+        "bytes": sum(f.stat().st_size for f in {i.file for i in infos.values()}),
+        "problems": [],
+    }
+    if sig is not None and sig.kind in INSPECTORS:
+        try:
+            report.update(INSPECTORS[sig.kind](path, infos, metadata))
+        except CheckpointError as e:
+            report["problems"].append(str(e))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"path:        {report['path']}",
+             f"kind:        {report['kind']} ({report['description']})"]
+    for key in ("layout", "family"):
+        if report.get(key):
+            lines.append(f"{key + ':':<13}{report[key]}")
+    lines.append(f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(report['dtypes'].items()))}")
+    if report.get("fp8_scaled"):
+        lines.append("fp8:         scaled fp8 weights (per-tensor scale_weight)")
+    lines.append(f"parameters:  {report['parameters']:,}")
+    lines.append(f"tensors:     {report['tensors']:,} in {report['bytes']:,} bytes")
+    if "config" in report:
+        cfg = report["config"]
+        lines.append("config:      " + ", ".join(f"{k}={cfg[k]}" for k in
+                                                 ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels",
+                                                  "text_dim", "image_dim", "planner_dim") if k in cfg))
+    if report["problems"]:
+        lines += [f"problem:     {p}" for p in report["problems"]]
+    else:
+        lines.append("problems:    none")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Reading safetensors checkpoints lazily: headers without data, tensors one at a time.
+
+A checkpoint is one ``.safetensors`` file or a directory of shards (with or without an
+``*.safetensors.index.json``). Tensors come from safetensors' memory map: a tensor kept in its
+stored dtype on the CPU stays a view of the file (no copy), and a converted one is released from
+the map as soon as it has been converted, so loading never holds two copies of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_OTHER_FORMATS = {
+    ".ckpt": "a pickled PyTorch checkpoint", ".pt": "a pickled PyTorch checkpoint",
+    ".pth": "a pickled PyTorch checkpoint", ".bin": "a pickled PyTorch checkpoint",
+    ".gguf": "a GGUF file", ".onnx": "an ONNX graph",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is, read from a header only."""
+
+    file: Path
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files making up ``path`` (a file, or a directory of shards)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory. Check the path, or download the model first.")
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if indexes:
+            try:
+                weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{indexes[0]}: unreadable shard index ({e}); re-download it.") from e
+            files = sorted({p / name for name in weight_map.values()})
+            absent = [f.name for f in files if not f.exists()]
+            if absent:
+                raise CheckpointError(
+                    f"{p}: the index lists shards that are missing: {', '.join(absent)}. "
+                    "Download every shard of the model into this directory.")
+            return files
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{p}: directory holds no .safetensors files. Point at the model's weight "
+                                  "file or at the directory with its diffusion_pytorch_model-*.safetensors shards.")
+        return files
+    if p.suffix.lower() in _OTHER_FORMATS:
+        raise CheckpointError(f"{p}: this is {_OTHER_FORMATS[p.suffix.lower()]}, not safetensors. "
+                              "Use the .safetensors release of the model.")
+    return [p]
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}; {size:,} bytes). It is probably truncated or "
+            "not a model file: download it again.") from e
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``{key: TensorInfo}`` and the merged ``__metadata__`` of every file of a checkpoint."""
+    infos: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for file in checkpoint_files(path):
+        with _open(file) as f:
+            metadata.update(f.metadata() or {})
+            for key in f.keys():
+                sl = f.get_slice(key)
+                infos[key] = TensorInfo(file, key, _DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+    _check_sizes(infos)
+    return infos, metadata
+
+
+def _check_sizes(infos: dict[str, TensorInfo]) -> None:
+    """A truncated file can still have a whole header: compare the data it promises with its size."""
+    ends: dict[Path, int] = {}
+    for info in infos.values():
+        ends[info.file] = ends.get(info.file, 0) + info.nbytes
+    for file, data_bytes in ends.items():
+        with open(file, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+        if file.stat().st_size < 8 + header_len + data_bytes:
+            raise CheckpointError(
+                f"{file}: truncated ({file.stat().st_size:,} bytes, its header promises "
+                f"{8 + header_len + data_bytes:,}). Download it again.")
+
+
+def iter_tensors(infos: list[TensorInfo], release_bytes: int = 256 << 20) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """Yield ``(info, tensor)`` as memory-mapped views, file by file.
+
+    Each file is re-opened after every ``release_bytes`` of data so that the pages of tensors the
+    caller has already converted (and dropped) leave the process; views the caller keeps stay valid.
+    """
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        by_file.setdefault(info.file, []).append(info)
+    for file, items in by_file.items():
+        start = 0
+        while start < len(items):
+            with _open(file) as f:
+                read = 0
+                while start < len(items) and (read == 0 or read < release_bytes):
+                    info = items[start]
+                    yield info, f.get_tensor(info.key)
+                    read += info.nbytes
+                    start += 1

@@ -1,0 +1,46 @@
+"""Command line: ``python -m bindweave_core {inspect,generate} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import BindWeaveError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoints.inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bindweave_core",
+                                     description="BindWeave multi-subject video generation (core library CLI)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="report what a model file is, without loading its weights")
+    p.add_argument("path", help="a .safetensors file or a directory of shards")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+    try:
+        from .generate_cli import add_generate_parser
+    except ImportError:  # generation not built yet in this checkout
+        pass
+    else:
+        add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except BindWeaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

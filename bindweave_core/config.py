@@ -1,0 +1,134 @@
+"""DiT configurations: a dataclass and the named presets.
+
+``family`` says how a checkpoint is conditioned:
+
+* ``bindweave``: Wan2.1-I2V + the Qwen connector, 4 temporal reference slots (spec sections 1-9);
+* ``wan-i2v``: plain Wan2.1-I2V (no connector); runs the base image-to-video path;
+* ``wan-t2v``: plain Wan2.1-T2V (16 input channels, no image cross-attention);
+* ``kaleido``: Wan2.1-T2V trained for R-RoPE sequence references (Kaleido-14B-S2V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import constants as C
+
+FAMILIES = ("bindweave", "wan-i2v", "wan-t2v", "kaleido")
+# Families whose references go into temporal slots vs. into the sequence with shifted positions.
+SLOT_FAMILIES = ("bindweave",)
+RROPE_FAMILIES = ("kaleido",)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    family: str = "bindweave"
+    num_layers: int = 40
+    num_heads: int = 40
+    head_dim: int = 128
+    ffn_dim: int = 13824
+    in_channels: int = 36
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = C.PATCH_SIZE
+    text_dim: int = 4096
+    freq_dim: int = 256
+    image_dim: int | None = 1280  # CLIP width; None for text-to-video families
+    planner_dim: int | None = C.PLANNER_DIM  # Qwen width; None when there is no connector
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    clip_token_len: int = C.CLIP_TOKENS_PER_REF
+    num_ref_slots: int = C.NUM_REF_SLOTS
+    text_len: int = C.TEXT_LEN
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def uses_slots(self) -> bool:
+        return self.family in SLOT_FAMILIES
+
+    @property
+    def uses_rrope(self) -> bool:
+        return self.family in RROPE_FAMILIES
+
+    @property
+    def max_references(self) -> int:
+        return C.KALEIDO_MAX_REFERENCES if self.uses_rrope else C.MAX_REFERENCES
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        """Arguments for diffusers' ``WanTransformer3DModel`` with the same architecture."""
+        return dict(
+            patch_size=tuple(self.patch_size),
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.head_dim,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+            cross_attn_norm=self.cross_attn_norm,
+            qk_norm=self.qk_norm,
+            eps=self.eps,
+            image_dim=self.image_dim,
+            added_kv_proj_dim=self.dim if self.image_dim is not None else None,
+            rope_max_seq_len=self.rope_max_seq_len,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d.pop("extra")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "DiTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_WAN_14B = dict(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, freq_dim=256)
+
+PRESETS: dict[str, DiTConfig] = {
+    # spec section 1: Wan2.1-I2V-14B + connector 3584 -> 4096 -> 4096
+    "bindweave-14b": DiTConfig(family="bindweave", in_channels=36, image_dim=1280,
+                               planner_dim=C.PLANNER_DIM, **_WAN_14B),
+    "wan-i2v-14b": DiTConfig(family="wan-i2v", in_channels=36, image_dim=1280, planner_dim=None, **_WAN_14B),
+    "kaleido-14b": DiTConfig(family="kaleido", in_channels=16, image_dim=None, planner_dim=None,
+                             cross_attn_norm=True, **_WAN_14B),
+    # Tiny CPU preset for tests and the smoke model: same architecture, toy widths.
+    # planner_dim/text_dim/image_dim match the tiny encoders built by ``bindweave_core.smoke``.
+    "tiny": DiTConfig(family="bindweave", num_layers=2, num_heads=2, head_dim=32, ffn_dim=128,
+                      in_channels=36, text_dim=32, freq_dim=32, image_dim=32, planner_dim=64),
+    "tiny-kaleido": DiTConfig(family="kaleido", num_layers=2, num_heads=2, head_dim=32, ffn_dim=128,
+                              in_channels=16, text_dim=32, freq_dim=32, image_dim=None, planner_dim=None),
+}
+
+
+def get_preset(name: str) -> DiTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,70 @@
+"""Single source of truth for the numbers the released BindWeave-14B weights expect.
+
+Every value here comes from ``shared/spec/bindweave-inference.md`` (section in brackets).
+Other modules import these names instead of repeating the numbers.
+"""
+
+from __future__ import annotations
+
+# --- reference conditioning [5, 6, 8] --------------------------------------------------------
+MAX_REFERENCES = 4  # at most 4 reference images per generation
+NUM_REF_SLOTS = 4  # temporal slots reserved in front of the video latents, always 4
+CLIP_TOKENS_PER_REF = 257  # CLIP ViT-H/14 penultimate layer: 1 cls + 16x16 patches
+CLIP_CONTEXT_TOKENS = NUM_REF_SLOTS * CLIP_TOKENS_PER_REF  # 1028: refs + zero padding
+IMAGE_KV_TOKENS = CLIP_TOKENS_PER_REF  # quirk [7]: the image K/V stream sees the first 257 only
+CLIP_IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SLOT_MASK_CHANNELS = 4  # [mask, 0, 0, 0] in front of the 16 latent channels of a slot
+LATENT_CHANNELS = 16
+CONDITION_CHANNELS = SLOT_MASK_CHANNELS + LATENT_CHANNELS  # 20
+
+# --- text [3, 4] ------------------------------------------------------------------------------
+TEXT_LEN = 512  # UMT5 positions, zero past the real tokens
+PLANNER_DIM = 3584  # Qwen2.5-VL-7B hidden size, input width of the connector
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards, split screen, divided frame, frame split, multiple "
+    "parts, separated"
+)
+# The planner's negative prompt is the UMT5 one plus a motion clause (no space after the comma).
+PLANNER_NEGATIVE_SUFFIX = ",motionless, frozen, still image, no movement, stationary, unmoving"
+DEFAULT_PLANNER_NEGATIVE_PROMPT = DEFAULT_NEGATIVE_PROMPT + PLANNER_NEGATIVE_SUFFIX
+
+# --- planner image pre-resize [2] -------------------------------------------------------------
+PLANNER_SMALL_IMAGE_PIXELS = 1280 * 720
+PLANNER_SMALL_IMAGE_SCALE = 0.75
+PLANNER_LARGE_IMAGE_SCALE = 0.3
+
+# --- video geometry [intro, 8, 11] ------------------------------------------------------------
+VAE_TEMPORAL_FACTOR = 4
+VAE_SPATIAL_FACTOR = 8
+PATCH_SIZE = (1, 2, 2)
+SIZE_MULTIPLE = 16  # width/height must be multiples of 16 (VAE x8, then 2x2 patches)
+DEFAULT_WIDTH = 1280
+DEFAULT_HEIGHT = 720
+DEFAULT_FRAMES = 81
+DEFAULT_FPS = 16
+
+# --- sampling [10] ----------------------------------------------------------------------------
+DEFAULT_STEPS = 50
+DEFAULT_SHIFT = 3.0
+DEFAULT_GUIDANCE = 5.0
+NUM_TRAIN_TIMESTEPS = 1000
+
+# --- training [12] ----------------------------------------------------------------------------
+TRAIN_TIMESTEP_SHIFT = 5.0
+TRAIN_LEARNING_RATE = 5e-6
+
+# --- R-RoPE (Kaleido) -------------------------------------------------------------------------
+RROPE_POSITION_SHIFT = 80  # reference tokens sit at h, w = 80 + y, 80 + x
+KALEIDO_MAX_REFERENCES = 3
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames ``T`` for ``N = 4k+1`` video frames (spec intro)."""
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1

@@ -1,0 +1,32 @@
+"""Test helpers: where the shared data lives, deterministic weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BINDWEAVE_SHARED", REPO.parent / "shared"))
+PARITY_FILE = SHARED / "data/official-parity/bindweave_dit_tiny_seed1234.safetensors"
+SAMPLES = SHARED / "data/opens2v-samples"
+QWEN_TOKENIZER = SHARED / "data/tokenizers/qwen2.5"
+
+
+def need(path: Path) -> Path:
+    """Skip (with the reason) when a shared data file is not beside the checkout."""
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path} (set BINDWEAVE_SHARED)")
+    return path
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter seeded random values (so zero-initialised tables matter too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            offset = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0  # norm gains near 1
+            p.copy_(torch.randn(p.shape, generator=g) * scale + offset)
+    return model

@@ -1,0 +1,49 @@
+"""The package's shape: importable without ComfyUI, a sane pyproject, the design card's layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+
+from helpers import REPO
+
+
+def test_core_imports_without_comfyui():
+    code = ("import sys, importlib.util\n"
+            "assert importlib.util.find_spec('comfy') is None and importlib.util.find_spec('comfy_api') is None\n"
+            "import bindweave_core, bindweave_core.dit, bindweave_core.checkpoints.dit_loader\n"
+            "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') for m in sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_root_package_imports_in_plain_python():
+    spec = importlib.util.spec_from_file_location("bindweave_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__all__ == []  # no ComfyUI: nothing registered, nothing broken
+
+
+def test_pyproject_metadata():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["license"] == {"file": "LICENSE"}
+    assert "Apache License" in (REPO / "LICENSE").read_text()
+    deps = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    assert not any(re.match(r"torch\b", d) for d in deps), "torch must not be a dependency"
+    assert all(">=" in d for d in project["dependencies"]), "dependencies are lower-bounded"
+    assert {"train", "fast", "dev"} <= set(project["optional-dependencies"])
+    assert any(d.startswith("sageattention") for d in project["optional-dependencies"]["fast"])
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"]
+
+
+def test_design_card_layout():
+    for name in ("__init__.py", "nodes", "bindweave_core", "training", "workflows", "tests", "benchmarks",
+                 "pyproject.toml", "README.md", "LICENSE", ".ci/run"):
+        assert (REPO / name).exists(), name
