@@ -23,28 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import PRESETS, DiTConfig
 from ..errors import CheckpointError
-from ..dit.fp8 import FP8_DTYPE, fp8_candidate_modules, quantize_weight, swap_in_fp8_linears
+from ..dit.fp8 import fp8_candidate_modules, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
 from .identify import describe, identify, strip_wrapper_prefix
-from .safetensors_io import TensorInfo, iter_tensors, read_header
+from .materialize import format_key_problems, materialize, split_scales
+from .safetensors_io import TensorInfo, read_header
 
 log = logging.getLogger("BindWeave")
 
 WEIGHT_FORMATS = ("default", "fp8")
 CONFIG_METADATA_KEY = "bindweave_config"  # our own files carry their DiTConfig as JSON metadata
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
-_IGNORED_KEYS = ("scaled_fp8",)
-_FP8_STORED = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CONNECTOR_ORIGINAL = {"text_projection.0.": "condition_embedder.text_projector.linear_1.",
                        "text_projection.2.": "condition_embedder.text_projector.linear_2."}
 # Modules kept in float32 when loading at lower precision (as diffusers does for Wan).
 _KEEP_FP32 = tuple(BindWeaveTransformer._keep_in_fp32_modules)
-ZERO_COPY_MAX_CONVERTED = 0.10  # see load_dit: fraction of converted bytes up to which views are kept
 
 
 @dataclass
@@ -88,14 +83,7 @@ class DiTCheckpoint:
         return sum(f.stat().st_size for f in {i.file for i in self.tensors.values()})
 
     def problems(self) -> list[str]:
-        out = []
-        if self.missing:
-            out.append(f"missing {len(self.missing)} keys: {', '.join(self.missing[:8])}"
-                       + (" ..." if len(self.missing) > 8 else ""))
-        if self.unexpected:
-            out.append(f"unexpected {len(self.unexpected)} keys: {', '.join(self.unexpected[:8])}"
-                       + (" ..." if len(self.unexpected) > 8 else ""))
-        return out
+        return format_key_problems(self.missing, self.unexpected)
 
 
 # ---------------------------------------------------------------------------------------- keys
@@ -137,16 +125,7 @@ def _map_keys(infos: dict[str, TensorInfo], path: Path):
     else:
         mapping = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         foreign = [k for k in keys if not k.startswith(prefix)]
-    tensors, scales, ignored = {}, {}, []
-    for new, old in mapping.items():
-        if new in _IGNORED_KEYS or new.endswith(_IGNORED_SUFFIXES):
-            ignored.append(old)
-            continue
-        scale_suffix = next((s for s in _SCALE_SUFFIXES if new.endswith(s)), None)
-        if scale_suffix:
-            scales[new[: -len(scale_suffix)] + ".weight"] = infos[old]
-        else:
-            tensors[new] = infos[old]
+    tensors, scales, ignored = split_scales(mapping, infos)
     return layout, tensors, scales, ignored, foreign
 
 
@@ -218,33 +197,6 @@ def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTChe
 
 
 # ---------------------------------------------------------------------------------------- load
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    module_name, _, leaf = key.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        module._buffers[leaf] = tensor
-
-
-def _keep_fp32(key: str) -> bool:
-    return any(part in _KEEP_FP32 for part in key.split("."))
-
-
-def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a stored tensor gets in the model: norms/time embedding stay fp32 (as in diffusers)."""
-    if not stored.is_floating_point:
-        return stored
-    return torch.float32 if (_keep_fp32(key) and dtype != torch.float32) else dtype
-
-
-def _convert(key: str, stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A stored tensor in the model's dtype, fp8 dequantised with its scale."""
-    if scale is not None or stored.dtype in _FP8_STORED:
-        stored = stored.float() * (scale if scale is not None else 1.0)
-    return stored.to(_target_dtype(key, stored.dtype, dtype))
-
-
 def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              weight_format: str = "default", config: DiTConfig | None = None, attention_backend: str = "sdpa",
              strict: bool = True) -> BindWeaveTransformer:
@@ -265,51 +217,19 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
                               ". The file is incomplete or made for another model.")
     with torch.device("meta"):
         model = BindWeaveTransformer(ckpt.config)
-    model_keys = set(model.state_dict())
     fp8_modules = set(fp8_candidate_modules(model)) if weight_format == "fp8" else set()
     swap_in_fp8_linears(model, sorted(fp8_modules))
-    device = torch.device(device)
-
-    scale_values = {info.key: t.float().reshape(()).clone()
-                    for info, t in iter_tensors([s for s in ckpt.scales.values() if s is not None])}
-    wanted = {info.key: key for key, info in ckpt.tensors.items() if key in model_keys}
-    # Tensors kept in their stored dtype can stay views of the memory-mapped file (zero copy). But a
-    # view keeps its whole file mapping alive, and with it the source pages of every tensor that was
-    # converted: so use views only when the converted tensors are a small part of the file.
-    converted = sum(info.nbytes for key, info in ckpt.tensors.items()
-                    if key in ckpt.scales or key.rpartition(".")[0] in fp8_modules
-                    or _target_dtype(key, info.dtype, dtype) != info.dtype)
-    total = sum(info.nbytes for info in ckpt.tensors.values())
-    zero_copy = device.type == "cpu" and converted <= ZERO_COPY_MAX_CONVERTED * total
-
-    def own(value: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        return value.clone() if not zero_copy and value.data_ptr() == stored.data_ptr() else value
-
-    for info, stored in iter_tensors([ckpt.tensors[k] for k in wanted.values()]):
-        key = wanted[info.key]
-        scale_info = ckpt.scales.get(key)
-        scale = scale_values[scale_info.key] if scale_info is not None else None
-        module_name = key.rpartition(".")[0]
-        if module_name in fp8_modules and key.endswith(".weight"):
-            if stored.dtype == FP8_DTYPE:
-                weight, scale = stored.to(device), (scale if scale is not None else torch.ones(()))
-            elif scale is None and stored.dtype not in _FP8_STORED:
-                weight, scale = quantize_weight(stored.to(device))
-            else:
-                weight, scale = quantize_weight(_convert(key, stored, scale, torch.float32).to(device))
-            _assign(model, key, own(weight, stored))
-            _assign(model, module_name + ".scale_weight", scale.to(device))
-        else:
-            _assign(model, key, own(_convert(key, stored, scale, dtype).to(device), stored))
-
-    leftover = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
-    if leftover and strict:
-        raise CheckpointError(f"{ckpt.path}: these tensors were not loaded: {', '.join(list(leftover)[:8])}")
-    for name, ref in leftover.items():
-        log.warning("tensor %s is not in the checkpoint; set to zeros", name)
-        _assign(model, name, torch.zeros(ref.shape, dtype=dtype, device=device))
+    materialize(model, ckpt.tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
+                keep_fp32=_KEEP_FP32, strict=strict, source=ckpt.path)
     model.set_attention_backend(attention_backend)
     model.checkpoint_info = ckpt
     log.info("loaded %s DiT (%s layout, %s) from %s", ckpt.family, ckpt.layout,
              "fp8 storage" if fp8_modules else str(dtype).replace("torch.", ""), ckpt.path)
     return model.eval().requires_grad_(False)
+
+
+def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
+    """The DiT part of ``python -m bindweave_core inspect``."""
+    ckpt = scan_dit(path)
+    return {"family": ckpt.family, "layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled,
+            "parameters": ckpt.parameter_count, "config": ckpt.config.to_dict(), "problems": ckpt.problems()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -11,25 +12,14 @@ from ..errors import CheckpointError
 from .identify import identify
 from .safetensors_io import read_header
 
-# Kind-specific inspectors register here: kind -> function(path, infos, metadata) -> dict.
-INSPECTORS: dict[str, Any] = {}
-
-
-def _dit_report(path: Path, infos, metadata) -> dict[str, Any]:
-    from .dit_loader import scan_dit
-
-    ckpt = scan_dit(path)
-    return {
-        "family": ckpt.family,
-        "layout": ckpt.layout,
-        "fp8_scaled": ckpt.fp8_scaled,
-        "parameters": ckpt.parameter_count,
-        "config": ckpt.config.to_dict(),
-        "problems": ckpt.problems(),
-    }
-
-
-INSPECTORS["dit"] = _dit_report
+# Kind -> module defining ``inspect_report(path, infos, metadata) -> dict`` (imported on use).
+INSPECTOR_MODULES: dict[str, str] = {
+    "dit": "bindweave_core.checkpoints.dit_loader",
+    "vae": "bindweave_core.encoders.vae",
+    "umt5": "bindweave_core.encoders.text",
+    "clip_vision": "bindweave_core.encoders.clip_vision",
+    "qwen2.5-vl": "bindweave_core.encoders.planner",
+}
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,9 +45,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "bytes": sum(f.stat().st_size for f in {i.file for i in infos.values()}),
         "problems": [],
     }
-    if sig is not None and sig.kind in INSPECTORS:
+    if sig is not None and sig.kind in INSPECTOR_MODULES:
         try:
-            report.update(INSPECTORS[sig.kind](path, infos, metadata))
+            module = importlib.import_module(INSPECTOR_MODULES[sig.kind])
+            report.update(module.inspect_report(path, infos, metadata))
         except CheckpointError as e:
             report["problems"].append(str(e))
     return report
