@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .errors import BindWeaveError
+from .generate_cli import add_generate_parser
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -27,12 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a .safetensors file or a directory of shards")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
-    try:
-        from .generate_cli import add_generate_parser
-    except ImportError:  # generation not built yet in this checkout
-        pass
-    else:
-        add_generate_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -37,7 +37,8 @@ MODEL_FILES: tuple[ModelFile, ...] = (
     ModelFile("planner", "qwen_2.5_vl_7b.safetensors", "text_encoders",
               "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI (split_files/text_encoders)", "16.6 GB"),
     ModelFile("planner", "Qwen2.5-VL-7B-Instruct (directory)", "bindweave",
-              "https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct", "16.6 GB", "Hugging Face directory; also does prompt refinement"),
+              "https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct", "16.6 GB",
+              "Hugging Face directory; also does prompt refinement"),
 )
 
 COMPONENT_NAMES = {

@@ -6,8 +6,8 @@ import importlib.util
 import re
 import subprocess
 import sys
-import tomllib
 
+import tomllib
 from helpers import REPO
 
 

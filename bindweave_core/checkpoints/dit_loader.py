@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, DiTConfig
-from ..errors import CheckpointError
 from ..dit.fp8 import fp8_candidate_modules, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
+from ..errors import CheckpointError
 from .identify import describe, identify, strip_wrapper_prefix
 from .materialize import format_key_problems, materialize, split_scales
 from .safetensors_io import TensorInfo, read_header

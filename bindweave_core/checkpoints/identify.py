@@ -28,10 +28,18 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("lora", "lora", "a LoRA (adapter weights, not a full model)", (".lora.",)),
     Signature("dit", "diffusers", "a Wan DiT in diffusers layout", ("blocks.0.attn1.to_q.", "patch_embedding.")),
     Signature("dit", "wan-original", "a Wan DiT in the original layout", ("blocks.0.self_attn.q.", "patch_embedding.")),
+    # Wan 2.2's VAE (48 channels) nests its blocks; it must be tested before the Wan 2.1 lines.
+    Signature("vae", "wan2.2-diffusers", "the Wan 2.2 VAE (48 latent channels) in diffusers layout",
+              ("encoder.down_blocks.0.resnets.", "encoder.mid_block.attentions.0.to_qkv.")),
+    Signature("vae", "wan2.2-original", "the Wan 2.2 VAE (48 latent channels) in the original layout",
+              ("encoder.conv1.", "decoder.upsamples.0.upsamples.")),
+    # to_qkv (one fused 1x1 conv) tells a Wan VAE from SD/SDXL-style AutoencoderKLs (to_q/to_k/to_v).
     Signature("vae", "diffusers", "a Wan VAE in diffusers layout (AutoencoderKLWan)",
-              ("encoder.conv_in.", "decoder.conv_in.", "quant_conv.")),
+              ("encoder.conv_in.", "decoder.conv_in.", "quant_conv.", "encoder.mid_block.attentions.0.to_qkv.")),
     Signature("vae", "wan-original", "a Wan 2.1 VAE in the original layout (wan_2.1_vae.safetensors)",
               ("encoder.conv1.", "decoder.conv1.", "encoder.downsamples.")),
+    Signature("other", "image-vae", "the VAE of another model family (e.g. Stable Diffusion/SDXL/Flux), "
+              "not the Wan 2.1 VAE", ("encoder.conv_in.", "decoder.conv_in.")),
     Signature("umt5", "hf", "a UMT5/T5 text encoder", ("encoder.block.0.layer.0.SelfAttention.",)),
     Signature("umt5", "wan-original", "a UMT5 text encoder in the original Wan layout",
               ("blocks.0.attn.q.", "token_embedding."), ("patch_embedding.",)),

@@ -54,6 +54,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return report
 
 
+# Config entries too long or too internal for the one-line summary (still in --json).
+_CONFIG_HIDDEN = ("extra", "latents_mean", "latents_std", "patch_size", "qk_norm", "rope_max_seq_len")
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"path:        {report['path']}",
              f"kind:        {report['kind']} ({report['description']})"]
@@ -65,11 +69,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("fp8:         scaled fp8 weights (per-tensor scale_weight)")
     lines.append(f"parameters:  {report['parameters']:,}")
     lines.append(f"tensors:     {report['tensors']:,} in {report['bytes']:,} bytes")
-    if "config" in report:
-        cfg = report["config"]
-        lines.append("config:      " + ", ".join(f"{k}={cfg[k]}" for k in
-                                                 ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels",
-                                                  "text_dim", "image_dim", "planner_dim") if k in cfg))
+    if report.get("config"):
+        shown = {k: v for k, v in report["config"].items() if k not in _CONFIG_HIDDEN}
+        lines.append("config:      " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    for key in ("tokenizer", "lm_head"):
+        if key in report:
+            lines.append(f"{key + ':':<13}{report[key]}")
     if report["problems"]:
         lines += [f"problem:     {p}" for p in report["problems"]]
     else:

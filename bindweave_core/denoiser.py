@@ -1,0 +1,77 @@
+"""Glue between the conditioning tensors and one DiT call (used by the sampler and by training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dit.transformer import BindWeaveTransformer
+
+
+@dataclass
+class DiTBranch:
+    """The conditioning of one guidance branch, batch 1 (spec sections 4, 6, 8)."""
+
+    text_states: torch.Tensor  # [1, 512, text_dim]
+    planner_states: torch.Tensor | None = None  # [1, L, planner_dim]
+    clip_tokens: torch.Tensor | None = None  # [1, 1028, image_dim]
+    condition: torch.Tensor | None = None  # [1, 20, 4 + T, h, w]
+    reference_latents: torch.Tensor | None = None  # R-RoPE: [1, n, 16, h, w]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DiTBranch":
+        def move(t):
+            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return DiTBranch(*(move(t) for t in (self.text_states, self.planner_states, self.clip_tokens,
+                                              self.condition, self.reference_latents)))
+
+
+def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.cat(tensors, dim=0)
+
+
+def batch_branches(branches: list[DiTBranch]) -> tuple[dict, list[int] | None]:
+    """Stack branches into one DiT batch; planner states of different lengths are zero-padded at
+    the end and their lengths returned, which the DiT uses to keep padding out of attention."""
+    planner = [b.planner_states for b in branches]
+    lengths = None
+    if all(p is not None for p in planner):
+        sizes = [p.shape[1] for p in planner]
+        if len(set(sizes)) > 1:
+            longest = max(sizes)
+            planner = [torch.cat([p, p.new_zeros(1, longest - p.shape[1], p.shape[2])], dim=1) for p in planner]
+            lengths = sizes
+    kwargs = dict(
+        encoder_hidden_states=_stack([b.text_states for b in branches]),
+        encoder_hidden_states_image=_stack([b.clip_tokens for b in branches]),
+        planner_states=_stack(planner),
+        condition=_stack([b.condition for b in branches]),
+        reference_latents=_stack([b.reference_latents for b in branches]),
+    )
+    return kwargs, lengths
+
+
+def dit_velocity(dit: BindWeaveTransformer, latents: torch.Tensor, timestep: torch.Tensor,
+                 branches: list[DiTBranch]) -> torch.Tensor:
+    """One DiT call over ``len(branches)`` items (latents are repeated for each branch)."""
+    kwargs, lengths = batch_branches(branches)
+    dtype = dit.patch_embedding.weight.dtype
+    n = len(branches)
+    x = latents.to(dtype).repeat(n, 1, 1, 1, 1) if n > 1 else latents.to(dtype)
+    t = timestep.repeat(n) if n > 1 and timestep.shape[0] == 1 else timestep
+    return dit(x, t, kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_image"],
+               planner_states=kwargs["planner_states"], planner_lengths=lengths, condition=kwargs["condition"],
+               reference_latents=kwargs["reference_latents"])
+
+
+def make_predictor(dit: BindWeaveTransformer, cond: DiTBranch, uncond: DiTBranch):
+    """``predict(latents, timestep, "cond" | "uncond" | "both")`` for :class:`sampling.GuidanceInputs`."""
+    def predict(latents: torch.Tensor, timestep: torch.Tensor, which: str) -> torch.Tensor:
+        branches = {"cond": [cond], "uncond": [uncond], "both": [cond, uncond]}[which]
+        with torch.no_grad():
+            return dit_velocity(dit, latents, timestep, branches)
+
+    return predict

@@ -1,0 +1,167 @@
+"""``python -m bindweave_core generate``: prompt + reference images -> MP4 (+ a JSON sidecar)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from . import constants as C
+from .errors import InputError
+from .sampling import SAMPLERS
+
+log = logging.getLogger("BindWeave")
+
+MODEL_ARGS = ("dit", "vae", "text_encoder", "clip_vision", "planner")
+HASH_LIMIT = 1 << 30  # hash files up to 1 GB; record size and mtime of bigger ones
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a video from a prompt and 1-4 reference images",
+                       description="Generate a video. With no model files given (or --smoke) the built-in tiny "
+                                   "smoke model runs on the CPU: the pipeline works end to end, the video is noise.")
+    p.add_argument("--ref", action="append", required=True, metavar="IMG", help="reference image (repeat, 1-4)")
+    p.add_argument("--mask", action="append", metavar="IMG",
+                   help="optional subject mask per reference (same order; non-default, see README)")
+    p.add_argument("--mask-mode", choices=("rectangle", "alpha"), default="rectangle",
+                   help="rectangle = official letterbox mask; alpha = use the alpha channel of RGBA cut-outs")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="what the video shows")
+    prompt.add_argument("--prompt-file", help="read the prompt from this text file")
+    p.add_argument("--negative-prompt", default=C.DEFAULT_NEGATIVE_PROMPT)
+    p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
+    models = p.add_argument_group("models (files or Hugging Face directories)")
+    models.add_argument("--dit", help="BindWeave DiT: diffusers dir or single .safetensors")
+    models.add_argument("--vae", help="Wan 2.1 VAE")
+    models.add_argument("--text-encoder", help="UMT5-XXL encoder")
+    models.add_argument("--clip-vision", help="CLIP ViT-H/14 vision encoder")
+    models.add_argument("--planner", help="Qwen2.5-VL-7B (directory or ComfyUI single file)")
+    models.add_argument("--planner-tokenizer", help="Qwen2.5 tokenizer folder (for single-file planners)")
+    models.add_argument("--text-tokenizer", help="UMT5 tokenizer folder (if the text encoder file has none)")
+    models.add_argument("--smoke", action="store_true", help="use the built-in tiny random models")
+    g = p.add_argument_group("generation")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--frames", type=int, help="4k+1 frames")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float, default=C.DEFAULT_GUIDANCE)
+    g.add_argument("--shift", type=float, default=C.DEFAULT_SHIFT)
+    g.add_argument("--sampler", choices=SAMPLERS, default="unipc")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fps", type=int, default=C.DEFAULT_FPS)
+    g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
+    g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    r.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    r.add_argument("--weight-format", choices=("default", "fp8"), default="default",
+                   help="fp8: keep the DiT's block weights in fp8 storage")
+    r.add_argument("--attention", choices=("sdpa", "sage", "flash", "auto"), default="sdpa")
+    r.add_argument("--offload", choices=("release", "model", "none"), default="release",
+                   help="release: load each model when needed and free it after (least memory)")
+    r.add_argument("--planner-cache", help="directory caching planner states across runs")
+    p.set_defaults(func=run_generate)
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Size (and sha256 for files up to 1 GB) of a model file or directory."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    info: dict[str, Any] = {"path": str(p), "bytes": sum(f.stat().st_size for f in files)}
+    if not p.is_dir() and info["bytes"] <= HASH_LIMIT:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        info["sha256"] = h.hexdigest()
+    else:
+        info["mtime"] = max(f.stat().st_mtime for f in files)
+    return info
+
+
+def build_pipeline(args: argparse.Namespace):
+    from .pipeline import BindWeavePipeline
+
+    given = {name: getattr(args, name) for name in MODEL_ARGS}
+    device = args.device
+    if args.smoke or not any(given.values()):
+        if not args.smoke:
+            log.warning("no model files given: running the built-in tiny smoke model (the video will be noise)")
+        return BindWeavePipeline.smoke(seed=args.seed, device=device or "cpu"), {"smoke": True}
+    missing = [f"--{n.replace('_', '-')}" for n in ("dit", "vae", "text_encoder", "clip_vision", "planner")
+               if not given[n]]
+    if missing:
+        raise InputError(f"missing model files: {', '.join(missing)} (or use --smoke for the tiny test model).")
+    cache = None
+    if args.planner_cache:
+        from .encoders.planner import PlannerCache
+
+        cache = PlannerCache(args.planner_cache)
+    pipe = BindWeavePipeline.from_files(
+        dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
+        planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
+        dtype=DTYPES[args.dtype] if args.dtype else None, device=device, weight_format=args.weight_format,
+        attention=args.attention, offload=args.offload, planner_cache=cache)
+    return pipe, {name: file_fingerprint(path) for name, path in given.items()}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import GenerationSettings
+    from .smoke import SMOKE_DEFAULTS
+    from .video_io import write_json, write_mp4
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise InputError(f"--out must end in .mp4, got {out.name}")
+    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text().strip()
+    pipe, model_info = build_pipeline(args)
+    smoke = model_info.get("smoke", False)
+    defaults = SMOKE_DEFAULTS if smoke else {"width": C.DEFAULT_WIDTH, "height": C.DEFAULT_HEIGHT,
+                                             "num_frames": C.DEFAULT_FRAMES, "steps": C.DEFAULT_STEPS}
+    settings = GenerationSettings(
+        prompt=prompt, negative_prompt=args.negative_prompt,
+        width=args.width or defaults["width"], height=args.height or defaults["height"],
+        num_frames=args.frames or defaults["num_frames"], steps=args.steps or defaults["steps"],
+        guidance=args.guidance, shift=args.shift, sampler=args.sampler, seed=args.seed, fps=args.fps,
+        refine_prompt=args.refine_prompt, mask_mode=args.mask_mode, cfg_batch=args.cfg_batch)
+    if args.mask and len(args.mask) != len(args.ref):
+        raise InputError(f"{len(args.mask)} masks for {len(args.ref)} references: give one --mask per --ref.")
+
+    with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
+        def progress(step: int, total: int, latents: torch.Tensor) -> None:
+            bar.update(step - bar.n)
+
+        result = pipe.generate(args.ref, settings, masks=args.mask, callback=progress)
+
+    write_mp4(result.frames, out, fps=settings.fps)
+    sidecar = {
+        "settings": settings.to_dict(), "prompt_used": result.prompt, "seed": settings.seed,
+        "references": [str(r) for r in args.ref], "masks": args.mask or [],
+        "models": model_info, "device": str(pipe.device),
+        "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
+        "weight_format": args.weight_format, "attention": args.attention, "timings": result.timings,
+        "frames_written": int(result.frames.shape[0]),
+        "versions": _versions(), "output": str(out),
+    }
+    write_json(sidecar, out.with_suffix(".json"))
+    log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
+             settings.height, settings.fps, out.with_suffix(".json").name)
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"bindweave": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}

@@ -1,0 +1,303 @@
+"""The public generation API: prompt + 1-4 reference images -> video frames.
+
+    from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
+    pipe = BindWeavePipeline.from_files(dit=..., vae=..., text_encoder=..., clip_vision=..., planner=...)
+    result = pipe.generate(["man.png"], GenerationSettings(prompt="..."))
+    result.frames  # [N, H, W, 3] float in 0..1
+
+Order of work: planner -> text -> references -> DiT -> decode. Each model is put on the compute
+device only while it runs; afterwards it is moved to the CPU (``offload="model"``, default), kept
+(``"none"``) or released entirely (``"release"``: components given as loader functions are loaded
+again when next needed, which keeps only one big model in memory at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from . import constants as C
+from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
+from .denoiser import DiTBranch, make_predictor
+from .errors import InputError
+from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, release_memory, seeded_noise
+
+log = logging.getLogger("BindWeave")
+
+OFFLOAD_MODES = ("model", "none", "release")
+COMPONENTS = ("planner", "text_encoder", "clip_vision", "vae", "dit")
+
+
+@dataclass
+class GenerationSettings:
+    """Every user-visible setting of one generation (the CLI's sidecar JSON is this, as a dict)."""
+
+    prompt: str
+    negative_prompt: str = C.DEFAULT_NEGATIVE_PROMPT
+    planner_negative_prompt: str = C.DEFAULT_PLANNER_NEGATIVE_PROMPT
+    width: int = C.DEFAULT_WIDTH
+    height: int = C.DEFAULT_HEIGHT
+    num_frames: int = C.DEFAULT_FRAMES
+    steps: int = C.DEFAULT_STEPS
+    guidance: float = C.DEFAULT_GUIDANCE
+    shift: float = C.DEFAULT_SHIFT
+    sampler: str = "unipc"
+    seed: int = 0
+    fps: int = C.DEFAULT_FPS
+    refine_prompt: bool = False
+    refine_seed: int | None = None
+    mask_mode: str = "rectangle"
+    cfg_batch: str = "auto"  # "auto" | "batched" | "separate"
+
+    def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
+        """Clear messages for the inputs the model cannot take (nothing is silently adjusted)."""
+        if not self.prompt or not self.prompt.strip():
+            raise InputError("the prompt is empty: describe the video to generate.")
+        if self.num_frames < 1 or (self.num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
+            k = max(0, round((self.num_frames - 1) / 4))
+            raise InputError(f"frames must be 4k+1 (e.g. {4 * k + 1} or {4 * k + 5}), got {self.num_frames}.")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < C.SIZE_MULTIPLE or value % C.SIZE_MULTIPLE:
+                lower = max(C.SIZE_MULTIPLE, value // C.SIZE_MULTIPLE * C.SIZE_MULTIPLE)
+                raise InputError(f"{name} must be a multiple of {C.SIZE_MULTIPLE}, got {value} "
+                                 f"(use {lower} or {lower + C.SIZE_MULTIPLE}).")
+        if not 1 <= num_references <= max_references:
+            raise InputError(f"{num_references} reference images given; this model takes 1 to {max_references}.")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}.")
+        if self.steps < 1:
+            raise InputError(f"steps must be at least 1, got {self.steps}.")
+        if self.cfg_batch not in ("auto", "batched", "separate"):
+            raise InputError(f"cfg_batch must be auto, batched or separate, got {self.cfg_batch!r}.")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, C.LATENT_CHANNELS, C.latent_frames(self.num_frames),
+                self.height // C.VAE_SPATIAL_FACTOR, self.width // C.VAE_SPATIAL_FACTOR)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    frames: torch.Tensor  # [N, H, W, 3] float 0..1 on the CPU
+    latents: torch.Tensor  # [1, 16, T, h, w] float32
+    prompt: str  # the prompt the models saw (the refined one when refinement was on)
+    settings: GenerationSettings
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Lazy:
+    """A component given as a function that loads it (see ``offload="release"``)."""
+
+    load: Callable[[], Any]
+    description: str = ""
+    family: str | None = None  # DiT only: known from the checkpoint header without loading
+
+
+class BindWeavePipeline:
+    """Holds the five models (or functions that load them) and runs a generation."""
+
+    def __init__(self, *, dit: Any, vae: Any, text_encoder: Any, clip_vision: Any = None, planner: Any = None,
+                 device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.offload = offload
+        self.planner_cache = planner_cache
+        self._components: dict[str, Any] = dict(dit=dit, vae=vae, text_encoder=text_encoder,
+                                                clip_vision=clip_vision, planner=planner)
+        self._loaded: dict[str, Any] = {}
+        self._video_condition_cache: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def smoke(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> "BindWeavePipeline":
+        """Tiny random models of the real architectures, built in memory (no weights needed)."""
+        from .smoke import smoke_components
+
+        return cls(**smoke_components(seed), device=device, **kwargs)
+
+    @classmethod
+    def from_files(cls, *, dit: str, vae: str, text_encoder: str, clip_vision: str | None = None,
+                   planner: str | None = None, planner_tokenizer: str | None = None,
+                   text_tokenizer: str | None = None, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None, weight_format: str = "default",
+                   attention: str = "sdpa", offload: str = "release", planner_cache: Any = None) -> "BindWeavePipeline":
+        """Models from files/directories; each is loaded when first needed (see ``offload``)."""
+        from .checkpoints.dit_loader import load_dit, scan_dit
+        from .encoders.clip_vision import ClipVisionEncoder
+        from .encoders.planner import Planner
+        from .encoders.text import TextEncoder
+        from .encoders.vae import WanVAE
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        loaders = dict(
+            dit=Lazy(lambda: load_dit(dit, dtype=dtype, weight_format=weight_format, attention_backend=attention),
+                     str(dit), family=scan_dit(dit).family),
+            vae=Lazy(lambda: WanVAE.load(vae, dtype=dtype), str(vae)),
+            text_encoder=Lazy(lambda: TextEncoder.load(text_encoder, dtype=dtype, tokenizer_dir=text_tokenizer),
+                              str(text_encoder)),
+            clip_vision=Lazy(lambda: ClipVisionEncoder.load(clip_vision, dtype=dtype), str(clip_vision))
+            if clip_vision else None,
+            planner=Lazy(lambda: Planner.load(planner, dtype=dtype, tokenizer_dir=planner_tokenizer), str(planner))
+            if planner else None,
+        )
+        return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache)
+
+    # ------------------------------------------------------------------------------- model placement
+    def component(self, name: str) -> Any:
+        """The loaded component (loading it first if it was given as a loader function)."""
+        if name in self._loaded:
+            return self._loaded[name]
+        value = self._components[name]
+        if value is None:
+            raise InputError(f"no {name.replace('_', ' ')} model was given; this model family needs one.")
+        if isinstance(value, Lazy):
+            t0 = time.perf_counter()
+            value = value.load()
+            log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
+        self._loaded[name] = value
+        return value
+
+    @staticmethod
+    def _module(component: Any) -> torch.nn.Module:
+        return component if isinstance(component, torch.nn.Module) else component.model
+
+    @contextmanager
+    def on_device(self, name: str):
+        """Run with component ``name`` on the compute device, then apply the offload policy."""
+        comp = self.component(name)
+        module = self._module(comp)
+        module.to(self.device)
+        try:
+            yield comp
+        finally:
+            if self.offload == "release" and isinstance(self._components[name], Lazy):
+                self._loaded.pop(name, None)  # dropped; loaded again when next needed
+                del comp, module
+            elif self.offload != "none" and self.device.type != "cpu":
+                module.to("cpu")
+            release_memory()
+
+    @property
+    def dit_family(self) -> str:
+        dit = self._loaded.get("dit") or self._components["dit"]
+        if isinstance(dit, Lazy):
+            return dit.family or "bindweave"
+        return dit.dit_config.family
+
+    # ------------------------------------------------------------------------------- stages
+    def refine_prompt(self, prompt: str, images: list, seed: int | None = None) -> str:
+        with self.on_device("planner") as planner:
+            return planner.refine_prompt(prompt, images, seed=seed)
+
+    def encode_planner(self, prompt: str, images: list, negative_prompt: str) -> PlannerStates:
+        with self.on_device("planner") as planner:
+            return planner.encode(prompt, images, negative_prompt=negative_prompt, cache=self.planner_cache)
+
+    def encode_text(self, prompt: str, negative_prompt: str) -> TextStates:
+        with self.on_device("text_encoder") as text:
+            states = text.encode([prompt, negative_prompt])
+        return TextStates(positive=states[:1], negative=states[1:])
+
+    def encode_references(self, images: list, settings: GenerationSettings, masks: list | None = None) -> ReferenceCondition:
+        from .references import prepare_references
+
+        canvases, pixel_masks = prepare_references(images, settings.width, settings.height, masks=masks,
+                                                   mask_mode=settings.mask_mode)
+        with self.on_device("clip_vision") as clip:
+            clip_tokens = clip.encode_references(canvases)
+        with self.on_device("vae") as vae:
+            slots = vae.reference_slots(canvases, pixel_masks)
+            video = self.video_condition(vae, settings)
+        return ReferenceCondition(clip_tokens=clip_tokens, slots=slots, canvases=canvases, masks=pixel_masks,
+                                  extra={"video_condition": video})
+
+    def video_condition(self, vae: Any, settings: GenerationSettings) -> torch.Tensor:
+        key = (settings.num_frames, settings.height, settings.width)
+        if key not in self._video_condition_cache:
+            self._video_condition_cache.clear()
+            self._video_condition_cache[key] = vae.video_condition(*key).cpu()
+        return self._video_condition_cache[key]
+
+    def branches(self, text: TextStates, planner: PlannerStates | None, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
+        condition = vae_condition(refs.slots, refs.extra["video_condition"])
+        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition)
+        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition)
+        return cond, uncond
+
+    def sample(self, cond: DiTBranch, uncond: DiTBranch, settings: GenerationSettings,
+               callback: ProgressCallback | None = None) -> torch.Tensor:
+        with self.on_device("dit") as dit:
+            dtype = dit.patch_embedding.weight.dtype
+            inputs = GuidanceInputs(
+                predict=make_predictor(dit, cond.to(self.device, dtype), uncond.to(self.device, dtype)),
+                guidance=settings.guidance, batch_cfg=self._batch_cfg(settings))
+            noise = seeded_noise(settings.latent_shape, settings.seed).to(self.device)
+            return denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
+                           callback=callback).cpu()
+
+    def _batch_cfg(self, settings: GenerationSettings) -> bool:
+        if settings.cfg_batch != "auto":
+            return settings.cfg_batch == "batched"
+        # Batching cond+uncond doubles the activations; on a GPU do it only with room to spare.
+        if self.device.type != "cuda":
+            return True
+        from .memory import fits_batched_cfg
+
+        return fits_batched_cfg(self.component("dit"), settings, self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self.on_device("vae") as vae:
+            video = vae.decode(latents.to(self.device))
+        return ((video[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+
+    # ------------------------------------------------------------------------------- everything
+    def generate(self, references: list, settings: GenerationSettings, masks: list | None = None,
+                 callback: ProgressCallback | None = None) -> GenerationResult:
+        """Prompt + references -> frames. See the module docstring for the order of work."""
+        from .references import load_image
+
+        settings.validate(len(references), self._max_references())
+        images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__") else r for r in references]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        prompt = settings.prompt
+        if settings.refine_prompt:
+            prompt = self.refine_prompt(prompt, images, seed=settings.refine_seed)
+            log.info("refined prompt: %s", prompt)
+        planner = None
+        if self._components["planner"] is not None:
+            planner = self.encode_planner(prompt, images, settings.planner_negative_prompt)
+        text = self.encode_text(prompt, settings.negative_prompt)
+        refs = self.encode_references(images, settings, masks)
+        timings["conditioning_s"] = time.perf_counter() - t0
+        cond, uncond = self.branches(text, planner, refs)
+        t1 = time.perf_counter()
+        latents = self.sample(cond, uncond, settings, callback)
+        timings["sampling_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        frames = self.decode(latents)
+        timings["decode_s"] = time.perf_counter() - t2
+        return GenerationResult(frames=frames, latents=latents, prompt=prompt,
+                                settings=replace(settings), timings=timings)
+
+    def _max_references(self) -> int:
+        from .config import RROPE_FAMILIES
+
+        return C.KALEIDO_MAX_REFERENCES if self.dit_family in RROPE_FAMILIES else C.MAX_REFERENCES
+

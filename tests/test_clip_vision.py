@@ -1,0 +1,205 @@
+"""CLIP vision stream (spec section 6): squash resize, penultimate layer, 1028-token padding, file layouts.
+
+Reference numbers come from torch's own interpolate, transformers' CLIPVisionModel called directly, and
+key names written out here (the Hugging Face names ComfyUI's clip_vision_h.safetensors uses).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.checkpoints.safetensors_io import TensorInfo
+from bindweave_core.cli import main as cli_main
+from bindweave_core.encoders.clip_vision import ClipVisionEncoder, inspect_report
+from bindweave_core.errors import CheckpointError, InputError
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 16,
+         "image_size": 224, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 24}
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ClipVisionEncoder:
+    return ClipVisionEncoder.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def canvases() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(4, 90, 160, 3, generator=g)  # 16:9 canvases, as letterboxed references are
+
+
+def own_pixels(canvases: torch.Tensor) -> torch.Tensor:
+    x = F.interpolate(canvases.permute(0, 3, 1, 2), size=(224, 224), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return (x - MEAN) / STD
+
+
+def penultimate(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+
+# ------------------------------------------------------------------------------------------ encoding
+def test_canvas_is_squashed_to_224_and_normalised(encoder, canvases):
+    pixels = encoder.preprocess(canvases[:2])
+    assert pixels.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(pixels, own_pixels(canvases[:2]), rtol=0, atol=0)
+    as_bytes = (canvases[:1] * 255).round().to(torch.uint8)  # uint8 canvases are scaled to 0..1 first
+    torch.testing.assert_close(encoder.preprocess(as_bytes), own_pixels(as_bytes.float() / 255), rtol=0, atol=0)
+
+
+def test_tokens_are_the_penultimate_hidden_states(encoder, canvases):
+    tokens = encoder.encode_canvases(canvases[:2])
+    assert tokens.shape == (2, 257, 32)
+    ref = penultimate(encoder.model, own_pixels(canvases[:2]))
+    torch.testing.assert_close(tokens, ref, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        last = encoder.model(pixel_values=own_pixels(canvases[:2])).last_hidden_state
+    assert (tokens - last).abs().max() > 0.1  # not the last layer
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_references_are_concatenated_and_zero_padded_to_1028(encoder, canvases, n):
+    out = encoder.encode_references(canvases[:n])
+    assert out.shape == (1, 1028, 32)
+    for i in range(n):  # each reference encoded on its own, as the official loop did
+        ref = penultimate(encoder.model, own_pixels(canvases[i:i + 1]))
+        torch.testing.assert_close(out[:, 257 * i: 257 * (i + 1)], ref, rtol=0, atol=1e-5)
+    assert torch.count_nonzero(out[:, 257 * n:]) == 0
+    assert (out[0, : 257 * n].abs().sum(-1) > 0).all()
+
+
+def test_reference_count_and_shape_are_checked(encoder, canvases):
+    with pytest.raises(InputError, match="5 reference canvases given; BindWeave takes 1 to 4"):
+        encoder.encode_references(torch.cat([canvases, canvases[:1]]))
+    with pytest.raises(InputError, match="0 reference canvases"):
+        encoder.encode_references(canvases[:0])
+    with pytest.raises(InputError, match=r"\[n, H, W, 3\]"):
+        encoder.encode_canvases(canvases.permute(0, 3, 1, 2))
+
+
+def test_tiny_keeps_257_tokens_and_is_deterministic(canvases):
+    a, b, c = ClipVisionEncoder.tiny(seed=4), ClipVisionEncoder.tiny(seed=4), ClipVisionEncoder.tiny(seed=5)
+    assert (a.image_size, a.model.config.patch_size, a.image_dim) == (224, 14, 32)
+    assert torch.equal(a.encode_canvases(canvases[:1]), b.encode_canvases(canvases[:1]))
+    assert not torch.equal(a.encode_canvases(canvases[:1]), c.encode_canvases(canvases[:1]))
+
+
+# ------------------------------------------------------------------------------------------ layouts
+def reference_model(**changes) -> CLIPVisionModel:
+    model = randomize_(CLIPVisionModel(CLIPVisionConfig(**{**SMALL, **changes})), seed=9, scale=0.1)
+    with torch.no_grad():  # fp16-representable, so the fp16 file holds these exact values
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model.eval()
+
+
+def file_tensors(model: CLIPVisionModel) -> dict[str, torch.Tensor]:
+    """The state dict under the names of clip_vision_h.safetensors (``vision_model.*`` + projection)."""
+    out = {(k if k.startswith("vision_model.") else "vision_model." + k): v.half() for k, v in
+           model.state_dict().items()}
+    out["visual_projection.weight"] = torch.randn(SMALL["projection_dim"], SMALL["hidden_size"]).half()
+    return out
+
+
+def test_comfy_clip_vision_h_file(canvases, tmp_path):
+    model = reference_model()
+    path = tmp_path / "clip_vision_h.safetensors"
+    save_file(file_tensors(model), str(path))
+    enc = ClipVisionEncoder.load(path, dtype=torch.float32)
+    pixels = own_pixels(canvases[:2])
+    torch.testing.assert_close(enc.encode_canvases(canvases[:2]), penultimate(model, pixels), rtol=0, atol=1e-5)
+    assert enc.model.checkpoint_info.ignored == ["visual_projection.weight"]
+
+
+def test_diffusers_image_encoder_folder_reads_its_config(canvases, tmp_path):
+    model = reference_model(num_attention_heads=4)  # a head count only config.json can tell
+    folder = tmp_path / "Wan2.1-I2V-14B-720P-Diffusers" / "image_encoder"
+    folder.mkdir(parents=True)
+    save_file(file_tensors(model), str(folder / "model.safetensors"))
+    config = {**SMALL, "num_attention_heads": 4, "model_type": "clip_vision_model",
+              "architectures": ["CLIPVisionModelWithProjection"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    ref = penultimate(model, own_pixels(canvases[:1]))
+    for path in (folder, folder.parent):  # the component folder or the repo root
+        enc = ClipVisionEncoder.load(path, dtype=torch.float32)
+        assert enc.model.config.num_attention_heads == 4
+        torch.testing.assert_close(enc.encode_canvases(canvases[:1]), ref, rtol=0, atol=1e-5)
+
+
+def test_bf16_load_casts_weights(tmp_path):
+    path = tmp_path / "clip_vision_h.safetensors"
+    save_file(file_tensors(reference_model()), str(path))
+    enc = ClipVisionEncoder.load(path)  # default dtype bfloat16
+    assert enc.dtype == torch.bfloat16
+    assert enc.encode_references(torch.rand(1, 72, 128, 3)).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_wrong_files_are_explained(tmp_path):
+    umt5 = tmp_path / "umt5.safetensors"
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}, str(umt5))
+    with pytest.raises(CheckpointError, match="UMT5/T5 text encoder.*clip_vision_h.safetensors"):
+        ClipVisionEncoder.load(umt5)
+    open_clip = tmp_path / "open_clip.safetensors"
+    save_file({"visual.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4)}, str(open_clip))
+    with pytest.raises(CheckpointError, match="open-clip layout"):
+        ClipVisionEncoder.load(open_clip)
+
+
+def test_missing_keys_are_named(tmp_path):
+    tensors = file_tensors(reference_model())
+    del tensors["vision_model.encoder.layers.2.mlp.fc2.bias"]
+    path = tmp_path / "clip.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"missing 1 keys: vision_model\.encoder\.layers\.2\.mlp\.fc2\.bias"):
+        ClipVisionEncoder.load(path)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+def test_inspect_recognises_the_file(tmp_path, capsys):
+    path = tmp_path / "clip_vision_h.safetensors"
+    save_file(file_tensors(reference_model()), str(path))
+    report = inspect_checkpoint(path)
+    assert (report["kind"], report["layout"]) == ("clip_vision", "hf")
+    assert report["config"]["image_dim"] == 32 and report["config"]["num_layers"] == 3
+    assert report["problems"] == [("not the CLIP ViT-H/14 BindWeave needs: hidden_size 32 (ViT-H/14: 1280), "
+                                   "intermediate_size 64 (ViT-H/14: 5120), num_hidden_layers 3 (ViT-H/14: 32)")]
+    assert cli_main(["inspect", str(path)]) == 1
+    assert "kind:        clip_vision" in capsys.readouterr().out
+
+
+def test_real_size_header_has_no_problems():
+    """clip_vision_h.safetensors' tensor list (names and shapes as released), without data."""
+    d, ff = 1280, 5120
+    shapes = {"vision_model.embeddings.class_embedding": (d,),
+              "vision_model.embeddings.patch_embedding.weight": (d, 3, 14, 14),
+              "vision_model.embeddings.position_embedding.weight": (257, d),
+              "vision_model.pre_layrnorm.weight": (d,), "vision_model.pre_layrnorm.bias": (d,),
+              "vision_model.post_layernorm.weight": (d,), "vision_model.post_layernorm.bias": (d,),
+              "visual_projection.weight": (1024, d)}
+    for i in range(32):
+        b = f"vision_model.encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes.update({b + f"self_attn.{n}.weight": (d, d), b + f"self_attn.{n}.bias": (d,)})
+        shapes.update({b + "mlp.fc1.weight": (ff, d), b + "mlp.fc1.bias": (ff,), b + "mlp.fc2.weight": (d, ff),
+                       b + "mlp.fc2.bias": (d,)})
+        for n in ("layer_norm1", "layer_norm2"):
+            shapes.update({b + f"{n}.weight": (d,), b + f"{n}.bias": (d,)})
+    infos = {k: TensorInfo(Path("x.safetensors"), k, torch.float16, s) for k, s in shapes.items()}
+    report = inspect_report(Path("x.safetensors"), infos, {})
+    assert report["problems"] == []
+    assert report["config"] == {"num_layers": 32, "num_heads": 16, "head_dim": 80, "ffn_dim": 5120, "image_dim": 1280,
+                                "image_size": 224, "patch_size": 14}
+    assert report["parameters"] == 630_766_080  # the ViT-H/14 tower without its projection
