@@ -117,7 +117,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import GenerationSettings
     from .smoke import SMOKE_DEFAULTS
-    from .video_io import write_json, write_mp4
 
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
@@ -140,22 +139,29 @@ def run_generate(args: argparse.Namespace) -> int:
         def progress(step: int, total: int, latents: torch.Tensor) -> None:
             bar.update(step - bar.n)
 
-        result = pipe.generate(args.ref, settings, masks=args.mask, callback=progress)
-
-    write_mp4(result.frames, out, fps=settings.fps)
-    sidecar = {
-        "settings": settings.to_dict(), "prompt_used": result.prompt, "seed": settings.seed,
-        "references": [str(r) for r in args.ref], "masks": args.mask or [],
-        "models": model_info, "device": str(pipe.device),
-        "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
-        "weight_format": args.weight_format, "attention": args.attention, "timings": result.timings,
-        "frames_written": int(result.frames.shape[0]),
-        "versions": _versions(), "output": str(out),
-    }
-    write_json(sidecar, out.with_suffix(".json"))
+        result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=progress, sidecar={
+            "references": [str(r) for r in args.ref], "masks": args.mask or [], "models": model_info,
+            "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
+            "weight_format": args.weight_format, "attention": args.attention})
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
              settings.height, settings.fps, out.with_suffix(".json").name)
     return 0
+
+
+def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks: list | None = None,
+                     callback=None, sidecar: dict[str, Any] | None = None):
+    """Generate, then write ``out`` (MP4) and its ``.json`` sidecar. Nothing is written unless the
+    generation finishes: a cancel or an error leaves no file (not even a partial one) behind."""
+    from .video_io import write_json, write_mp4
+
+    out = Path(out)
+    result = pipe.generate(references, settings, masks=masks, callback=callback)
+    write_mp4(result.frames, out, fps=settings.fps)
+    write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+                "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+                "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out)},
+               out.with_suffix(".json"))
+    return result
 
 
 def _versions() -> dict[str, str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -21,6 +20,7 @@ from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
 from bindweave_core.encoders.clip_vision import ClipVisionEncoder, inspect_report
 from bindweave_core.errors import CheckpointError, InputError
+from helpers import randomize_
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)

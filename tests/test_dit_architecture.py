@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed
-from helpers import randomize_
 
 from bindweave_core.config import PRESETS, DiTConfig
 from bindweave_core.dit import build_dit, connector_parameters, count_parameters
 from bindweave_core.dit.positions import grid_positions, rrope_layout_positions, slot_layout_positions
 from bindweave_core.dit.rope import RotaryEmbedding3D
+from helpers import randomize_
 
 TINY = PRESETS["tiny"]
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, randomize_
 from safetensors.torch import save_file
 
 from bindweave_core.checkpoints.dit_loader import load_dit, scan_dit
@@ -19,6 +18,7 @@ from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit, count_parameters
 from bindweave_core.dit.fp8 import FP8Linear
 from bindweave_core.errors import CheckpointError
+from helpers import REPO, randomize_
 
 TINY = PRESETS["tiny"]
 

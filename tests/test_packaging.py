@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import tomllib
+
 from helpers import REPO
 
 

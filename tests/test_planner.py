@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import QWEN_TOKENIZER, REPO, SAMPLES, need
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -36,6 +35,7 @@ from bindweave_core.encoders.planner import (
     tiny_tokenizer,
 )
 from bindweave_core.errors import CheckpointError, InputError
+from helpers import QWEN_TOKENIZER, REPO, SAMPLES, need
 
 # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_config.json, as released.
 REAL_PREPROCESSOR = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import SAMPLES, need
 from PIL import Image
 
 from bindweave_core import constants as C
@@ -20,6 +19,7 @@ from bindweave_core.references import (
     prepare_references,
     tensor_to_pil,
 )
+from helpers import SAMPLES, need
 
 IMAGES = SAMPLES / "images"
 LANCZOS = Image.Resampling.LANCZOS

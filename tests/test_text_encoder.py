@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import randomize_
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -29,6 +28,7 @@ from bindweave_core.encoders.text import (
     tokenizer_from_sentencepiece,
 )
 from bindweave_core.errors import CheckpointError, InputError
+from helpers import randomize_
 
 # A small UMT5 with the real architecture; vocab 384 holds a 48-piece sentencepiece model + 300 sentinels.
 SMALL = {"vocab_size": 384, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
