@@ -26,7 +26,8 @@ from torch import nn
 from ..config import DiTConfig
 from . import positions as P
 from .attention import attention
-from .rope import RotaryEmbedding3D, apply_rotary
+from .parallel import CP_PLAN
+from .rope import RotaryEmbedding3D, apply_rotary, prepare_rotary
 
 
 class WanTimesteps(nn.Module):
@@ -81,8 +82,18 @@ def _project_image_kv(attn: nn.Module, image_context: torch.Tensor):
 class BindWeaveAttnProcessor:
     """Self- and cross-attention for ``diffusers.WanAttention`` modules, BindWeave style."""
 
+    _attention_backend = None  # read by diffusers' enable_parallelism (we pick backends in dit.attention)
+
     def __init__(self, state: AttentionState):
         self.state = state
+
+    @property
+    def _parallel_config(self) -> Any:  # set by diffusers' enable_parallelism: self-attention gets it
+        return self.state.parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.state.parallel_config = value
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None, **kwargs):
@@ -103,8 +114,9 @@ class BindWeaveAttnProcessor:
         v = v.unflatten(2, (heads, -1))
 
         if rotary_emb is not None:
-            q = apply_rotary(q, *rotary_emb)
-            k = apply_rotary(k, *rotary_emb)
+            rotary = prepare_rotary(rotary_emb)
+            q = apply_rotary(q, *rotary)
+            k = apply_rotary(k, *rotary)
 
         if context is None:
             out = attention(q, k, v, st.backend, parallel_config=st.parallel_config)
@@ -133,6 +145,8 @@ class BindWeaveTransformer(WanTransformer3DModel):
     Build it from a :class:`~bindweave_core.config.DiTConfig` (on the meta device for loading:
     ``with torch.device("meta"): BindWeaveTransformer(cfg)``).
     """
+
+    _cp_plan = CP_PLAN  # diffusers' Wan plan minus its per-token timestep split (see dit.parallel)
 
     def __init__(self, config: DiTConfig):
         super().__init__(**config.diffusers_kwargs())
@@ -213,7 +227,7 @@ class BindWeaveTransformer(WanTransformer3DModel):
         """(cos, sin) for a layout ``key``; explicit ``positions`` bypass the cache."""
         if positions is not None:
             return self.rope(positions.to(device))
-        cache_key = (key, str(device))
+        cache_key = (key, str(device), self._parallel_config is not None)  # CP caches the rank's shard
         if cache_key not in self._rope_cache:
             kind, *dims = key
             grid = (P.slot_layout_positions(*dims) if kind == "grid" else P.rrope_layout_positions(*dims))

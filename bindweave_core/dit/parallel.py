@@ -1,0 +1,188 @@
+"""Multi-GPU inference: sequence (context) parallelism and cond/uncond split.
+
+**Context parallelism** (``enable_context_parallel``) runs on diffusers' context-parallel machinery:
+its split/gather hooks (``diffusers.hooks.context_parallel.apply_context_parallel``) cut the token
+sequence into one contiguous chunk per rank right after the rotary table and before block 0, and
+gather the chunks again at ``proj_out``; inside, self-attention runs diffusers' Ulysses (all-to-all
+of heads) or ring (KV chunks passed around, softmax merged by log-sum-exp) templates. Cross-attention
+needs no communication: every rank holds the whole text/image context. Our DiT keeps the module
+names of diffusers' Wan plan (``rope``, ``blocks.0``, ``proj_out``); its own plan below drops Wan's
+per-token ``timestep`` split (our timestep is one value per item). The token count must divide by
+the number of ranks (checked before the forward, with the fix in the message) unless
+``anything=True`` (diffusers' uneven "anything" sharding).
+
+We do the setup of diffusers' ``ModelMixin.enable_parallelism`` ourselves (mesh, ``ParallelConfig.setup``,
+hooks) for one reason: it derives the device as ``rank % torch.accelerator.device_count()``, which
+divides by zero on a CPU-only machine, so the gloo/CPU tests could not run the very code the GPUs
+run. (On a GPU, diffusers' own ``enable_parallelism(config=..., cp_plan=...)`` works as well: our
+attention processor exposes the ``_parallel_config`` it sets.)
+
+**CFG split** (``cfg_parallel_predictor``): two ranks, rank 0 computes the conditional branch and
+rank 1 the unconditional one, and they exchange the two velocities each step. Nothing in the
+model changes; every rank runs the same sampler on the same (gathered) numbers.
+
+Launch (every rank runs the whole pipeline; rank 0 writes the video)::
+
+    torchrun --nproc-per-node 4 -m bindweave_core generate ... --parallel ulysses
+    torchrun --nproc-per-node 2 -m bindweave_core generate ... --parallel cfg
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers.models._modeling_parallel import (
+    ContextParallelConfig,
+    ContextParallelInput,
+    ContextParallelOutput,
+    ParallelConfig,
+)
+from torch import nn
+
+from ..errors import InputError
+
+log = logging.getLogger("BindWeave")
+
+PARALLEL_MODES = ("none", "ulysses", "ring", "cfg")
+
+# Where the sequence is split and gathered (diffusers' ContextParallelModelPlan format). The rotary
+# table (cos, sin: [1, S, 1, D/2]) is split on its output, the block input [B, S, dim] before block 0,
+# and the head output [B, S, C*p] gathered after proj_out.
+CP_PLAN: dict[str, Any] = {
+    "rope": {
+        0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+    },
+    "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
+# ---------------------------------------------------------------------------------- process group
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up: ``(rank, world size, this rank's device)``.
+
+    NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is available, else gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise InputError("multi-GPU generation needs several processes: launch with "
+                         "`torchrun --nproc-per-node N -m bindweave_core generate ...`.")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise InputError(f"rank {local} has no GPU: {torch.cuda.device_count()} visible, {world} processes "
+                             "started; use --nproc-per-node <= the number of GPUs.")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    log.info("rank %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---------------------------------------------------------------------------------- context parallel
+def sequence_tokens(model: nn.Module, hidden_states: torch.Tensor, condition: torch.Tensor | None = None,
+                    reference_latents: torch.Tensor | None = None) -> int:
+    """Tokens of the DiT's sequence for these inputs (slots and R-RoPE references included)."""
+    p_t, p_h, p_w = model.config.patch_size
+    _, _, frames, height, width = hidden_states.shape
+    if condition is not None:
+        frames = condition.shape[2]
+    per_frame = (height // p_h) * (width // p_w)
+    refs = reference_latents.shape[1] if reference_latents is not None else 0
+    return frames // p_t * per_frame + refs * per_frame
+
+
+def check_divisible(tokens: int, world: int) -> None:
+    """A clear error when ``tokens`` cannot be split evenly over ``world`` ranks."""
+    if tokens % world:
+        raise InputError(
+            f"context parallelism over {world} GPUs splits the {tokens:,} tokens of the sequence evenly, and "
+            f"{tokens:,} is not divisible by {world}. Tokens = latent frames (4 slots + (frames-1)/4 + 1) x "
+            f"height/16 x width/16: pick a width or height whose /16 is a multiple of {world} (832x480 and "
+            f"1280x720 at 81 frames work for 2, 4 and 8 GPUs), use --parallel cfg, or a GPU count that divides it.")
+
+
+def enable_context_parallel(model: nn.Module, *, ulysses_degree: int | None = None, ring_degree: int | None = None,
+                            device: str | torch.device | None = None, anything: bool = False,
+                            mesh: Any = None) -> ParallelConfig:
+    """Shard the DiT's sequence over the ranks of the default process group (see the module docstring).
+
+    ``ulysses_degree`` x ``ring_degree`` must equal the world size (default: all ranks Ulysses).
+    Ulysses also splits the heads: ``num_heads`` must divide by ``ulysses_degree`` unless ``anything``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("context parallelism needs torch.distributed initialised: launch with torchrun "
+                           "and call bindweave_core.dit.parallel.init_distributed() first")
+    if getattr(model, "_parallel_config", None) is not None:
+        raise RuntimeError("context parallelism is already enabled on this model")
+    world = dist.get_world_size()
+    if ulysses_degree is None and ring_degree is None:
+        ulysses_degree = world
+    ulysses_degree, ring_degree = ulysses_degree or 1, ring_degree or 1
+    if ulysses_degree * ring_degree != world:
+        raise InputError(f"ulysses degree {ulysses_degree} x ring degree {ring_degree} must equal the number of "
+                         f"processes ({world})")
+    heads = model.config.num_attention_heads
+    if ulysses_degree > 1 and heads % ulysses_degree and not anything:
+        raise InputError(f"Ulysses over {ulysses_degree} GPUs splits the {heads} attention heads evenly: use a GPU "
+                         f"count that divides {heads}, or ring attention (--parallel ring)")
+    cp = ContextParallelConfig(ring_degree=ring_degree, ulysses_degree=ulysses_degree, mesh=mesh,
+                               ulysses_anything=anything and ulysses_degree > 1,
+                               ring_anything=anything and ring_degree > 1)
+    device = torch.device(device) if device is not None else model.patch_embedding.weight.device
+    mesh = cp.mesh or dist.device_mesh.init_device_mesh(device.type, cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config = ParallelConfig(context_parallel_config=cp)
+    config.setup(dist.get_rank(), world, device, mesh=mesh)
+
+    from diffusers.hooks.context_parallel import apply_context_parallel
+
+    apply_context_parallel(model, cp, CP_PLAN)
+    model._parallel_config = config
+    model.attention_state.parallel_config = config
+    model._rope_cache.clear()  # a cached full-length table would not match the sharded tokens
+    if not anything:
+        def check(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            check_divisible(sequence_tokens(module, hidden, kwargs.get("condition"),
+                                            kwargs.get("reference_latents")), world)
+
+        model._cp_check_handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    log.info("context parallel: %d ranks (ulysses %d x ring %d) on %s", world, ulysses_degree, ring_degree,
+             device.type)
+    return config
+
+
+# ---------------------------------------------------------------------------------- cfg split
+def cfg_parallel_predictor(predict: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+                           group: Any = None) -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
+    """Wrap a ``predict(latents, timestep, "cond" | "uncond" | "both")`` so that ``"both"`` runs the
+    conditional branch on rank 0 and the unconditional one on rank 1, then gathers ``[cond, uncond]``."""
+    world = dist.get_world_size(group)
+    if world != 2:
+        raise InputError(f"--parallel cfg splits cond and uncond over exactly 2 GPUs; {world} processes were started")
+    me = dist.get_rank(group)
+
+    def split(latents: torch.Tensor, timestep: torch.Tensor, which: str) -> torch.Tensor:
+        if which != "both":
+            return predict(latents, timestep, which)
+        mine = predict(latents, timestep, ("cond", "uncond")[me]).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        return torch.cat(parts, dim=0)
+
+    return split
