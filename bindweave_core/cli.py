@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="report what a model file is, without loading its weights")
-    p.add_argument("path", help="a .safetensors file or a directory of shards")
+    p.add_argument("path", help="a .safetensors file, a directory of shards, a .pt/.pth state dict or a SAT "
+                                "checkpoint folder (Kaleido's model/)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
     add_generate_parser(sub)

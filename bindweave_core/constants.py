@@ -60,9 +60,27 @@ NUM_TRAIN_TIMESTEPS = 1000
 TRAIN_TIMESTEP_SHIFT = 5.0
 TRAIN_LEARNING_RATE = 5e-6
 
-# --- R-RoPE (Kaleido) -------------------------------------------------------------------------
-RROPE_POSITION_SHIFT = 80  # reference tokens sit at h, w = 80 + y, 80 + x
+# --- R-RoPE (Kaleido; facts and sources in docs/kaleido-rrope.md) -----------------------------
+RROPE_POSITION_SHIFT = 80  # reference tokens sit at h, w = 80 + y, 80 + x (config max_h/max_w)
 KALEIDO_MAX_REFERENCES = 3
+KALEIDO_CANVAS_COLOUR = (255, 255, 255)  # references are letterboxed on white
+KALEIDO_WIDTH = 896  # sampling_image_size [512, 896] is (height, width)
+KALEIDO_HEIGHT = 512
+KALEIDO_FRAMES = 81  # 21 latent frames
+KALEIDO_FPS = 16
+KALEIDO_STEPS = 50
+KALEIDO_GUIDANCE = 6.0
+KALEIDO_SHIFT = 7.0  # RFSampler's shift_scale default: sigma = 7u / (1 + 6u) on u = linspace(1, 0, steps+1)
+KALEIDO_SAMPLER = "rf-euler"
+# The sampling config's negative prompt (Wan's default Chinese negative prompt).
+KALEIDO_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+# Training recipe (sgm RFLoss): logit-normal sigma, then a shift whose mu grows linearly with the
+# number of latent patches per frame (256 -> 0.5, 4096 -> 1.15).
+KALEIDO_TRAIN_MU_POINTS = ((256, 0.5), (4096, 1.15))
 
 
 def latent_frames(num_frames: int) -> int:

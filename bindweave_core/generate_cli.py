@@ -13,8 +13,12 @@ import torch
 
 from . import __version__
 from . import constants as C
+from .config import RROPE_FAMILIES
+from .dit.parallel import rank
 from .errors import InputError
+from .runtime import add_runtime_arguments, runtime_from_args
 from .sampling import SAMPLERS
+from .smoke import SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
 
@@ -26,8 +30,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt and 1-4 reference images",
                        description="Generate a video. With no model files given (or --smoke) the built-in tiny "
-                                   "smoke model runs on the CPU: the pipeline works end to end, the video is noise.")
-    p.add_argument("--ref", action="append", required=True, metavar="IMG", help="reference image (repeat, 1-4)")
+                                   "smoke model runs on the CPU: the pipeline works end to end, the video is noise. "
+                                   "Settings left out take the model family's official values (BindWeave or "
+                                   "Kaleido).")
+    p.add_argument("--ref", action="append", required=True, metavar="IMG",
+                   help="reference image (repeat; BindWeave 1-4, Kaleido 1-3)")
     p.add_argument("--mask", action="append", metavar="IMG",
                    help="optional subject mask per reference (same order; non-default, see README)")
     p.add_argument("--mask-mode", choices=("rectangle", "alpha"), default="rectangle",
@@ -35,7 +42,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="what the video shows")
     prompt.add_argument("--prompt-file", help="read the prompt from this text file")
-    p.add_argument("--negative-prompt", default=C.DEFAULT_NEGATIVE_PROMPT)
+    p.add_argument("--negative-prompt", help="default: the model family's official negative prompt")
     p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
     models = p.add_argument_group("models (files or Hugging Face directories)")
     models.add_argument("--dit", help="BindWeave DiT: diffusers dir or single .safetensors")
@@ -45,28 +52,39 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--planner", help="Qwen2.5-VL-7B (directory or ComfyUI single file)")
     models.add_argument("--planner-tokenizer", help="Qwen2.5 tokenizer folder (for single-file planners)")
     models.add_argument("--text-tokenizer", help="UMT5 tokenizer folder (if the text encoder file has none)")
+    models.add_argument("--kaleido-dir", metavar="DIR",
+                        help="the Kaleido-14B-S2V download (model/, Wan2.1_VAE.pth, umt5-xxl/): sets the DiT, VAE, "
+                             "text encoder and tokenizer not given separately")
     models.add_argument("--smoke", action="store_true", help="use the built-in tiny random models")
+    models.add_argument("--family", choices=SMOKE_FAMILIES,
+                        help="model family: picks the smoke model (default bindweave); with model files it "
+                             "overrides the family read from the DiT checkpoint")
     g = p.add_argument_group("generation")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--frames", type=int, help="4k+1 frames")
     g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float, default=C.DEFAULT_GUIDANCE)
-    g.add_argument("--shift", type=float, default=C.DEFAULT_SHIFT)
-    g.add_argument("--sampler", choices=SAMPLERS, default="unipc")
+    g.add_argument("--guidance", type=float, help=f"default {C.DEFAULT_GUIDANCE} (Kaleido {C.KALEIDO_GUIDANCE})")
+    g.add_argument("--shift", type=float, help=f"default {C.DEFAULT_SHIFT} (Kaleido {C.KALEIDO_SHIFT})")
+    g.add_argument("--sampler", choices=SAMPLERS, help=f"default unipc (Kaleido {C.KALEIDO_SAMPLER})")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fps", type=int, default=C.DEFAULT_FPS)
+    g.add_argument("--fps", type=int, help=f"default {C.DEFAULT_FPS}")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
+    g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
     g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    r.add_argument("--weight-format", choices=("default", "fp8"), default="default",
-                   help="fp8: keep the DiT's block weights in fp8 storage")
-    r.add_argument("--attention", choices=("sdpa", "sage", "flash", "auto"), default="sdpa")
+    r.add_argument("--weight-format", choices=("default", "fp8", "fp8_fast"), default="default",
+                   help="fp8: keep the DiT's block weights in fp8 storage; fp8_fast: also multiply in fp8 on GPUs "
+                        "with compute capability >= 8.9 (changes the numbers slightly)")
+    r.add_argument("--attention", choices=("sdpa", "sage", "flash", "auto"), default="sdpa",
+                   help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
+                        "auto: sage, else flash, else sdpa")
     r.add_argument("--offload", choices=("release", "model", "none"), default="release",
                    help="release: load each model when needed and free it after (least memory)")
     r.add_argument("--planner-cache", help="directory caching planner states across runs")
+    add_runtime_arguments(r)
     p.set_defaults(func=run_generate)
 
 
@@ -89,14 +107,26 @@ def file_fingerprint(path: str) -> dict[str, Any]:
 def build_pipeline(args: argparse.Namespace):
     from .pipeline import BindWeavePipeline
 
+    family = args.family
+    if args.kaleido_dir and not args.smoke:
+        from .kaleido import find_kaleido_bundle
+
+        bundle = find_kaleido_bundle(args.kaleido_dir)
+        for name in ("dit", "vae", "text_encoder", "text_tokenizer"):
+            if not getattr(args, name):
+                setattr(args, name, str(getattr(bundle, name)))
+        family = family or "kaleido"
     given = {name: getattr(args, name) for name in MODEL_ARGS}
-    device = args.device
+    runtime, device = runtime_from_args(args)
     if args.smoke or not any(given.values()):
         if not args.smoke:
             log.warning("no model files given: running the built-in tiny smoke model (the video will be noise)")
-        return BindWeavePipeline.smoke(seed=args.seed, device=device or "cpu"), {"smoke": True}
-    missing = [f"--{n.replace('_', '-')}" for n in ("dit", "vae", "text_encoder", "clip_vision", "planner")
-               if not given[n]]
+        return (BindWeavePipeline.smoke(seed=args.seed, device=device or "cpu", family=family or "bindweave",
+                                        runtime=runtime), {"smoke": True})
+    needed = ("dit", "vae", "text_encoder")  # Kaleido (R-RoPE) conditions on UMT5 and the VAE only
+    if given["dit"] and _dit_family(given["dit"], family) not in RROPE_FAMILIES:
+        needed += ("clip_vision", "planner")
+    missing = [f"--{n.replace('_', '-')}" for n in needed if not given[n]]
     if missing:
         raise InputError(f"missing model files: {', '.join(missing)} (or use --smoke for the tiny test model).")
     cache = None
@@ -108,14 +138,20 @@ def build_pipeline(args: argparse.Namespace):
         dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
         planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
         dtype=DTYPES[args.dtype] if args.dtype else None, device=device, weight_format=args.weight_format,
-        attention=args.attention, offload=args.offload, planner_cache=cache)
-    return pipe, {name: file_fingerprint(path) for name, path in given.items()}
+        attention=args.attention, offload=args.offload, planner_cache=cache, family=family, runtime=runtime)
+    return pipe, {name: file_fingerprint(path) for name, path in given.items() if path}
+
+
+def _dit_family(path: str, override: str | None) -> str:
+    from .checkpoints.dit_loader import scan_dit
+
+    return override or scan_dit(path).family
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .pipeline import GenerationSettings
+    from .pipeline import GenerationSettings, defaults_for
     from .smoke import SMOKE_DEFAULTS
 
     out = Path(args.out)
@@ -124,25 +160,29 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text().strip()
     pipe, model_info = build_pipeline(args)
     smoke = model_info.get("smoke", False)
-    defaults = SMOKE_DEFAULTS if smoke else {"width": C.DEFAULT_WIDTH, "height": C.DEFAULT_HEIGHT,
-                                             "num_frames": C.DEFAULT_FRAMES, "steps": C.DEFAULT_STEPS}
+    family = pipe.dit_family
+    defaults = {**defaults_for(family), **(SMOKE_DEFAULTS if smoke else {})}
+    given = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, num_frames=args.frames,
+                 steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler, fps=args.fps)
     settings = GenerationSettings(
-        prompt=prompt, negative_prompt=args.negative_prompt,
-        width=args.width or defaults["width"], height=args.height or defaults["height"],
-        num_frames=args.frames or defaults["num_frames"], steps=args.steps or defaults["steps"],
-        guidance=args.guidance, shift=args.shift, sampler=args.sampler, seed=args.seed, fps=args.fps,
-        refine_prompt=args.refine_prompt, mask_mode=args.mask_mode, cfg_batch=args.cfg_batch)
+        prompt=prompt, **{k: defaults[k] if v is None else v for k, v in given.items()}, seed=args.seed,
+        refine_prompt=args.refine_prompt, refine_seed=args.refine_seed, mask_mode=args.mask_mode,
+        cfg_batch=args.cfg_batch)
     if args.mask and len(args.mask) != len(args.ref):
         raise InputError(f"{len(args.mask)} masks for {len(args.ref)} references: give one --mask per --ref.")
 
+    if rank() != 0:  # multi-GPU: every rank computes, rank 0 writes
+        pipe.generate(args.ref, settings, masks=args.mask)
+        return 0
     with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
         def progress(step: int, total: int, latents: torch.Tensor) -> None:
             bar.update(step - bar.n)
 
         result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=progress, sidecar={
             "references": [str(r) for r in args.ref], "masks": args.mask or [], "models": model_info,
+            "family": family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
-            "weight_format": args.weight_format, "attention": args.attention})
+            "weight_format": args.weight_format, "attention": args.attention, "runtime": pipe.runtime.to_dict()})
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
              settings.height, settings.fps, out.with_suffix(".json").name)
     return 0
@@ -159,9 +199,15 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
     write_mp4(result.frames, out, fps=settings.fps)
     write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
                 "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-                "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out)},
+                "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
+                "memory_estimate_gib": _estimate_gib(pipe)},
                out.with_suffix(".json"))
     return result
+
+
+def _estimate_gib(pipe) -> float | None:
+    est = getattr(pipe, "last_estimate", None)
+    return round(est.total / 2**30, 2) if est is not None else None
 
 
 def _versions() -> dict[str, str]:

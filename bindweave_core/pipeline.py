@@ -9,6 +9,10 @@ Order of work: planner -> text -> references -> DiT -> decode. Each model is put
 device only while it runs; afterwards it is moved to the CPU (``offload="model"``, default), kept
 (``"none"``) or released entirely (``"release"``: components given as loader functions are loaded
 again when next needed, which keeps only one big model in memory at a time).
+
+The conditioning follows the DiT's family: BindWeave (planner + CLIP + 4 temporal reference slots)
+or Kaleido (R-RoPE: UMT5 only, 1-3 clean reference latents in front of the video, see
+``bindweave_core.kaleido``); ``defaults_for(family)`` gives each family's official settings.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from . import constants as C
 from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from .denoiser import DiTBranch, make_predictor
 from .errors import InputError
+from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, release_memory, seeded_noise
 
 log = logging.getLogger("BindWeave")
@@ -85,6 +90,25 @@ class GenerationSettings:
         return asdict(self)
 
 
+def defaults_for(family: str) -> dict[str, Any]:
+    """A model family's official sampling settings, as ``GenerationSettings`` keyword arguments.
+
+    ``GenerationSettings``' own defaults are BindWeave's; Kaleido (R-RoPE) uses 896x512, 81 frames,
+    rf-euler shift 7, 50 steps, guidance 6 and its own negative prompt (``bindweave_core.kaleido``).
+    """
+    from .config import FAMILIES, RROPE_FAMILIES
+
+    if family not in FAMILIES:
+        raise InputError(f"unknown model family {family!r}; choose one of {FAMILIES}.")
+    if family in RROPE_FAMILIES:
+        from .kaleido import kaleido_defaults
+
+        return kaleido_defaults()
+    names = ("negative_prompt", "width", "height", "num_frames", "steps", "guidance", "shift", "sampler", "fps")
+    fields = GenerationSettings.__dataclass_fields__
+    return {n: fields[n].default for n in names}
+
+
 @dataclass
 class GenerationResult:
     frames: torch.Tensor  # [N, H, W, 3] float 0..1 on the CPU
@@ -105,18 +129,22 @@ class Lazy:
     load: Callable[[], Any]
     description: str = ""
     family: str | None = None  # DiT only: known from the checkpoint header without loading
+    meta: dict[str, Any] = field(default_factory=dict)  # DiT only: config/dtype/weight_format (memory estimate)
 
 
 class BindWeavePipeline:
     """Holds the five models (or functions that load them) and runs a generation."""
 
     def __init__(self, *, dit: Any, vae: Any, text_encoder: Any, clip_vision: Any = None, planner: Any = None,
-                 device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None):
+                 device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None,
+                 runtime: RuntimeOptions | None = None):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = offload
         self.planner_cache = planner_cache
+        self.runtime = runtime or RuntimeOptions()  # block offload, compile, multi-GPU, VAE tiling, memory check
+        self.last_estimate = None  # the memory estimate of the last generate()
         self._components: dict[str, Any] = dict(dit=dit, vae=vae, text_encoder=text_encoder,
                                                 clip_vision=clip_vision, planner=planner)
         self._loaded: dict[str, Any] = {}
@@ -124,19 +152,28 @@ class BindWeavePipeline:
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
-    def smoke(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> "BindWeavePipeline":
-        """Tiny random models of the real architectures, built in memory (no weights needed)."""
+    def smoke(cls, seed: int = 0, device: str | torch.device = "cpu", family: str = "bindweave",
+              **kwargs) -> "BindWeavePipeline":
+        """Tiny random models of the real architectures, built in memory (no weights needed).
+
+        ``family="kaleido"``: the tiny R-RoPE DiT with UMT5 and VAE only.
+        """
         from .smoke import smoke_components
 
-        return cls(**smoke_components(seed), device=device, **kwargs)
+        return cls(**smoke_components(seed, family), device=device, **kwargs)
 
     @classmethod
     def from_files(cls, *, dit: str, vae: str, text_encoder: str, clip_vision: str | None = None,
                    planner: str | None = None, planner_tokenizer: str | None = None,
                    text_tokenizer: str | None = None, dtype: torch.dtype | None = None,
                    device: str | torch.device | None = None, weight_format: str = "default",
-                   attention: str = "sdpa", offload: str = "release", planner_cache: Any = None) -> "BindWeavePipeline":
-        """Models from files/directories; each is loaded when first needed (see ``offload``)."""
+                   attention: str = "sdpa", offload: str = "release", planner_cache: Any = None,
+                   family: str | None = None, runtime: RuntimeOptions | None = None) -> "BindWeavePipeline":
+        """Models from files/directories; each is loaded when first needed (see ``offload``).
+
+        ``family`` overrides the family read from the DiT checkpoint (e.g. ``kaleido`` for Kaleido
+        weights converted to another layout, which then read as plain ``wan-t2v``).
+        """
         from .checkpoints.dit_loader import load_dit, scan_dit
         from .encoders.clip_vision import ClipVisionEncoder
         from .encoders.planner import Planner
@@ -145,9 +182,17 @@ class BindWeavePipeline:
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        scanned = scan_dit(dit)
+        config = scanned.config.replace(family=family) if family and family != scanned.family else None
+        if config is not None and config.uses_rrope and config.in_channels != C.LATENT_CHANNELS:
+            raise InputError(f"{dit} is a {scanned.family} DiT with {config.in_channels} input channels; the "
+                             f"{family} family needs a text-to-video DiT ({C.LATENT_CHANNELS} channels). Leave out "
+                             "the family to use the checkpoint's own.")
         loaders = dict(
-            dit=Lazy(lambda: load_dit(dit, dtype=dtype, weight_format=weight_format, attention_backend=attention),
-                     str(dit), family=scan_dit(dit).family),
+            dit=Lazy(lambda: load_dit(dit, dtype=dtype, weight_format=weight_format, attention_backend=attention,
+                                      config=config),
+                     str(dit), family=family or scanned.family,
+                     meta={"config": config or scanned.config, "dtype": dtype, "weight_format": weight_format}),
             vae=Lazy(lambda: WanVAE.load(vae, dtype=dtype), str(vae)),
             text_encoder=Lazy(lambda: TextEncoder.load(text_encoder, dtype=dtype, tokenizer_dir=text_tokenizer),
                               str(text_encoder)),
@@ -156,7 +201,7 @@ class BindWeavePipeline:
             planner=Lazy(lambda: Planner.load(planner, dtype=dtype, tokenizer_dir=planner_tokenizer), str(planner))
             if planner else None,
         )
-        return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache)
+        return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache, runtime=runtime)
 
     # ------------------------------------------------------------------------------- model placement
     def component(self, name: str) -> Any:
@@ -182,7 +227,7 @@ class BindWeavePipeline:
         """Run with component ``name`` on the compute device, then apply the offload policy."""
         comp = self.component(name)
         module = self._module(comp)
-        module.to(self.device)
+        prepare_component(name, comp, module, self.runtime, self.device)  # .to(device), or DiT offload/compile/CP
         try:
             yield comp
         finally:
@@ -196,14 +241,17 @@ class BindWeavePipeline:
     @property
     def dit_family(self) -> str:
         dit = self._loaded.get("dit") or self._components["dit"]
+        if dit is None:
+            return "bindweave"
         if isinstance(dit, Lazy):
             return dit.family or "bindweave"
         return dit.dit_config.family
 
     # ------------------------------------------------------------------------------- stages
     def refine_prompt(self, prompt: str, images: list, seed: int | None = None) -> str:
+        """The planner rewrites the prompt: greedy without a seed, seeded sampling with one."""
         with self.on_device("planner") as planner:
-            return planner.refine_prompt(prompt, images, seed=seed)
+            return planner.refine_prompt(prompt, images, seed=seed, do_sample=seed is not None)
 
     def encode_planner(self, prompt: str, images: list, negative_prompt: str) -> PlannerStates:
         with self.on_device("planner") as planner:
@@ -214,8 +262,19 @@ class BindWeavePipeline:
             states = text.encode([prompt, negative_prompt])
         return TextStates(positive=states[:1], negative=states[1:])
 
-    def encode_references(self, images: list, settings: GenerationSettings, masks: list | None = None) -> ReferenceCondition:
+    def encode_references(self, images: list, settings: GenerationSettings, masks: list | None = None,
+                          family: str | None = None) -> ReferenceCondition:
+        """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
+        CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
+        from .config import RROPE_FAMILIES
         from .references import prepare_references
+
+        if (family or self.dit_family) in RROPE_FAMILIES:
+            from .kaleido import encode_kaleido_references
+
+            with self.on_device("vae") as vae:
+                return encode_kaleido_references(vae, images, settings.width, settings.height, masks=masks,
+                                                 mask_mode=settings.mask_mode)
 
         canvases, pixel_masks = prepare_references(images, settings.width, settings.height, masks=masks,
                                                    mask_mode=settings.mask_mode)
@@ -235,6 +294,10 @@ class BindWeavePipeline:
         return self._video_condition_cache[key]
 
     def branches(self, text: TextStates, planner: PlannerStates | None, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
+        if refs.latents is not None:  # R-RoPE (Kaleido): text-only guidance, same references in both branches
+            from .kaleido import kaleido_branches
+
+            return kaleido_branches(text, refs)
         condition = vae_condition(refs.slots, refs.extra["video_condition"])
         cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition)
         uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition)
@@ -244,12 +307,15 @@ class BindWeavePipeline:
                callback: ProgressCallback | None = None) -> torch.Tensor:
         with self.on_device("dit") as dit:
             dtype = dit.patch_embedding.weight.dtype
-            inputs = GuidanceInputs(
-                predict=make_predictor(dit, cond.to(self.device, dtype), uncond.to(self.device, dtype)),
-                guidance=settings.guidance, batch_cfg=self._batch_cfg(settings))
+            predict = make_predictor(dit, cond.to(self.device, dtype), uncond.to(self.device, dtype))
+            batch_cfg = self.runtime.parallel == "cfg" or self._batch_cfg(settings)
+            inputs = GuidanceInputs(predict=wrap_predictor(predict, self.runtime), guidance=settings.guidance,
+                                    batch_cfg=batch_cfg)
             noise = seeded_noise(settings.latent_shape, settings.seed).to(self.device)
-            return denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
-                           callback=callback).cpu()
+            dit_batch = 2 if batch_cfg and settings.guidance != 1.0 and self.runtime.parallel != "cfg" else 1
+            with oom_guard(self, settings, dit_batch):
+                return denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
+                               callback=callback).cpu()
 
     def _batch_cfg(self, settings: GenerationSettings) -> bool:
         if settings.cfg_batch != "auto":
@@ -270,9 +336,17 @@ class BindWeavePipeline:
     def generate(self, references: list, settings: GenerationSettings, masks: list | None = None,
                  callback: ProgressCallback | None = None) -> GenerationResult:
         """Prompt + references -> frames. See the module docstring for the order of work."""
+        from .config import RROPE_FAMILIES
         from .references import load_image
 
+        rrope = self.dit_family in RROPE_FAMILIES
+        if rrope:
+            from .kaleido import check_reference_count, warn_if_positions_overlap
+
+            check_reference_count(len(references))
+            warn_if_positions_overlap(settings.width, settings.height)
         settings.validate(len(references), self._max_references())
+        self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__") else r for r in references]
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -281,7 +355,7 @@ class BindWeavePipeline:
             prompt = self.refine_prompt(prompt, images, seed=settings.refine_seed)
             log.info("refined prompt: %s", prompt)
         planner = None
-        if self._components["planner"] is not None:
+        if self._components["planner"] is not None and not rrope:  # Kaleido conditions on UMT5 only
             planner = self.encode_planner(prompt, images, settings.planner_negative_prompt)
         text = self.encode_text(prompt, settings.negative_prompt)
         refs = self.encode_references(images, settings, masks)

@@ -3,6 +3,8 @@
 * ``unipc`` (default): ``UniPCMultistepScheduler`` with flow prediction, flow sigmas, shift 3.0,
   order 2, bh2, final sigma 0, 1000 train timesteps: the official sampler.
 * ``euler``: ``FlowMatchEulerDiscreteScheduler`` with the same shift.
+* ``rf-euler``: Euler over ``sigma = shift*u / (1 + (shift-1)*u)``, ``u = linspace(1, 0, steps+1)``: the
+  Kaleido/SAT sampler (shift 7 there; ``kaleido.RFEulerScheduler``).
 * few-step (step-distilled LoRAs): ``euler`` with a handful of steps and guidance 1.0, which skips
   the unconditional branch entirely.
 
@@ -24,7 +26,7 @@ from .errors import GenerationCancelled, InputError
 
 log = logging.getLogger("BindWeave")
 
-SAMPLERS = ("unipc", "euler")
+SAMPLERS = ("unipc", "euler", "rf-euler")
 # Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
 FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 
@@ -44,6 +46,10 @@ def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
             final_sigmas_type="zero")
     if sampler == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=C.NUM_TRAIN_TIMESTEPS, shift=shift)
+    if sampler == "rf-euler":
+        from .kaleido import RFEulerScheduler
+
+        return RFEulerScheduler(shift=shift)
     raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
 
 

@@ -15,6 +15,7 @@ from .dit.transformer import BindWeaveTransformer, build_dit
 
 # Defaults for a smoke run when the user gives no size: small enough for 2 CPU cores.
 SMOKE_DEFAULTS = {"width": 160, "height": 96, "num_frames": 9, "steps": 4}
+SMOKE_FAMILIES = ("bindweave", "kaleido")
 
 
 def smoke_dit(seed: int = 0, preset: str = "tiny") -> BindWeaveTransformer:
@@ -24,12 +25,18 @@ def smoke_dit(seed: int = 0, preset: str = "tiny") -> BindWeaveTransformer:
         return build_dit(PRESETS[preset])
 
 
-def smoke_components(seed: int = 0) -> dict[str, Any]:
-    """Tiny planner, UMT5, CLIP vision, VAE and DiT whose widths fit together (the ``tiny`` preset)."""
+def smoke_components(seed: int = 0, family: str = "bindweave") -> dict[str, Any]:
+    """Tiny models whose widths fit together: planner, UMT5, CLIP vision, VAE and DiT (``tiny`` preset);
+    for ``family="kaleido"`` the ``tiny-kaleido`` DiT with UMT5 and VAE only (Kaleido uses no CLIP/planner)."""
     from .encoders.clip_vision import ClipVisionEncoder
     from .encoders.planner import Planner
     from .encoders.text import TextEncoder
     from .encoders.vae import WanVAE
 
+    if family not in SMOKE_FAMILIES:
+        raise ValueError(f"no smoke model for family {family!r}; choose one of {SMOKE_FAMILIES}")
+    if family == "kaleido":
+        return dict(dit=smoke_dit(seed, "tiny-kaleido"), vae=WanVAE.tiny(seed), text_encoder=TextEncoder.tiny(seed),
+                    clip_vision=None, planner=None)
     return dict(dit=smoke_dit(seed), vae=WanVAE.tiny(seed), text_encoder=TextEncoder.tiny(seed),
                 clip_vision=ClipVisionEncoder.tiny(seed), planner=Planner.tiny(seed))

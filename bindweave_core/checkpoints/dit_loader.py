@@ -6,7 +6,9 @@ Layouts (detected from the keys):
   connector ``condition_embedder.text_projector.linear_1/2``), or any diffusers Wan transformer;
 * ``wan-original``: the original Wan single file (``blocks.N.self_attn.q.weight``, ...), connector as
   ``text_projection.0/.2``, optionally fp8 (e4m3fn) with per-tensor ``scale_weight`` entries (the
-  repacked ``*_fp8_scaled*.safetensors`` files ComfyUI users download).
+  repacked ``*_fp8_scaled*.safetensors`` files ComfyUI users download);
+* ``sat``: SAT training checkpoints (Kaleido-14B-S2V's ``model/`` folder or its
+  ``mp_rank_00_model_states.pt``), mapped by ``checkpoints/sat_layout.py``; read as family ``kaleido``.
 
 The model is built on the meta device and every tensor is read from the memory-mapped file, cast
 (or dequantised, or quantised to fp8) on its way in, and assigned in place.
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS, DiTConfig
-from ..dit.fp8 import fp8_candidate_modules, swap_in_fp8_linears
+from ..dit.fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
 from ..errors import CheckpointError
 from .identify import describe, identify, strip_wrapper_prefix
@@ -34,7 +36,9 @@ from .safetensors_io import TensorInfo, read_header
 
 log = logging.getLogger("BindWeave")
 
-WEIGHT_FORMATS = ("default", "fp8")
+WEIGHT_FORMATS = ("default", "fp8", "fp8_fast")
+# fp8_fast: fp8 storage + fp8 matmul (torch._scaled_mm) where the GPU has fp8 tensor cores (dit.fp8)
+WEIGHT_FORMAT_ALIASES = {"fp8_scaled_mm": "fp8_fast"}
 CONFIG_METADATA_KEY = "bindweave_config"  # our own files carry their DiTConfig as JSON metadata
 _CONNECTOR_ORIGINAL = {"text_projection.0.": "condition_embedder.text_projector.linear_1.",
                        "text_projection.2.": "condition_embedder.text_projector.linear_2."}
@@ -113,13 +117,18 @@ def _layout_of(keys: list[str], path: Path) -> tuple[str, str]:
             f"{path}: this is not a BindWeave/Wan DiT; it looks like {describe(keys)}. Load it with the "
             "matching loader, or point this loader at the BindWeave transformer (ByteDance/BindWeave, or a "
             "single file such as Wan2_1-I2V-14B-Bindweave_fp8_scaled_KJ.safetensors).")
-    marker = "blocks.0." if sig.layout == "wan-original" else "patch_embedding."
+    marker = {"wan-original": "blocks.0.", "sat": "mixins.patch_embed."}.get(sig.layout, "patch_embedding.")
     return sig.layout, strip_wrapper_prefix(keys, marker)
 
 
 def _map_keys(infos: dict[str, TensorInfo], path: Path):
     keys = list(infos)
     layout, prefix = _layout_of(keys, path)
+    if layout == "sat":
+        from .sat_layout import map_sat_keys
+
+        tensors, ignored, foreign = map_sat_keys(infos, prefix)
+        return layout, tensors, {}, ignored, foreign
     if layout == "wan-original":
         mapping, foreign = _original_to_diffusers(keys, prefix)
     else:
@@ -187,6 +196,8 @@ def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTChe
     infos, metadata = read_header(path)
     layout, tensors, scales, ignored, foreign = _map_keys(infos, path)
     cfg = config or infer_config(tensors, metadata, path if path.is_dir() else None)
+    if config is None and layout == "sat" and cfg.family == "wan-t2v":
+        cfg = cfg.replace(family="kaleido")  # the released SAT-layout T2V weights are Kaleido's R-RoPE model
     with torch.device("meta"):
         expected = set(BindWeaveTransformer(cfg).state_dict())
     ckpt = DiTCheckpoint(path=path, layout=layout, config=cfg, tensors=tensors, scales=scales,
@@ -205,9 +216,12 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
     Args:
         dtype: compute dtype; floating tensors are cast to it (norm/time-embedding tensors stay fp32).
         weight_format: ``default`` (fp8 files are dequantised to ``dtype``) or ``fp8`` (block linear
-            weights kept as fp8 e4m3 storage with per-tensor scales; high-precision files quantised).
+            weights kept as fp8 e4m3 storage with per-tensor scales; high-precision files quantised),
+            or ``fp8_fast`` (alias ``fp8_scaled_mm``): fp8 storage multiplied in fp8 with per-tensor
+            activation scales on GPUs of compute capability >= 8.9, upcast elsewhere (logged once).
         strict: raise on missing or unexpected keys (listed by name); otherwise warn and zero-fill.
     """
+    weight_format = WEIGHT_FORMAT_ALIASES.get(weight_format, weight_format)
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     ckpt = scan_dit(path, config)
@@ -217,10 +231,12 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
                               ". The file is incomplete or made for another model.")
     with torch.device("meta"):
         model = BindWeaveTransformer(ckpt.config)
-    fp8_modules = set(fp8_candidate_modules(model)) if weight_format == "fp8" else set()
+    fp8_modules = set(fp8_candidate_modules(model)) if weight_format in ("fp8", "fp8_fast") else set()
     swap_in_fp8_linears(model, sorted(fp8_modules))
     materialize(model, ckpt.tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
                 keep_fp32=_KEEP_FP32, strict=strict, source=ckpt.path)
+    if weight_format == "fp8_fast":
+        set_fp8_matmul(model, "scaled_mm")
     model.set_attention_backend(attention_backend)
     model.checkpoint_info = ckpt
     log.info("loaded %s DiT (%s layout, %s) from %s", ckpt.family, ckpt.layout,

@@ -28,6 +28,9 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("lora", "lora", "a LoRA (adapter weights, not a full model)", (".lora.",)),
     Signature("dit", "diffusers", "a Wan DiT in diffusers layout", ("blocks.0.attn1.to_q.", "patch_embedding.")),
     Signature("dit", "wan-original", "a Wan DiT in the original layout", ("blocks.0.self_attn.q.", "patch_embedding.")),
+    # SAT training checkpoints (Kaleido-14B-S2V): fused qkv, modules renamed (checkpoints/sat_layout.py).
+    Signature("dit", "sat", "a Wan DiT in the SAT layout (Kaleido-14B-S2V)",
+              ("transformer.layers.0.attention.query_key_value.", "mixins.patch_embed.proj.")),
     # Wan 2.2's VAE (48 channels) nests its blocks; it must be tested before the Wan 2.1 lines.
     Signature("vae", "wan2.2-diffusers", "the Wan 2.2 VAE (48 latent channels) in diffusers layout",
               ("encoder.down_blocks.0.resnets.", "encoder.mid_block.attentions.0.to_qkv.")),

@@ -88,10 +88,11 @@ def materialize(model: nn.Module, tensors: dict[str, TensorInfo], *, scales: dic
     fp8_modules = fp8_modules or set()
     device = torch.device(device)
     model_keys = set(model.state_dict())
-    wanted: dict[str, list[str]] = {}  # stored key -> module keys (tied weights share one tensor)
+    # stored tensor (or part of one) -> module keys; tied weights share one tensor
+    wanted: dict[TensorInfo, list[str]] = {}
     for key, info in tensors.items():
         if key in model_keys:
-            wanted.setdefault(info.key, []).append(key)
+            wanted.setdefault(info, []).append(key)
 
     converted = sum(info.nbytes for key, info in tensors.items()
                     if key in scales or key.rpartition(".")[0] in fp8_modules
@@ -103,8 +104,8 @@ def materialize(model: nn.Module, tensors: dict[str, TensorInfo], *, scales: dic
         return value.clone() if not zero_copy and value.data_ptr() == stored.data_ptr() else value
 
     scale_values = {info.key: t.float().reshape(()).clone() for info, t in iter_tensors(list(scales.values()))}
-    for info, stored in iter_tensors([tensors[keys[0]] for keys in wanted.values()]):
-        for key in wanted[info.key]:
+    for info, stored in iter_tensors(list(wanted)):
+        for key in wanted[info]:
             _load_one(model, key, stored, scale_values, scales, fp8_modules, dtype, device, keep_fp32, own)
 
     leftover = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}

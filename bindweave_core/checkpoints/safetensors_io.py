@@ -4,10 +4,14 @@ A checkpoint is one ``.safetensors`` file or a directory of shards (with or with
 ``*.safetensors.index.json``). Tensors come from safetensors' memory map: a tensor kept in its
 stored dtype on the CPU stays a view of the file (no copy), and a converted one is released from
 the map as soon as it has been converted, so loading never holds two copies of a model.
+
+Pickled ``.pt`` / ``.pth`` state dicts (and SAT checkpoint folders, see ``sat_layout``) go through
+the same functions: they are memory-mapped with the restricted unpickler of ``pickle_io``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from . import pickle_io
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,8 +30,7 @@ _DTYPES = {
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 _OTHER_FORMATS = {
-    ".ckpt": "a pickled PyTorch checkpoint", ".pt": "a pickled PyTorch checkpoint",
-    ".pth": "a pickled PyTorch checkpoint", ".bin": "a pickled PyTorch checkpoint",
+    ".ckpt": "a pickled PyTorch checkpoint", ".bin": "a pickled PyTorch checkpoint",
     ".gguf": "a GGUF file", ".onnx": "an ONNX graph",
 }
 
@@ -39,6 +43,15 @@ class TensorInfo:
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    # Rows [start, stop) of the stored tensor's first dimension, for fused tensors stored as one
+    # (SAT's query_key_value); ``shape`` is then the part's shape.
+    part: tuple[int, int] | None = None
+
+    def rows(self, start: int, stop: int) -> TensorInfo:
+        """The same stored tensor, restricted to rows ``start:stop`` of its first dimension."""
+        if self.part is not None or not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"cannot take rows {start}:{stop} of {self.key} {list(self.shape)}")
+        return dataclasses.replace(self, part=(start, stop), shape=(stop - start, *self.shape[1:]))
 
     @property
     def nbytes(self) -> int:
@@ -54,6 +67,11 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory. Check the path, or download the model first.")
     if p.is_dir():
+        from .sat_layout import find_sat_checkpoint
+
+        sat = find_sat_checkpoint(p)
+        if sat is not None:
+            return [sat]
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if indexes:
             try:
@@ -68,13 +86,16 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
                     "Download every shard of the model into this directory.")
             return files
         files = sorted(p.glob("*.safetensors"))
+        pickles = sorted(f for f in p.iterdir() if pickle_io.is_pickle(f))
+        if not files and len(pickles) == 1:
+            return pickles  # e.g. Kaleido's umt5-xxl/ folder: one .pth beside its tokenizer
         if not files:
             raise CheckpointError(f"{p}: directory holds no .safetensors files. Point at the model's weight "
                                   "file or at the directory with its diffusion_pytorch_model-*.safetensors shards.")
         return files
     if p.suffix.lower() in _OTHER_FORMATS:
         raise CheckpointError(f"{p}: this is {_OTHER_FORMATS[p.suffix.lower()]}, not safetensors. "
-                              "Use the .safetensors release of the model.")
+                              "Use the .safetensors release of the model (or a .pt/.pth state dict).")
     return [p]
 
 
@@ -93,6 +114,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in checkpoint_files(path):
+        if pickle_io.is_pickle(file):
+            for key, t in pickle_io.read_state_dict(file).items():
+                infos[key] = TensorInfo(file, key, t.dtype, tuple(t.shape))
+            continue
         with _open(file) as f:
             metadata.update(f.metadata() or {})
             for key in f.keys():
@@ -106,6 +131,8 @@ def _check_sizes(infos: dict[str, TensorInfo]) -> None:
     """A truncated file can still have a whole header: compare the data it promises with its size."""
     ends: dict[Path, int] = {}
     for info in infos.values():
+        if pickle_io.is_pickle(info.file):
+            continue  # torch.load already checked the archive
         ends[info.file] = ends.get(info.file, 0) + info.nbytes
     for file, data_bytes in ends.items():
         with open(file, "rb") as fh:
@@ -126,12 +153,21 @@ def iter_tensors(infos: list[TensorInfo], release_bytes: int = 256 << 20) -> Ite
     for info in infos:
         by_file.setdefault(info.file, []).append(info)
     for file, items in by_file.items():
+        if pickle_io.is_pickle(file):
+            stored = pickle_io.iter_state_dict(file, [i.key for i in items], release_bytes)
+            for info, (_, tensor) in zip(items, stored):
+                yield info, _select(info, tensor)
+            continue
         start = 0
         while start < len(items):
             with _open(file) as f:
                 read = 0
                 while start < len(items) and (read == 0 or read < release_bytes):
                     info = items[start]
-                    yield info, f.get_tensor(info.key)
+                    yield info, _select(info, f.get_tensor(info.key))
                     read += info.nbytes
                     start += 1
+
+
+def _select(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if info.part is None else tensor.narrow(0, info.part[0], info.part[1] - info.part[0])

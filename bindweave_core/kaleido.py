@@ -1,0 +1,310 @@
+"""Kaleido (R-RoPE) conditioning: references as clean tokens in front of the video, shifted positions.
+
+What the released Kaleido-14B-S2V weights expect, as the official code does it (sources with file
+and line ranges in ``docs/kaleido-rrope.md``):
+
+* each reference (1..3) is converted to RGB, scaled to fit the video frame (upscaled too) with
+  LANCZOS and padded with white to the video size; it is VAE-encoded alone as a one-frame video and
+  its normalised latent goes, **without noise**, in front of the video latents;
+* reference ``i``'s patch ``(y, x)`` sits at rotary position ``(t=i, h=80+y, w=80+x)``; the video
+  keeps the plain grid; all tokens share the timestep modulation and the text cross-attention; the
+  reference outputs are dropped (``BindWeaveTransformer.forward(reference_latents=...)``);
+* text only: UMT5 states (no CLIP, no planner); guidance 6 on the text, the unconditional branch
+  keeps the same references;
+* sampling: Euler over ``sigma = 7u / (1 + 6u)``, ``u = linspace(1, 0, steps + 1)``, model time
+  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :class:`RFEulerScheduler`).
+
+Also here: the same inputs for training on a Wan base (:func:`rrope_training_batch`), and the
+layout of the Kaleido download (:func:`find_kaleido_bundle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from . import constants as C
+from .conditioning import ReferenceCondition, TextStates
+from .denoiser import DiTBranch
+from .errors import CheckpointError, InputError
+from .references import (
+    MASK_MODES,
+    Placement,
+    ReferenceImage,
+    ReferenceMask,
+    _as_pil,
+    _letterbox_mask,
+    _mask_to_l,
+    _split_batch,
+    check_size,
+)
+
+log = logging.getLogger("BindWeave")
+
+FAMILY = "kaleido"
+
+
+# ------------------------------------------------------------------------------------------ references
+def check_reference_count(count: int) -> None:
+    """1..3 references, or an InputError naming the problem and the fix."""
+    if count < 1:
+        raise InputError("no reference images given; Kaleido takes 1 to 3.")
+    if count > C.KALEIDO_MAX_REFERENCES:
+        raise InputError(
+            f"{count} reference images given; Kaleido-14B-S2V takes at most {C.KALEIDO_MAX_REFERENCES} (its R-RoPE "
+            f"layout was trained with up to {C.KALEIDO_MAX_REFERENCES}). Remove "
+            f"{count - C.KALEIDO_MAX_REFERENCES} of them, or combine subjects into one image; none are dropped "
+            "automatically.")
+
+
+def kaleido_placement(size: tuple[int, int], width: int, height: int) -> Placement:
+    """Where an image of ``size = (w0, h0)`` lands on a ``width x height`` Kaleido canvas.
+
+    Official arithmetic (float aspect ratios, ``int()`` truncation; small images are upscaled): a
+    wider-than-the-frame image gets the full width and height ``int(width / (w0/h0))``, any other
+    gets the full height and width ``int(height * (w0/h0))``; the offsets are half the slack,
+    rounded down.
+    """
+    w0, h0 = size
+    if width < 1 or height < 1:
+        raise InputError(f"canvas size must be positive, got {width}x{height}.")
+    if w0 < 1 or h0 < 1:
+        raise InputError(f"reference image is empty ({w0}x{h0}).")
+    image_ratio = w0 / h0
+    if image_ratio > width / height:
+        new_w, new_h, scale = width, int(width / image_ratio), width / w0
+    else:
+        new_w, new_h, scale = int(height * image_ratio), height, height / h0
+    if new_w < 1 or new_h < 1:
+        raise InputError(f"a {w0}x{h0} reference is too thin for a {width}x{height} canvas: it would be "
+                         f"{new_w}x{new_h} pixels after scaling. Crop it to a less extreme aspect ratio.")
+    return Placement(scale, new_w, new_h, (width - new_w) // 2, (height - new_h) // 2, width, height)
+
+
+def letterbox_white(image: Image.Image, width: int, height: int, *, mask: ReferenceMask = None,
+                    use_alpha: bool = False) -> tuple[Image.Image, np.ndarray, Placement]:
+    """The reference fitted into a white ``width x height`` canvas, and its mask.
+
+    Default (official): RGB conversion (an alpha channel is dropped), LANCZOS resize, white padding;
+    the mask is the pasted rectangle. Non-default: ``use_alpha`` (RGBA cut-outs) and/or ``mask`` (the
+    reference's size, 1/white = subject) narrow the mask, and every canvas pixel outside it is made
+    white, so only the subject is on the canvas.
+    """
+    placement = kaleido_placement(image.size, width, height)
+    rgb = image.convert("RGB")
+    resized = rgb.resize((placement.width, placement.height), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height), C.KALEIDO_CANVAS_COLOUR)
+    canvas.paste(resized, (placement.left, placement.top))
+
+    keep = np.zeros((height, width), dtype=bool)
+    left, top, right, bottom = placement.box
+    keep[top:bottom, left:right] = True
+    narrowed = False
+    if use_alpha and image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        keep &= _letterbox_mask(image.convert("RGBA").getchannel("A"), placement)
+        narrowed = True
+    if mask is not None:
+        keep &= _letterbox_mask(_mask_to_l(mask, image.size, 0), placement)
+        narrowed = True
+    if narrowed:
+        pixels = np.array(canvas)
+        pixels[~keep] = C.KALEIDO_CANVAS_COLOUR
+        canvas = Image.fromarray(pixels)
+    return canvas, keep, placement
+
+
+def prepare_kaleido_references(images: Sequence[ReferenceImage] | torch.Tensor | ReferenceImage, width: int,
+                               height: int, masks: Sequence[ReferenceMask] | torch.Tensor | None = None,
+                               mask_mode: str = "rectangle") -> tuple[torch.Tensor, torch.Tensor]:
+    """Letterbox 1..3 references on white for a ``width x height`` video.
+
+    Returns ``canvases [n, H, W, 3]`` float in 0..1 (``uint8 / 255``) and ``masks [n, H, W]`` in {0, 1}
+    (the pasted rectangle, narrowed by the non-default alpha/user masks), on the CPU.
+    """
+    if mask_mode not in MASK_MODES:
+        raise InputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
+    check_size(width, height)
+    refs = _split_batch(images, "image")
+    check_reference_count(len(refs))
+    user_masks = [None] * len(refs) if masks is None else _split_batch(masks, "mask")
+    if len(user_masks) != len(refs):
+        raise InputError(f"{len(user_masks)} masks given for {len(refs)} reference images; give one per image "
+                         "(None for the default rectangle).")
+    canvases, pixel_masks = [], []
+    for i, (ref, user_mask) in enumerate(zip(refs, user_masks)):
+        pil = _as_pil(ref, i)
+        if user_mask is not None:
+            user_mask = _mask_to_l(user_mask, pil.size, i)
+        canvas, keep, place = letterbox_white(pil, width, height, mask=user_mask, use_alpha=mask_mode == "alpha")
+        log.debug("kaleido reference %d: %dx%d -> %dx%d at (%d, %d)", i + 1, pil.size[0], pil.size[1],
+                  place.width, place.height, place.left, place.top)
+        canvases.append(np.asarray(canvas))
+        pixel_masks.append(keep)
+    return (torch.from_numpy(np.stack(canvases)).float() / 255.0,
+            torch.from_numpy(np.stack(pixel_masks)).float())
+
+
+def encode_kaleido_references(vae: Any, images: Sequence[ReferenceImage] | torch.Tensor, width: int, height: int,
+                              masks: Sequence[ReferenceMask] | None = None,
+                              mask_mode: str = "rectangle") -> ReferenceCondition:
+    """Letterbox on white and VAE-encode each reference alone: a ``ReferenceCondition`` with ``latents``."""
+    canvases, pixel_masks = prepare_kaleido_references(images, width, height, masks=masks, mask_mode=mask_mode)
+    latents = vae.reference_latents(canvases).cpu()  # [1, n, 16, h, w], normalised, never noised
+    return ReferenceCondition(clip_tokens=None, slots=None, canvases=canvases, masks=pixel_masks, latents=latents,
+                              extra={"family": FAMILY})
+
+
+# ------------------------------------------------------------------------------------------ DiT inputs
+def check_reference_latents(reference_latents: torch.Tensor, video_shape: tuple[int, ...]) -> None:
+    """References ``[B, n, 16, h, w]`` must share the video latents' batch and ``h, w``."""
+    if reference_latents.ndim != 5 or reference_latents.shape[2] != C.LATENT_CHANNELS:
+        raise InputError(f"reference latents must be [B, n, {C.LATENT_CHANNELS}, h, w]; got "
+                         f"{list(reference_latents.shape)}.")
+    b, _, _, h, w = reference_latents.shape
+    if (h, w) != tuple(video_shape[-2:]) or b not in (1, video_shape[0]):
+        raise InputError(f"reference latents {list(reference_latents.shape)} do not fit video latents "
+                         f"{list(video_shape)}: encode the references at the video's size (letterboxed).")
+
+
+def kaleido_branches(text: TextStates, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
+    """Guidance on the text only: both branches see the same clean references."""
+    if refs.latents is None:
+        raise InputError("these references were prepared for BindWeave (temporal slots); a Kaleido model needs "
+                         "them encoded in kaleido mode.")
+    check_reference_count(int(refs.latents.shape[1]))
+    cond = DiTBranch(text.positive, reference_latents=refs.latents)
+    uncond = DiTBranch(text.negative, reference_latents=refs.latents)
+    return cond, uncond
+
+
+def rrope_dit_inputs(noisy_latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor,
+                     reference_latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword arguments of ``BindWeaveTransformer.forward`` for one R-RoPE call.
+
+    ``noisy_latents [B, 16, T, h, w]``, ``timestep [B]`` (0..1000), ``text_states [B, 512, text_dim]``
+    (zero past the tokens), ``reference_latents [B or 1, n, 16, h, w]`` clean. The DiT puts the
+    references in front at shifted positions and returns the video velocity only.
+    """
+    check_reference_latents(reference_latents, tuple(noisy_latents.shape))
+    if reference_latents.shape[0] != noisy_latents.shape[0]:
+        reference_latents = reference_latents.expand(noisy_latents.shape[0], *reference_latents.shape[1:])
+    return dict(hidden_states=noisy_latents, timestep=timestep, encoder_hidden_states=text_states,
+                reference_latents=reference_latents)
+
+
+def rrope_training_batch(video_latents: torch.Tensor, reference_latents: torch.Tensor, text_states: torch.Tensor,
+                         noise: torch.Tensor, sigma: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Kaleido's training sample from cached pieces: ``(DiT kwargs, target)``.
+
+    ``x_sigma = (1 - sigma) * x0 + sigma * noise`` on the video latents only (the references stay
+    clean), model time ``1000 * sigma``, target velocity ``noise - x0``; the loss is the MSE between
+    the DiT output (video frames only) and the target. ``sigma [B]`` in (0, 1), e.g. from
+    :func:`kaleido_training_sigma`.
+    """
+    shape = (-1,) + (1,) * (video_latents.ndim - 1)
+    s = sigma.to(torch.float32).view(shape)
+    x0 = video_latents.float()
+    noisy = (1 - s) * x0 + s * noise.float()
+    inputs = rrope_dit_inputs(noisy, sigma.float() * C.NUM_TRAIN_TIMESTEPS, text_states, reference_latents)
+    return inputs, noise.float() - x0
+
+
+def kaleido_training_sigma(batch: int, latent_height: int, latent_width: int,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The official training draw: ``sigmoid(N(0, 1))`` then the resolution-dependent shift.
+
+    ``mu`` is linear in the patches per latent frame (``h*w/4``: 256 -> 0.5, 4096 -> 1.15) and
+    ``sigma <- e^mu / (e^mu + 1/sigma - 1)``.
+    """
+    (x1, y1), (x2, y2) = C.KALEIDO_TRAIN_MU_POINTS
+    patches = latent_height * latent_width // (C.PATCH_SIZE[1] * C.PATCH_SIZE[2])
+    mu = y1 + (y2 - y1) / (x2 - x1) * (patches - x1)
+    sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+    return math.exp(mu) / (math.exp(mu) + 1 / sigma - 1)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
+    """The ``steps + 1`` official sigmas from 1 to 0, float32 (computed in float64 first, as upstream).
+
+    ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
+    the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
+    """
+    if steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    u = np.linspace(1.0, 0.0, steps + 1)
+    return (shift * u / (1.0 + (shift - 1.0) * u)).astype(np.float32)
+
+
+class RFEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow Euler scheduler fed with Kaleido's sigma grid (:func:`rf_sigmas`).
+
+    The grid is passed as explicit sigmas with the scheduler's own shift at 1, so diffusers adds
+    nothing: timesteps are ``1000 * sigma`` (float32) and each step is ``x + (sigma' - sigma) * v``.
+    """
+
+    def __init__(self, shift: float = C.KALEIDO_SHIFT, num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS):
+        super().__init__(num_train_timesteps=num_train_timesteps, shift=1.0)
+        self.grid_shift = float(shift)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: list[float] | None = None, **kwargs: Any) -> None:
+        if sigmas is None:
+            if num_inference_steps is None:
+                raise ValueError("give num_inference_steps or sigmas")
+            sigmas = rf_sigmas(num_inference_steps, self.grid_shift)[:-1]  # the scheduler appends the final 0
+        super().set_timesteps(device=device, sigmas=list(sigmas), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ defaults
+def kaleido_defaults() -> dict[str, Any]:
+    """The official sampling settings (``GenerationSettings`` field names)."""
+    return dict(negative_prompt=C.KALEIDO_NEGATIVE_PROMPT, width=C.KALEIDO_WIDTH, height=C.KALEIDO_HEIGHT,
+                num_frames=C.KALEIDO_FRAMES, steps=C.KALEIDO_STEPS, guidance=C.KALEIDO_GUIDANCE,
+                shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER, fps=C.KALEIDO_FPS)
+
+
+def warn_if_positions_overlap(width: int, height: int) -> None:
+    """Beyond 80 patches (1280 px) the video's own positions reach the references' shifted ones."""
+    limit = C.RROPE_POSITION_SHIFT * C.VAE_SPATIAL_FACTOR * C.PATCH_SIZE[1]
+    if width > limit or height > limit:
+        log.warning("%dx%d is larger than %d px on a side: video positions overlap the reference positions "
+                    "(h, w >= %d); Kaleido was trained at 512x896.", width, height, limit, C.RROPE_POSITION_SHIFT)
+
+
+# ------------------------------------------------------------------------------------------ download layout
+@dataclass(frozen=True)
+class KaleidoBundle:
+    """The files of the Kaleido-14B-S2V download (``model/``, ``Wan2.1_VAE.pth``, ``umt5-xxl/``)."""
+
+    dit: Path
+    vae: Path
+    text_encoder: Path
+    text_tokenizer: Path
+
+
+def find_kaleido_bundle(root: str | os.PathLike) -> KaleidoBundle:
+    """The DiT, VAE and UMT5 (+ tokenizer) inside a downloaded ``Kaleido-14B-S2V`` folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a folder. Give the Kaleido-14B-S2V download folder (with model/, "
+                              "Wan2.1_VAE.pth and umt5-xxl/).")
+    vae = next((p for p in sorted(root.glob("*.pth")) if "vae" in p.name.lower()), root / "Wan2.1_VAE.pth")
+    t5_dir = root / "umt5-xxl"
+    t5 = next(iter(sorted(t5_dir.glob("*.pth"))), t5_dir / "models_t5_umt5-xxl-enc-bf16.pth")
+    bundle = KaleidoBundle(dit=root / "model", vae=vae, text_encoder=t5, text_tokenizer=t5_dir)
+    absent = [str(p) for p in (bundle.dit, bundle.vae, bundle.text_encoder) if not p.exists()]
+    if absent:
+        raise CheckpointError(f"{root}: missing {', '.join(absent)}. Download zai-org/Kaleido-14B-S2V completely "
+                              "(and run its merge_kaleido.py), or pass --dit/--vae/--text-encoder separately.")
+    return bundle
