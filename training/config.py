@@ -1,0 +1,303 @@
+"""The trainer's configuration: a YAML file of eight sections, checked before anything runs.
+
+Every key, its default and its meaning is in ``training/configs/example.yaml``. Relative paths are
+taken from the working directory. ``--set section.key=value`` on the command line overrides a key
+(the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bindweave_core import constants as C
+from bindweave_core.errors import InputError
+from bindweave_core.lora import DEFAULT_TARGETS
+
+
+@dataclass
+class ModelSection:
+    smoke: bool = False  # the built-in tiny random models (tests, trying the trainer without weights)
+    smoke_seed: int = 0
+    family: str | None = None  # null: from the checkpoint (smoke: bindweave); kaleido for R-RoPE weights
+    dit: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    text_tokenizer: str | None = None
+    clip_vision: str | None = None  # null for families without CLIP (Kaleido)
+    planner: str | None = None  # null: no planner states (families without the connector)
+    planner_tokenizer: str | None = None
+    dtype: str = "bfloat16"  # the frozen weights (DiT and encoders)
+    weight_format: str = "default"  # DiT base weights: default | fp8 (block linears in fp8, for 24 GB cards)
+    attention: str = "sdpa"
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # a folder of sample folders, or a JSONL file (see dataset.py)
+    num_frames: int = 81  # 4k+1
+    fps: float = C.DEFAULT_FPS  # frames are sampled at this rate from each video
+    buckets: list[list[int]] = field(default_factory=lambda: [[832, 480], [480, 832], [624, 624]])
+    mask_mode: str = "rectangle"  # rectangle (official) | alpha (RGBA cut-outs); per sample overridable
+
+
+@dataclass
+class AugmentSection:
+    variants: int = 4  # cached reference variants per sample; variant 0 is unaugmented, 1 = off
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # size on the canvas vs. plain letterbox
+    seed: int = 0
+
+
+@dataclass
+class CacheSection:
+    dir: str | None = None  # default: <output_dir>/cache
+    hash_contents: bool = False  # key samples by file content (sha256) instead of size + mtime
+    chunk_size: int = 64  # samples encoded per pass of the encoders
+    offload: str = "release"  # encoders between passes: release (free), model (keep on CPU), none
+
+
+@dataclass
+class ObjectiveSection:
+    shift: float = C.TRAIN_TIMESTEP_SHIFT  # sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1)
+    conditioning: str = "auto"  # auto (from the DiT family) | slots (BindWeave) | rrope (Kaleido)
+    sigma_sampling: str = "auto"  # auto | shifted (spec 12) | kaleido (sigmoid-normal, resolution shift)
+    fixed_sigma: float | None = None  # debugging / overfitting checks: one sigma for every step
+    fixed_noise: bool = False  # debugging / overfitting checks: the same noise every step
+
+
+@dataclass
+class LoraSection:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # names inside each block
+    init: str = "default"  # peft init_lora_weights: default (B = 0) | gaussian
+    train_connector: bool = False  # also train condition_embedder.text_projector fully
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "output/lora"
+    name: str = "bindweave_lora"
+    seed: int = 42
+    max_steps: int = 2000  # optimizer steps
+    batch_size: int = 1  # per GPU and micro-step (items of one bucket)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    mixed_precision: str = "bf16"  # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 250  # 0 = only at the end
+    keep_checkpoints: int = 3
+    save_dtype: str = "bfloat16"  # dtype of the exported LoRA file
+    tensorboard: bool = True  # also log to tensorboard when installed (loss.csv always)
+    resume: str | None = None  # null | latest | a checkpoint folder
+
+
+@dataclass
+class ValidationSection:
+    every: int = 0  # steps between preview videos; 0 = none
+    prompt: str | None = None  # default: the first training sample's prompt and references
+    references: list[str] = field(default_factory=list)
+    width: int | None = None  # default: the first bucket
+    height: int | None = None
+    num_frames: int | None = None  # default: data.num_frames
+    steps: int = 30
+    guidance: float | None = None  # null: the model family's official value (BindWeave 5.0)
+    shift: float | None = None  # null: the family's (BindWeave 3.0)
+    sampler: str | None = None  # null: the family's (BindWeave unipc)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    cache: CacheSection = field(default_factory=CacheSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache.dir) if self.cache.dir else self.output_dir / "cache"
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise InputError(f"{source}: expected a mapping of sections ({', '.join(_SECTIONS)}), got "
+                             f"{type(raw).__name__}.")
+        unknown = sorted(set(raw) - set(_SECTIONS))
+        if unknown:
+            raise InputError(f"{source}: unknown section(s) {', '.join(unknown)}; the sections are "
+                             f"{', '.join(_SECTIONS)}.")
+        sections = {name: _build(_SECTIONS[name], raw.get(name) or {}, f"{source}: {name}") for name in _SECTIONS}
+        cfg = cls(**sections)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise InputError(f"cannot read the config {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{path} is not valid YAML: {e}") from e
+        for item in overrides:
+            apply_override(raw, item)
+        return cls.from_dict(raw, str(path))
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, source: str = "config") -> None:
+        """Clear messages for settings that cannot work (nothing is silently adjusted)."""
+        def bad(msg: str) -> InputError:
+            return InputError(f"{source}: {msg}")
+
+        m, d, a, t, o = self.model, self.data, self.augment, self.train, self.objective
+        if not m.smoke and not (m.dit and m.vae and m.text_encoder):
+            raise bad("model.dit, model.vae and model.text_encoder are required (or model.smoke: true).")
+        if m.dtype not in DTYPES:
+            raise bad(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}.")
+        if t.save_dtype not in DTYPES:
+            raise bad(f"train.save_dtype must be one of {sorted(DTYPES)}, got {t.save_dtype!r}.")
+        if m.weight_format not in ("default", "fp8"):
+            raise bad(f"model.weight_format must be default or fp8, got {m.weight_format!r}.")
+        if not d.path:
+            raise bad("data.path is required: a folder of samples or a JSONL file.")
+        if d.num_frames < 1 or (d.num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
+            raise bad(f"data.num_frames must be 4k+1 (e.g. 49 or 81), got {d.num_frames}.")
+        if d.fps <= 0:
+            raise bad(f"data.fps must be positive, got {d.fps}.")
+        if not d.buckets:
+            raise bad("data.buckets needs at least one [width, height].")
+        for b in d.buckets:
+            if len(b) != 2 or any(not isinstance(v, int) or v < C.SIZE_MULTIPLE or v % C.SIZE_MULTIPLE for v in b):
+                raise bad(f"data.buckets entries are [width, height] in multiples of {C.SIZE_MULTIPLE}, got {b}.")
+        if d.mask_mode not in ("rectangle", "alpha"):
+            raise bad(f"data.mask_mode must be rectangle or alpha, got {d.mask_mode!r}.")
+        if a.variants < 1:
+            raise bad(f"augment.variants must be at least 1 (1 = no augmentation), got {a.variants}.")
+        if len(a.scale) != 2 or not 0 < a.scale[0] <= a.scale[1]:
+            raise bad(f"augment.scale is [min, max] with 0 < min <= max, got {a.scale}.")
+        if self.cache.offload not in ("release", "model", "none"):
+            raise bad(f"cache.offload must be release, model or none, got {self.cache.offload!r}.")
+        if o.conditioning not in ("auto", "slots", "rrope"):
+            raise bad(f"objective.conditioning must be auto, slots or rrope, got {o.conditioning!r}.")
+        if o.sigma_sampling not in ("auto", "shifted", "kaleido"):
+            raise bad(f"objective.sigma_sampling must be auto, shifted or kaleido, got {o.sigma_sampling!r}.")
+        if m.family is not None and m.family not in ("bindweave", "kaleido", "wan-i2v", "wan-t2v"):
+            raise bad(f"model.family must be bindweave or kaleido (or null), got {m.family!r}.")
+        if o.shift <= 0:
+            raise bad(f"objective.shift must be positive, got {o.shift}.")
+        if o.fixed_sigma is not None and not 0 <= o.fixed_sigma <= 1:
+            raise bad(f"objective.fixed_sigma must be in [0, 1], got {o.fixed_sigma}.")
+        if self.lora.rank < 1 or not self.lora.targets:
+            raise bad("lora.rank must be at least 1 and lora.targets non-empty.")
+        if t.mixed_precision not in ("no", "fp16", "bf16"):
+            raise bad(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}.")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(t, name) < 1:
+                raise bad(f"train.{name} must be at least 1, got {getattr(t, name)}.")
+        if t.learning_rate <= 0:
+            raise bad(f"train.learning_rate must be positive, got {t.learning_rate}.")
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16",
+          "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(TrainConfig)}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected a mapping, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}.")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()})
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """YAML values to the field's type (PyYAML reads ``1e-4`` as a string, for instance)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}.") from None
+    return value
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``section.key=value`` (value parsed as YAML) into the raw config mapping."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2:
+        raise InputError(f"--set takes section.key=value, got {item!r}.")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise InputError(f"--set {item!r}: section {parts[0]!r} is not a mapping in the config.")
+    section[parts[1]] = yaml.safe_load(value)
