@@ -1,12 +1,11 @@
-"""ComfyUI nodes of the BindWeave pack (V3 schema), thin wrappers over ``bindweave_core``."""
+"""ComfyUI nodes of the BindWeave pack (V3 schema), thin wrappers over ``bindweave_core``.
 
-from comfy_api.latest import ComfyExtension, io  # noqa: F401  (only imported inside ComfyUI)
-
-
-class BindWeaveExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+``specs`` and ``convert`` import no ComfyUI module (the tests use them); ``comfy_nodes`` and
+``host`` do, and are only imported inside a ComfyUI process.
+"""
 
 
-async def comfy_entrypoint() -> ComfyExtension:
-    return BindWeaveExtension()
+async def comfy_entrypoint():
+    from .comfy_nodes import comfy_entrypoint as entry
+
+    return await entry()

@@ -30,3 +30,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
             offset = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0  # norm gains near 1
             p.copy_(torch.randn(p.shape, generator=g) * scale + offset)
     return model
+
+# ComfyUI core nodes the example workflows use, with their widget names in the order the frontend
+# stores their values. Checked against a real server's /object_info by tests/test_comfyui_e2e.py.
+CORE_NODES = {
+    "LoadImage": ["image", "upload"],
+    "PreviewImage": [],
+    "EmptyImage": ["width", "height", "batch_size", "color"],
+    "CreateVideo": ["fps", "bit_depth"],
+    "SaveVideo": ["filename_prefix", "format", "format.codec", "codec"],
+}
+FRONTEND_ONLY_NODES = {"MarkdownNote": ["text"], "Note": ["text"]}
+# Widgets the frontend adds that are not inputs of the server's schema.
+FRONTEND_WIDGETS = {"upload"}

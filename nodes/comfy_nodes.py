@@ -1,0 +1,308 @@
+"""The BindWeave nodes for ComfyUI (V3 schema). Each ``execute`` is a thin call into the core pipeline.
+
+The inputs, tooltips and descriptions are defined once in ``specs.py``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from bindweave_core import constants as C
+from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates
+from bindweave_core.errors import InputError
+from bindweave_core.memory import dit_activation_bytes
+from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
+from bindweave_core.references import tensor_to_pil
+
+from . import host
+from .convert import collect_references, latent_output, latents_from
+from .specs import (
+    DECODE,
+    LOAD_CLIP_VISION,
+    LOAD_DIT,
+    LOAD_PLANNER,
+    LOAD_TEXT_ENCODER,
+    LOAD_VAE,
+    LORA,
+    PLANNER_ENCODE,
+    REFERENCE_ENCODE,
+    SAMPLER,
+    SMOKE_CHOICE,
+    SMOKE_KALEIDO_CHOICE,
+    TEXT_ENCODE,
+    In,
+    NodeSpec,
+)
+
+_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float}
+
+
+@lru_cache(maxsize=None)
+def _io_type(name: str):
+    return _SOCKETS.get(name) or io.Custom(name)
+
+
+def _input(i: In):
+    common = dict(optional=i.optional, tooltip=i.tooltip)
+    if i.kind == "combo":
+        options = list(i.options) if i.options else host.choices(i)
+        default = i.default if i.default is not None else options[0]
+        return io.Combo.Input(i.name, options=options, default=default, **common)
+    if i.kind == "int":
+        return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step,
+                            control_after_generate=True if i.seed else None, **common)
+    if i.kind == "float":
+        return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
+    if i.kind == "string":
+        return io.String.Input(i.name, default=i.default, multiline=i.multiline, **common)
+    if i.kind == "boolean":
+        return io.Boolean.Input(i.name, default=i.default, **common)
+    return _io_type(i.type).Input(i.name, **common)
+
+
+def schema(spec: NodeSpec) -> io.Schema:
+    return io.Schema(
+        node_id=spec.node_id, display_name=spec.display_name, category=spec.category, description=spec.description,
+        inputs=[_input(i) for i in spec.inputs],
+        outputs=[_io_type(o.type).Output(o.name, display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+    )
+
+
+def _stage(device: torch.device, **components) -> BindWeavePipeline:
+    """The core pipeline over the given models, with ComfyUI in charge of where they live."""
+    full = {**dict.fromkeys(("dit", "vae", "text_encoder", "clip_vision", "planner")), **components}
+    return BindWeavePipeline(**full, device=device, offload="none")
+
+
+def _to_intermediate(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(mm.intermediate_device())
+
+
+# ------------------------------------------------------------------------------------------ loaders
+class LoadDiT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LOAD_DIT)
+
+    @classmethod
+    def execute(cls, model_name, dtype, weight_format, attention) -> io.NodeOutput:
+        from bindweave_core.checkpoints.dit_loader import load_dit
+        from bindweave_core.smoke import smoke_dit
+
+        if model_name in (SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE):
+            dit = smoke_dit(0, "tiny" if model_name == SMOKE_CHOICE else "tiny-kaleido")
+            dit.set_attention_backend(attention)
+        else:
+            dit = load_dit(host.resolve(model_name, ("diffusion_models",)), dtype=host.torch_dtype(dtype, "dit"),
+                           weight_format=weight_format, attention_backend=attention)
+        return io.NodeOutput(host.wrap(dit, "dit"))
+
+
+class LoadVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LOAD_VAE)
+
+    @classmethod
+    def execute(cls, vae_name, dtype) -> io.NodeOutput:
+        from bindweave_core.encoders.vae import WanVAE
+
+        vae = WanVAE.tiny(0) if vae_name == SMOKE_CHOICE else WanVAE.load(
+            host.resolve(vae_name, ("vae",)), dtype=host.torch_dtype(dtype, "vae"))
+        return io.NodeOutput(host.wrap(vae, "vae"))
+
+
+class LoadTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LOAD_TEXT_ENCODER)
+
+    @classmethod
+    def execute(cls, text_encoder_name, dtype, tokenizer_dir="") -> io.NodeOutput:
+        from bindweave_core.encoders.text import TextEncoder
+
+        text = TextEncoder.tiny(0) if text_encoder_name == SMOKE_CHOICE else TextEncoder.load(
+            host.resolve(text_encoder_name, ("text_encoders",)), dtype=host.torch_dtype(dtype, "text"),
+            tokenizer_dir=tokenizer_dir or None)
+        return io.NodeOutput(host.wrap(text, "text_encoder"))
+
+
+class LoadCLIPVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LOAD_CLIP_VISION)
+
+    @classmethod
+    def execute(cls, clip_name, dtype) -> io.NodeOutput:
+        from bindweave_core.encoders.clip_vision import ClipVisionEncoder
+
+        clip = ClipVisionEncoder.tiny(0) if clip_name == SMOKE_CHOICE else ClipVisionEncoder.load(
+            host.resolve(clip_name, ("clip_vision",)), dtype=host.torch_dtype(dtype, "text"))
+        return io.NodeOutput(host.wrap(clip, "clip_vision"))
+
+
+class LoadPlanner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LOAD_PLANNER)
+
+    @classmethod
+    def execute(cls, planner_name, dtype, weight_format) -> io.NodeOutput:
+        from bindweave_core.encoders.planner import Planner
+
+        planner = Planner.tiny(0) if planner_name == SMOKE_CHOICE else Planner.load(
+            host.resolve(planner_name, ("text_encoders",)), dtype=host.torch_dtype(dtype, "text"),
+            tokenizer_dir=host.qwen_tokenizer_dir(), weight_format=weight_format)
+        return io.NodeOutput(host.wrap(planner, "planner"))
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+def _pil_references(images: list) -> list:
+    refs, _ = collect_references(images)
+    return [tensor_to_pil(r) for r in refs]
+
+
+class PlannerEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(PLANNER_ENCODE)
+
+    @classmethod
+    def execute(cls, planner, prompt, negative_prompt, image_1, refine_prompt, refine_seed,
+                image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
+        images = _pil_references([image_1, image_2, image_3, image_4])
+        host.load_to_device(planner)
+        pipe = _stage(planner.device, planner=planner.component)
+        used = pipe.refine_prompt(prompt, images, seed=refine_seed or None) if refine_prompt else prompt
+        states = pipe.encode_planner(used, images, negative_prompt)
+        out = PlannerStates(_to_intermediate(states.positive), _to_intermediate(states.negative), used)
+        return io.NodeOutput(out, used)
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(TEXT_ENCODE)
+
+    @classmethod
+    def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        host.load_to_device(text_encoder)
+        states = _stage(text_encoder.device, text_encoder=text_encoder.component).encode_text(prompt, negative_prompt)
+        return io.NodeOutput(TextStates(_to_intermediate(states.positive), _to_intermediate(states.negative)))
+
+
+class ReferenceEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(REFERENCE_ENCODE)
+
+    @classmethod
+    def execute(cls, vae, image_1, width, height, length, mode, mask_mode, image_2=None, image_3=None, image_4=None,
+                clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
+                invert_masks=True) -> io.NodeOutput:
+        max_refs = C.KALEIDO_MAX_REFERENCES if mode == "kaleido" else C.MAX_REFERENCES
+        images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
+                                           invert_masks=invert_masks, max_references=max_refs)
+        settings = GenerationSettings(prompt="(references)", width=width, height=height, num_frames=length,
+                                      mask_mode=mask_mode)
+        settings.validate(len(images), max_refs)
+        family = "kaleido" if mode == "kaleido" else "bindweave"
+        models = [vae] + ([clip_vision] if clip_vision is not None and family == "bindweave" else [])
+        if family == "bindweave" and clip_vision is None:
+            raise InputError("bindweave mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
+        host.load_to_device(*models)
+        pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
+        refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
+                else pipe.encode_references(images, settings, masks, family=family))
+        refs = ReferenceCondition(
+            clip_tokens=_to_intermediate(refs.clip_tokens), slots=_to_intermediate(refs.slots),
+            canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents),
+            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length})
+        return io.NodeOutput(refs, refs.canvases.to(mm.intermediate_device()), refs.masks.to(mm.intermediate_device()))
+
+
+# ------------------------------------------------------------------------------------------ sampling
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(SAMPLER)
+
+    @classmethod
+    def execute(cls, model, text_conditioning, references, seed, steps, guidance, shift, sampler, cfg_batch,
+                planner_conditioning=None) -> io.NodeOutput:
+        dit = model.component
+        family = dit.dit_config.family
+        refs: ReferenceCondition = references
+        if refs.extra.get("family", "bindweave") != ("kaleido" if dit.dit_config.uses_rrope else "bindweave"):
+            raise InputError(f"the references were encoded in {refs.extra.get('family')} mode but the DiT is a "
+                             f"{family} model: set Reference Encode's mode to match the loaded DiT.")
+        if dit.dit_config.uses_slots and planner_conditioning is None:
+            raise InputError("BindWeave models need the planner: connect BindWeave Planner Encode to "
+                             "planner_conditioning.")
+        settings = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
+                                      num_frames=refs.extra["num_frames"], steps=steps, guidance=guidance, shift=shift,
+                                      sampler=sampler, seed=seed, cfg_batch=cfg_batch)
+        settings.validate(refs.num_references, dit.dit_config.max_references)
+        element = dit.patch_embedding.weight.element_size()
+        host.load_to_device(model, memory_required=dit_activation_bytes(dit.dit_config, settings.width, settings.height,
+                                                                        settings.num_frames, 2, element))
+        pipe = _stage(model.device, dit=dit)
+        cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
+        latents = pipe.sample(cond, uncond, settings, host.progress(steps))
+        return io.NodeOutput(latent_output(latents))
+
+
+class Decode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(DECODE)
+
+    @classmethod
+    def execute(cls, vae, samples, tiled, fps) -> io.NodeOutput:
+        latents = latents_from(samples)
+        host.load_to_device(vae)
+        component = vae.component
+        if tiled:
+            component.enable_tiling()
+        try:
+            frames = _stage(vae.device, vae=component).decode(latents)
+        finally:
+            if tiled:
+                component.disable_tiling()
+        return io.NodeOutput(frames.to(mm.intermediate_device()), float(fps))
+
+
+class LoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(LORA)
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        path = host.resolve(lora_name, ("loras",))
+        patched = model.clone()
+        patched.patcher.add_patches(host.lora_patches(path, model.component), strength)
+        return io.NodeOutput(patched)
+
+
+NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
+                                   TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader]
+
+
+class BindWeaveExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        host.register_model_folder()
+
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return BindWeaveExtension()

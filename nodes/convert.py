@@ -1,0 +1,68 @@
+"""Conversions between ComfyUI's tensors and the core library's inputs (no ComfyUI import)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bindweave_core import constants as C
+from bindweave_core.errors import InputError
+
+
+def _frames(batch: torch.Tensor, what: str) -> list[torch.Tensor]:
+    if batch.ndim == 3 and what == "mask":
+        return [batch[i] for i in range(batch.shape[0])]
+    if batch.ndim == 2 and what == "mask":
+        return [batch]
+    if batch.ndim == 4 and what == "image":
+        return [batch[i] for i in range(batch.shape[0])]
+    if batch.ndim == 3 and what == "image":
+        return [batch]
+    raise InputError(f"unexpected {what} tensor of shape {tuple(batch.shape)}")
+
+
+def collect_references(images: Sequence[torch.Tensor | None], masks: Sequence[torch.Tensor | None] = (),
+                       invert_masks: bool = True, max_references: int = C.MAX_REFERENCES):
+    """ComfyUI ``image_1..4`` / ``mask_1..4`` inputs -> ``(images [H, W, C] list, masks list or None)``.
+
+    A batched IMAGE counts as several references, in order. A mask input applies to the image input
+    of the same number (one mask per frame of the batch, or one mask for all of them). ComfyUI's
+    Load Image gives MASK = 1 where the picture is transparent, so ``invert_masks`` (default) turns it
+    into the subject mask the core expects (1 = subject).
+    """
+    refs: list[torch.Tensor] = []
+    ref_masks: list[torch.Tensor | None] = []
+    masks = list(masks) + [None] * (len(images) - len(masks))
+    for k, (image, mask) in enumerate(zip(images, masks), start=1):
+        if image is None:
+            if mask is not None:
+                raise InputError(f"mask_{k} is connected but image_{k} is not: connect the image it belongs to.")
+            continue
+        frames = _frames(image, "image")
+        mask_frames: list[torch.Tensor | None] = [None] * len(frames)
+        if mask is not None:
+            given = _frames(mask, "mask")
+            if len(given) not in (1, len(frames)):
+                raise InputError(f"mask_{k} has {len(given)} masks for {len(frames)} images in image_{k}: give one "
+                                 "mask per image, or a single mask for all.")
+            mask_frames = [(1.0 - m if invert_masks else m) for m in (given * len(frames))[: len(frames)]]
+        refs.extend(frames)
+        ref_masks.extend(mask_frames)
+    if not 1 <= len(refs) <= max_references:
+        raise InputError(f"{len(refs)} reference images connected; this model takes 1 to {max_references}. "
+                         "Connect at least image_1, and remove the extra images.")
+    return refs, (ref_masks if any(m is not None for m in ref_masks) else None)
+
+
+def latent_output(latents: torch.Tensor) -> dict:
+    """ComfyUI LATENT dict holding normalised Wan latents ``[1, 16, T, h, w]``."""
+    return {"samples": latents.float().cpu()}
+
+
+def latents_from(samples: dict) -> torch.Tensor:
+    latents = samples["samples"] if isinstance(samples, dict) else samples
+    if latents.ndim != 5 or latents.shape[1] != C.LATENT_CHANNELS:
+        raise InputError(f"these latents are {tuple(latents.shape)}; BindWeave Decode takes the 16-channel video "
+                         "latents of the BindWeave Sampler.")
+    return latents

@@ -1,0 +1,193 @@
+"""Everything that talks to ComfyUI: model folders, ModelPatcher memory management, progress, cancel.
+
+Only this module and ``comfy_nodes.py`` import ComfyUI; the node logic itself is the core library's
+pipeline stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+from bindweave_core.errors import OutOfMemoryError
+from bindweave_core.sampling import ProgressCallback
+
+from .specs import MODEL_FOLDER, In
+
+log = logging.getLogger("BindWeave")
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def register_model_folder() -> None:
+    """``models/bindweave/``: Hugging Face directories (Qwen2.5-VL-7B-Instruct, BindWeave, Kaleido)."""
+    path = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    folder_paths.add_model_folder_path(MODEL_FOLDER, path)
+
+
+def _model_directories() -> list[str]:
+    """Model directories in models/bindweave: every sub-folder (a Hugging Face or Kaleido download), and
+    the component folders inside them that carry their own config.json (e.g. ``.../vae``)."""
+    found = []
+    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found.append(f"{MODEL_FOLDER}/{path.name}/")
+            found += [f"{MODEL_FOLDER}/{path.name}/{sub.name}/" for sub in sorted(path.iterdir())
+                      if sub.is_dir() and (sub / "config.json").exists()]
+    return found
+
+
+def choices(spec: In) -> list[str]:
+    """The combo entries of a file input: built-in choices, then files, then model directories."""
+    items = list(spec.smoke)
+    for folder in spec.files:
+        try:
+            items += folder_paths.get_filename_list(folder)
+        except KeyError:  # folder unknown to this ComfyUI version
+            continue
+    if spec.directories:
+        items += _model_directories()
+    return items or [""]
+
+
+def resolve(name: str, folders: tuple[str, ...]) -> str:
+    """The path of a combo entry (a file in one of ``folders``, or a models/bindweave directory)."""
+    if name.startswith(MODEL_FOLDER + "/") and name.endswith("/"):
+        rel = name[len(MODEL_FOLDER) + 1:].strip("/")
+        for root in folder_paths.get_folder_paths(MODEL_FOLDER):
+            if (Path(root) / rel).is_dir():
+                return str(Path(root) / rel)
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            # a shard of a diffusers directory stands for the whole directory
+            if _SHARD.search(path) and any(Path(path).parent.glob("*.safetensors.index.json")):
+                return str(Path(path).parent)
+            return path
+    raise FileNotFoundError(f"model file '{name}' not found in models/{' or models/'.join(folders)}; "
+                            "refresh the node list (R) or put the file there.")
+
+
+def torch_dtype(choice: str, kind: str) -> torch.dtype:
+    """``auto`` -> ComfyUI's choice for this kind of model on this machine."""
+    if choice != "auto":
+        return _DTYPES[choice]
+    if kind == "dit":
+        return mm.unet_dtype()
+    if kind == "vae":
+        return mm.vae_dtype()
+    return mm.text_encoder_dtype()
+
+
+class Hosted(torch.nn.Module):
+    """Holds a model for ComfyUI's ModelPatcher, which keeps a plain ``device`` attribute on the module
+    it manages (transformers/diffusers models have a read-only ``device`` property). Parameter names
+    get the prefix ``model.``."""
+
+    PREFIX = "model."
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.device = None
+
+
+@dataclass
+class Loaded:
+    """A BindWeave model inside ComfyUI: our wrapper (``component``) and the ModelPatcher that lets
+    ComfyUI's memory manager load and offload its module (``patcher.model``)."""
+
+    component: Any
+    patcher: comfy.model_patcher.ModelPatcher
+    kind: str
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    def clone(self) -> "Loaded":
+        return Loaded(self.component, self.patcher.clone(), self.kind)
+
+
+def wrap(component: Any, kind: str) -> Loaded:
+    module = component if isinstance(component, torch.nn.Module) else component.model
+    if kind == "dit":
+        load, offload = mm.get_torch_device(), mm.unet_offload_device()
+    elif kind == "vae":
+        load, offload = mm.vae_device(), mm.vae_offload_device()
+    else:
+        load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
+    return Loaded(component, patcher, kind)
+
+
+def load_to_device(*models: Loaded, memory_required: int = 0) -> None:
+    """Ask ComfyUI to put these models on their device (freeing others as needed).
+
+    Our modules are plain torch modules, so they are loaded whole (``force_full_load``); when that does
+    not fit, the message says what to change instead of ComfyUI's generic CUDA error.
+    """
+    try:
+        mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
+    except torch.OutOfMemoryError as e:
+        names = ", ".join(m.kind for m in models)
+        raise OutOfMemoryError(
+            f"not enough GPU memory to load the {names}: {e}. Use weight_format fp8 on the DiT loader, a smaller "
+            "width/height/length, cfg_batch separate, or close other workflows' models (Unload Models).") from e
+
+
+def progress(total: int) -> ProgressCallback:
+    """A sampler callback that drives ComfyUI's progress bar and honours its cancel button."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def callback(step: int, steps: int, latents: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(step, steps)
+
+    return callback
+
+
+def qwen_tokenizer_dir() -> str | None:
+    """The Qwen2.5 tokenizer ComfyUI bundles (comfy/text_encoders/qwen25_tokenizer)."""
+    import comfy.text_encoders
+
+    path = Path(comfy.text_encoders.__file__).parent / "qwen25_tokenizer"
+    return str(path) if path.is_dir() else None
+
+
+def lora_patches(path: str, dit: torch.nn.Module) -> dict:
+    """A LoRA file as ModelPatcher weight patches on our DiT (applied by ComfyUI when it loads the model).
+
+    ``bindweave_core.lora`` reads every supported key layout and maps it onto our parameter names;
+    ComfyUI's own LoRA adapter then does the patching (FP8 weights through FP8Linear's
+    ``convert_weight``/``set_weight``).
+    """
+    from bindweave_core.lora import load_lora
+
+    lora = load_lora(path)
+    lora.check(dit)
+    try:
+        from comfy.weight_adapter.lora import LoRAAdapter
+    except ImportError:  # older ComfyUI: tuple patches
+        def LoRAAdapter(keys, weights):  # noqa: N802
+            return ("lora", weights)
+    patches = {}
+    for key, layer in lora.weight_patches().items():
+        patches[Hosted.PREFIX + key] = LoRAAdapter(set(), (layer.up, layer.down, layer.alpha, None, None, None))
+    for key, diff in lora.diffs.items():
+        patches[Hosted.PREFIX + key] = ("diff", (diff,))
+    return patches

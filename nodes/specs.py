@@ -1,0 +1,292 @@
+"""The BindWeave nodes' interface, described without ComfyUI.
+
+Every node's id, inputs (with their tooltips and defaults), outputs and description live here, as
+plain data. ``nodes/comfy_nodes.py`` turns them into ComfyUI V3 schemas; the tests read them
+without a ComfyUI install (e.g. to check the example workflows' widgets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bindweave_core import constants as C
+from bindweave_core.sampling import SAMPLERS
+
+CATEGORY = "BindWeave"
+SMOKE_CHOICE = "tiny smoke test (random weights)"
+SMOKE_KALEIDO_CHOICE = "tiny smoke test, Kaleido R-RoPE (random weights)"
+MODEL_FOLDER = "bindweave"  # models/bindweave/: Hugging Face directories (Qwen2.5-VL, BindWeave, Kaleido)
+MAX_RESOLUTION = 8192
+
+# Custom types passed between BindWeave nodes.
+DIT = "BINDWEAVE_MODEL"
+VAE = "BINDWEAVE_VAE"
+TEXT_ENCODER = "BINDWEAVE_TEXT_ENCODER"
+CLIP_VISION = "BINDWEAVE_CLIP_VISION"
+PLANNER = "BINDWEAVE_PLANNER"
+PLANNER_COND = "BINDWEAVE_PLANNER_COND"
+TEXT_COND = "BINDWEAVE_TEXT_COND"
+REFERENCES = "BINDWEAVE_REFERENCES"
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+WIDGET_KINDS = ("combo", "int", "float", "string", "boolean")
+
+
+@dataclass(frozen=True)
+class In:
+    """One input. ``kind`` is a widget kind (combo/int/float/string/boolean) or "socket"."""
+
+    name: str
+    kind: str
+    tooltip: str
+    type: str = ""  # io type of a socket: IMAGE, MASK, LATENT, BINDWEAVE_*
+    default: Any = None
+    min: Any = None
+    max: Any = None
+    step: Any = None
+    options: tuple = ()
+    files: tuple[str, ...] = ()  # combo of model files from these ComfyUI model folders
+    smoke: tuple[str, ...] = ()  # extra built-in choices listed before the files
+    directories: bool = False  # also list model directories found in models/bindweave/
+    optional: bool = False
+    multiline: bool = False
+    seed: bool = False  # adds ComfyUI's "control after generate" widget
+
+    @property
+    def is_widget(self) -> bool:
+        return self.kind in WIDGET_KINDS
+
+
+@dataclass(frozen=True)
+class Out:
+    type: str
+    name: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    category: str
+    description: str
+    inputs: tuple[In, ...]
+    outputs: tuple[Out, ...]
+    output_node: bool = False
+    search_aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def widgets(self) -> list[In]:
+        """Widget inputs in the order ComfyUI's frontend stores their values (required, then optional)."""
+        ordered = [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
+        return [i for i in ordered if i.is_widget]
+
+
+def _dtype(what: str) -> In:
+    return In("dtype", "combo", f"Precision of the {what}'s weights. auto: bf16 on GPUs that support it, else fp16; "
+                                "fp32 on CPU.", options=DTYPE_CHOICES, default="auto")
+
+
+def _images(what: str) -> tuple[In, ...]:
+    first = In("image_1", "socket", f"First reference image (a subject or a background) for the {what}. "
+                                    "A batch counts as several references, in order.", type="IMAGE")
+    rest = tuple(In(f"image_{k}", "socket", f"Reference image {k} (optional). At most 4 references in total; "
+                                            "the order must match the other nodes.", type="IMAGE", optional=True)
+                 for k in range(2, C.MAX_REFERENCES + 1))
+    return (first,) + rest
+
+
+LOAD_DIT = NodeSpec(
+    "BindWeaveDiTLoader", "Load BindWeave DiT", f"{CATEGORY}/loaders",
+    "Loads the BindWeave diffusion transformer (Wan2.1-I2V-14B + the Qwen connector) from "
+    "models/diffusion_models (single file, fp8 scaled or not) or a diffusers directory in models/bindweave. "
+    "Kaleido-14B-S2V checkpoints load here too and switch the sampler to R-RoPE references.",
+    (
+        In("model_name", "combo", "The DiT checkpoint. The tiny smoke test choices need no download and make noise, "
+                                  "for checking a workflow runs.", files=("diffusion_models",),
+           smoke=(SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE), directories=True),
+        _dtype("DiT"),
+        In("weight_format", "combo", "default: weights in the chosen precision (fp8 files are dequantised). "
+                                     "fp8: keep the block weights in fp8 (e4m3) storage, about half the memory of bf16. "
+                                     "fp8_fast: fp8 storage and fp8 matrix multiplies on GPUs of compute capability "
+                                     "8.9+ (RTX 40xx, H100), approximate; elsewhere the same as fp8.",
+           options=("default", "fp8", "fp8_fast"), default="default"),
+        In("attention", "combo", "Attention kernel. sdpa (default, exact) lets PyTorch pick flash/cuDNN kernels; "
+                                 "sage and flash need their packages and a CUDA GPU and fall back to sdpa otherwise; "
+                                 "auto picks the fastest installed.", options=("sdpa", "auto", "sage", "flash"),
+           default="sdpa"),
+    ),
+    (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
+)
+
+LOAD_VAE = NodeSpec(
+    "BindWeaveVAELoader", "Load BindWeave VAE", f"{CATEGORY}/loaders",
+    "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
+    (In("vae_name", "combo", "The Wan 2.1 VAE file.", files=("vae",), smoke=(SMOKE_CHOICE,), directories=True),
+     _dtype("VAE")),
+    (Out(VAE, "vae", "The Wan 2.1 VAE."),),
+)
+
+LOAD_TEXT_ENCODER = NodeSpec(
+    "BindWeaveTextEncoderLoader", "Load BindWeave UMT5", f"{CATEGORY}/loaders",
+    "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
+    "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
+    (In("text_encoder_name", "combo", "The UMT5-XXL encoder file.", files=("text_encoders",), smoke=(SMOKE_CHOICE,),
+        directories=True),
+     _dtype("text encoder"),
+     In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): the "
+                                   "folder of the google/umt5-xxl tokenizer. Leave empty otherwise.", default="",
+        optional=True)),
+    (Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."),),
+)
+
+LOAD_CLIP_VISION = NodeSpec(
+    "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision", f"{CATEGORY}/loaders",
+    "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
+    (In("clip_name", "combo", "The CLIP ViT-H/14 vision file.", files=("clip_vision",), smoke=(SMOKE_CHOICE,),
+        directories=True),
+     _dtype("CLIP vision encoder")),
+    (Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."),),
+)
+
+LOAD_PLANNER = NodeSpec(
+    "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)", f"{CATEGORY}/loaders",
+    "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
+    "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
+    "directory in models/bindweave (which can also refine prompts).",
+    (In("planner_name", "combo", "The Qwen2.5-VL-7B file or directory.", files=("text_encoders",),
+        smoke=(SMOKE_CHOICE,), directories=True),
+     _dtype("planner"),
+     In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
+        options=("default", "fp8"), default="default")),
+    (Out(PLANNER, "planner", "The Qwen2.5-VL planner."),),
+)
+
+PLANNER_ENCODE = NodeSpec(
+    "BindWeavePlannerEncode", "BindWeave Planner Encode", f"{CATEGORY}/conditioning",
+    "Runs the planner on the prompt and the 1-4 reference images in one message (text first, then the images "
+    "in order), once for the prompt and once for the negative prompt with the same images. Optionally rewrites "
+    "a short prompt into a detailed one first; the prompt actually used comes out as text, to feed the UMT5 "
+    "encode node.",
+    (
+        In("planner", "socket", "The planner from Load BindWeave Planner.", type=PLANNER),
+        In("prompt", "string", "What happens in the video: who, doing what, where.", multiline=True, default=""),
+        In("negative_prompt", "string", "What to avoid. The default is the official planner negative prompt.",
+           multiline=True, default=C.DEFAULT_PLANNER_NEGATIVE_PROMPT),
+        *_images("planner"),
+        In("refine_prompt", "boolean", "Let the planner rewrite the prompt into a detailed single-scene "
+                                       "description before encoding (needs a planner with its language-model head).",
+           default=False),
+        In("refine_seed", "int", "Seed for prompt refinement; 0 = greedy (deterministic) decoding.", default=0,
+           min=0, max=2**31 - 1),
+    ),
+    (Out(PLANNER_COND, "planner_conditioning", "Planner states for the prompt and the negative prompt."),
+     Out("STRING", "prompt", "The prompt the planner used (the refined one when refinement is on).")),
+)
+
+TEXT_ENCODE = NodeSpec(
+    "BindWeaveTextEncode", "BindWeave UMT5 Encode", f"{CATEGORY}/conditioning",
+    "Encodes the prompt and the negative prompt with UMT5-XXL (512 tokens, zero past the text).",
+    (
+        In("text_encoder", "socket", "The encoder from Load BindWeave UMT5.", type=TEXT_ENCODER),
+        In("prompt", "string", "The prompt: connect the planner's prompt output to use the same (or refined) text.",
+           multiline=True, default=""),
+        In("negative_prompt", "string", "What to avoid. The default is the official negative prompt.",
+           multiline=True, default=C.DEFAULT_NEGATIVE_PROMPT),
+    ),
+    (Out(TEXT_COND, "text_conditioning", "UMT5 states for the prompt and the negative prompt."),),
+)
+
+REFERENCE_ENCODE = NodeSpec(
+    "BindWeaveReferenceEncode", "BindWeave Reference Encode", f"{CATEGORY}/conditioning",
+    "Prepares the 1-4 reference images as the model sees them: each is letterboxed (never upscaled) on a canvas "
+    "of the video size, encoded by CLIP (squashed to 224) and by the VAE into one of the 4 reference slots; the "
+    "all-zero video condition is encoded for the chosen length. Also outputs the letterboxed images and masks "
+    "so you can see what the model sees. Kaleido mode letterboxes on white and keeps clean reference latents.",
+    (
+        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        *_images("references"),
+        In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
+           max=MAX_RESOLUTION, step=16),
+        In("height", "int", "Video height in pixels (multiple of 16).", default=C.DEFAULT_HEIGHT, min=16,
+           max=MAX_RESOLUTION, step=16),
+        In("length", "int", "Number of frames (4k+1: 81 = 5 s at 16 fps).", default=C.DEFAULT_FRAMES, min=1,
+           max=1025, step=4),
+        In("mode", "combo", "bindweave: the 4 temporal reference slots of BindWeave. kaleido: R-RoPE sequence "
+                            "references for Kaleido-14B-S2V checkpoints. Must match the loaded DiT.",
+           options=("bindweave", "kaleido"), default="bindweave"),
+        In("mask_mode", "combo", "rectangle (official): the mask is the letterbox rectangle. alpha: RGBA cut-outs "
+                                 "mark the subject with their alpha, composited on black (non-default). In kaleido "
+                                 "mode everything outside the subject is painted white instead.",
+           options=("rectangle", "alpha"), default="rectangle"),
+        In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode).", type=CLIP_VISION,
+           optional=True),
+        *(In(f"mask_{k}", "socket", f"Optional subject mask for reference {k} (same size as the image; "
+                                    "non-default). See invert_masks.", type="MASK", optional=True)
+          for k in range(1, C.MAX_REFERENCES + 1)),
+        In("invert_masks", "boolean", "ComfyUI's Load Image gives MASK = 1 where the image is transparent; on "
+                                      "(default) turns that into 1 = subject. Off: masks already mark the subject.",
+           default=True, optional=True),
+    ),
+    (Out(REFERENCES, "references", "Reference conditioning for the sampler."),
+     Out("IMAGE", "letterboxed", "The references as the model sees them (letterboxed canvases)."),
+     Out("MASK", "masks", "The reference masks (1 = reference pixels).")),
+)
+
+SAMPLER = NodeSpec(
+    "BindWeaveSampler", "BindWeave Sampler", f"{CATEGORY}/sampling",
+    "Denoises a video with the official sampler (UniPC, 50 steps, shift 3, guidance 5). The reference layout "
+    "follows the loaded DiT: temporal slots for BindWeave, R-RoPE positions for Kaleido. Guidance 1.0 (e.g. with "
+    "a step-distilled LoRA, euler, 4 steps) skips the negative pass.",
+    (
+        In("model", "socket", "The DiT (optionally with LoRAs).", type=DIT),
+        In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
+        In("references", "socket", "From BindWeave Reference Encode.", type=REFERENCES),
+        In("seed", "int", "Noise seed (noise is drawn on the CPU: the same seed gives the same video on any GPU).",
+           default=0, min=0, max=2**63 - 1, seed=True),
+        In("steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8).", default=C.DEFAULT_STEPS,
+           min=1, max=1000),
+        In("guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 disables the "
+                                "negative branch.", default=C.DEFAULT_GUIDANCE, min=1.0, max=30.0, step=0.1),
+        In("shift", "float", "Flow shift of the noise schedule (official: 3.0).", default=C.DEFAULT_SHIFT, min=0.1,
+           max=20.0, step=0.1),
+        In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver. euler: flow-matching Euler (use "
+                               "with few-step LoRAs). rf-euler: Kaleido's official Euler schedule (shift 7).",
+           options=SAMPLERS, default="unipc"),
+        In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "
+                                 "separate: two calls per step (less memory).",
+           options=("auto", "batched", "separate"), default="auto"),
+        In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
+                                             "by Kaleido).", type=PLANNER_COND, optional=True),
+    ),
+    (Out("LATENT", "samples", "The denoised video latents (normalised Wan latents)."),),
+)
+
+DECODE = NodeSpec(
+    "BindWeaveDecode", "BindWeave Decode", f"{CATEGORY}/sampling",
+    "Decodes the latents into frames for ComfyUI's Create Video / Save Video nodes.",
+    (
+        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        In("samples", "socket", "Latents from the BindWeave Sampler.", type="LATENT"),
+        In("tiled", "boolean", "Decode in spatial tiles to save memory (slightly different at tile seams).",
+           default=False),
+        In("fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
+           default=float(C.DEFAULT_FPS), min=1.0, max=120.0, step=1.0),
+    ),
+    (Out("IMAGE", "frames", "The video frames [frames, height, width, 3] in 0..1."),
+     Out("FLOAT", "fps", "The frame rate.")),
+)
+
+LORA = NodeSpec(
+    "BindWeaveLoraLoader", "BindWeave LoRA", f"{CATEGORY}/loaders",
+    "Applies a LoRA from models/loras to the DiT (LoRAs from the bundled trainer, and Wan 2.1 LoRAs in the "
+    "diffusers, original or kohya layouts). ComfyUI patches the weights when the model is loaded.",
+    (In("model", "socket", "The DiT to patch.", type=DIT),
+     In("lora_name", "combo", "The LoRA file.", files=("loras",)),
+     In("strength", "float", "LoRA strength (1.0 = as trained).", default=1.0, min=-10.0, max=10.0, step=0.01)),
+    (Out(DIT, "model", "The DiT with the LoRA applied."),),
+)
+
+ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
+                                   PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA)
+SPECS = {s.node_id: s for s in ALL_SPECS}

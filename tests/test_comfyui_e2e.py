@@ -1,0 +1,262 @@
+"""End to end in a real ComfyUI server (enabled when COMFYUI_PATH points at a ComfyUI checkout).
+
+Starts ComfyUI on the CPU with only this pack installed (in a temporary base directory), checks our
+nodes in /object_info, validates every shipped workflow against the server's node schemas, loads
+each one in the server's own frontend (headless Chromium, when available), and runs the smoke
+workflow through /prompt, reading the video back from /history. See ../shared/comfyui-host.md for
+setting up a ComfyUI checkout; COMFYUI_PYTHON names the interpreter of its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bindweave_core.model_files import MODEL_FILES
+from bindweave_core.video_io import read_video
+from helpers import CORE_NODES, FRONTEND_ONLY_NODES, FRONTEND_WIDGETS, REPO
+from nodes.specs import MODEL_FOLDER, SPECS
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
+    not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) "
+                        "to run the end-to-end tests in a real ComfyUI server")]
+sys.path.insert(0, str(REPO / "tools"))
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-BindWeave").symlink_to(REPO, target_is_directory=True)
+    for d in ("input", "output", "temp", "user", "models"):
+        (base / d).mkdir()
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    proc = subprocess.Popen(
+        [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave"],
+        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            get_json(url + "/object_info/LoadImage")
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-3000:])
+            time.sleep(1)
+    try:
+        yield {"url": url, "base": base, "object_info": get_json(url + "/object_info")}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def widget_names(info: dict) -> list[str]:
+    """An /object_info entry's widget inputs, in the order the frontend stores their values."""
+    names = []
+    for group in ("required", "optional"):
+        for name, (kind, *opts) in info["input"].get(group, {}).items():
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                names.append(name)
+                if opts and opts[0].get("control_after_generate"):
+                    names.append(f"{name}:control")
+    return names
+
+
+def test_our_nodes_are_registered_with_docs(server):
+    info = server["object_info"]
+    for node_id, spec in SPECS.items():
+        assert node_id in info, f"{node_id} missing; see {server['base'] / 'comfyui.log'}"
+        entry = info[node_id]
+        assert entry["description"] == spec.description and entry["category"] == spec.category
+        for group in ("required", "optional"):
+            for name, (_, *opts) in entry["input"].get(group, {}).items():
+                assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert entry["output"] == [o.type for o in spec.outputs]
+        ours = [w.name for w in spec.widgets()]
+        theirs = [n for n in widget_names(entry) if not n.endswith(":control")]
+        assert theirs == ours, node_id
+
+
+def test_core_nodes_used_by_the_workflows_exist(server):
+    info = server["object_info"]
+    for node_type, widgets in CORE_NODES.items():
+        assert node_type in info, node_type
+        inputs = {**info[node_type]["input"].get("required", {}), **info[node_type]["input"].get("optional", {})}
+        for w in widgets:  # "format.codec": a sub-input of the dynamic combo "format"
+            assert w.split(".")[0] in inputs or w in FRONTEND_WIDGETS, f"{node_type}.{w}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_validates_against_server_schemas(server, path):
+    info = server["object_info"]
+    files = {f.filename for f in MODEL_FILES}
+    wf = json.loads(path.read_text())
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY_NODES:
+            continue
+        assert node["type"] in info, f"{path.name}: {node['type']} is not a node of this ComfyUI"
+        if node["type"] not in SPECS:
+            continue
+        names = widget_names(info[node["type"]])
+        values = node["widgets_values"]
+        assert len(values) == len(names), (node["type"], names, values)
+        inputs = {**info[node["type"]]["input"].get("required", {}), **info[node["type"]]["input"].get("optional", {})}
+        for name, value in zip(names, values):
+            if name.endswith(":control"):
+                continue
+            kind = inputs[name][0]
+            if isinstance(kind, list) or kind == "COMBO":
+                options = kind if isinstance(kind, list) else inputs[name][1]["options"]
+                assert value in options or value in files or value.startswith(MODEL_FOLDER + "/"), \
+                    f"{path.name}: {node['type']}.{name}={value!r}"
+
+
+def _browser_skip() -> str | None:
+    from comfy_browser import browser_available
+
+    return browser_available()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_loads_in_the_frontend_without_missing_nodes(server, path):
+    reason = _browser_skip()
+    if reason:
+        pytest.skip(f"headless browser unavailable: {reason}")
+    from comfy_browser import comfy_page, load_workflow
+
+    async def run():
+        async with comfy_page(server["url"]) as page:
+            return await load_workflow(page, json.loads(path.read_text()))
+
+    result = asyncio.run(run())
+    assert result["missing"] == [] and result["count"] == len(json.loads(path.read_text())["nodes"])
+
+
+def _smoke_prompt(server, name: str) -> dict:
+    """A shipped smoke workflow in API format, converted by the server's frontend when possible."""
+    wf = json.loads((REPO / f"workflows/{name}.json").read_text())
+    if _browser_skip() is None:
+        from comfy_browser import comfy_page, workflow_to_api
+
+        async def convert():
+            async with comfy_page(server["url"]) as page:
+                return await workflow_to_api(page, wf)
+
+        return asyncio.run(convert())
+    from build_workflows import _cases  # the graph the workflow was built from
+
+    return _cases()[name]["graph"]
+
+
+@pytest.mark.parametrize("name", ["bindweave_smoke_test", "kaleido_smoke_test"])
+def test_smoke_workflow_runs_and_makes_the_requested_frames(server, name):
+    from comfy_browser import post_json
+
+    prompt = _smoke_prompt(server, name)
+    refs = next(n for n in prompt.values() if n["class_type"] == "BindWeaveReferenceEncode")["inputs"]
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    assert reply["node_errors"] == {}
+    pid = reply["prompt_id"]
+    deadline = time.time() + 300
+    while True:
+        history = get_json(f"{server['url']}/history/{pid}")
+        if pid in history:
+            break
+        assert time.time() < deadline, "smoke workflow did not finish in 5 minutes"
+        time.sleep(1)
+    status = history[pid]["status"]
+    errors = [m for m in status["messages"] if m[0] == "execution_error"]
+    assert status["status_str"] == "success", errors
+    videos = [v for out in history[pid]["outputs"].values() for v in out.get("images", []) + out.get("videos", [])
+              if v["filename"].endswith(".mp4")]
+    assert len(videos) == 1
+    video = Path(server["base"]) / "output" / videos[0]["subfolder"] / videos[0]["filename"]
+    frames, fps = read_video(video)
+    assert frames.shape == (refs["length"], refs["height"], refs["width"], 3)
+    assert fps == 16
+
+
+def test_lora_node_in_comfyui_matches_the_core_library(server):
+    """The LoRA node (ComfyUI's weight patching) gives the latents of the core's apply_lora, same inputs."""
+    import copy
+
+    import torch
+    from build_workflows import _cases
+    from comfy_browser import post_json
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from bindweave_core.lora import LoraLayer, LoraWeights, apply_lora, save_lora
+    from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
+
+    g = torch.Generator().manual_seed(5)
+    pipe = BindWeavePipeline.smoke(seed=0)
+    dit = pipe.component("dit")
+    layers = {}
+    for name in ("blocks.0.attn1.to_q", "blocks.1.ffn.net.2", "blocks.0.attn2.add_k_proj"):
+        m = dit.get_submodule(name)
+        layers[name] = LoraLayer(down=torch.randn(4, m.in_features, generator=g) * 0.3,
+                                 up=torch.randn(m.out_features, 4, generator=g) * 0.3, alpha=4.0)
+    lora = LoraWeights(layers=layers)
+    (server["base"] / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    save_lora(lora, server["base"] / "models" / "loras" / "bw_test_lora.safetensors")
+
+    prompt = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    prompt["6"] = {"class_type": "BindWeaveLoraLoader",
+                   "inputs": {"model": ["1", 0], "lora_name": "bw_test_lora.safetensors", "strength": 0.8}}
+    prompt["30"]["inputs"]["model"] = ["6", 0]
+    prompt["50"] = {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "bw_test/lora"}}
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    pid = reply["prompt_id"]
+    deadline = time.time() + 300
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert history[pid]["status"]["status_str"] == "success", history[pid]["status"]["messages"]
+    saved = history[pid]["outputs"]["50"]["latents"][0]
+    served = load_file(str(server["base"] / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+
+    sampler, refs = prompt["30"]["inputs"], prompt["22"]["inputs"]
+    colour = prompt["10"]["inputs"]["color"]
+    reference = Image.new("RGB", (prompt["10"]["inputs"]["width"], prompt["10"]["inputs"]["height"]),
+                          ((colour >> 16) & 255, (colour >> 8) & 255, colour & 255))
+    settings = GenerationSettings(prompt=prompt["20"]["inputs"]["prompt"], width=refs["width"], height=refs["height"],
+                                  num_frames=refs["length"], steps=sampler["steps"], guidance=sampler["guidance"],
+                                  shift=sampler["shift"], sampler=sampler["sampler"], seed=sampler["seed"])
+    plain = pipe.generate([reference], settings).latents
+    apply_lora(dit, lora, strength=0.8)
+    expected = pipe.generate([reference], settings).latents
+    assert (expected - plain).abs().max() > 1e-3  # the LoRA matters
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-4)

@@ -1,0 +1,115 @@
+"""The node layer without ComfyUI: the node specs, the tensor conversions, packaging for ComfyUI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import tomllib
+import torch
+
+from bindweave_core.errors import InputError
+from helpers import REPO
+from nodes.convert import collect_references, latent_output, latents_from
+from nodes.specs import ALL_SPECS, SPECS, WIDGET_KINDS
+
+
+def test_node_ids_are_prefixed_unique_and_documented():
+    ids = [s.node_id for s in ALL_SPECS]
+    assert len(ids) == len(set(ids)) == 11
+    for spec in ALL_SPECS:
+        assert spec.node_id.startswith("BindWeave") and spec.category.startswith("BindWeave")
+        assert len(spec.description) > 40, spec.node_id
+        names = [i.name for i in spec.inputs]
+        assert len(names) == len(set(names)), spec.node_id
+        for i in spec.inputs:
+            assert i.tooltip and len(i.tooltip) > 10, f"{spec.node_id}.{i.name} has no tooltip"
+            assert i.kind in WIDGET_KINDS or (i.kind == "socket" and i.type), (spec.node_id, i.name)
+            if i.options:
+                assert i.default in i.options, (spec.node_id, i.name)
+            if i.kind in ("int", "float"):
+                assert i.min <= i.default <= i.max, (spec.node_id, i.name)
+        for o in spec.outputs:
+            assert o.tooltip and o.name, spec.node_id
+
+
+def test_defaults_are_the_official_settings():
+    sampler = {i.name: i.default for i in SPECS["BindWeaveSampler"].inputs}
+    assert (sampler["steps"], sampler["guidance"], sampler["shift"], sampler["sampler"]) == (50, 5.0, 3.0, "unipc")
+    refs = {i.name: i.default for i in SPECS["BindWeaveReferenceEncode"].inputs}
+    assert (refs["width"], refs["height"], refs["length"], refs["mask_mode"]) == (1280, 720, 81, "rectangle")
+    assert {i.name: i.default for i in SPECS["BindWeaveDecode"].inputs}["fps"] == 16.0
+    assert {i.name: i.default for i in SPECS["BindWeaveDiTLoader"].inputs}["attention"] == "sdpa"
+
+
+def test_every_loader_offers_the_smoke_model():
+    for spec in ALL_SPECS:
+        if spec.node_id.endswith("Loader") and spec.node_id != "BindWeaveLoraLoader":
+            assert spec.inputs[0].smoke, spec.node_id
+
+
+def image(h: int, w: int, batch: int = 1, value: float = 0.5) -> torch.Tensor:
+    return torch.full((batch, h, w, 3), value)
+
+
+def test_collect_references_expands_batches_in_order():
+    a, b = image(10, 20, 2, 0.1), image(30, 40, 1, 0.9)
+    refs, masks = collect_references([a, None, b, None])
+    assert [r.shape for r in refs] == [(10, 20, 3), (10, 20, 3), (30, 40, 3)]
+    assert refs[2][0, 0, 0] == pytest.approx(0.9) and masks is None
+
+
+def test_collect_references_aligns_and_inverts_masks():
+    a, b = image(4, 4, 2), image(6, 6)
+    loadimage_mask = torch.zeros(1, 4, 4)
+    loadimage_mask[0, :2] = 1.0  # Load Image: 1 where transparent
+    refs, masks = collect_references([a, b], [loadimage_mask, None])
+    assert len(masks) == 3 and masks[2] is None
+    assert torch.equal(masks[0], 1 - loadimage_mask[0]) and torch.equal(masks[1], masks[0])
+    _, raw = collect_references([a, b], [loadimage_mask, None], invert_masks=False)
+    assert torch.equal(raw[0], loadimage_mask[0])
+
+
+@pytest.mark.parametrize("images,masks,message", [
+    ([image(4, 4, 5)], [], "5 reference images connected; this model takes 1 to 4"),
+    ([None, None], [], "0 reference images connected"),
+    ([None, image(4, 4)], [torch.ones(1, 4, 4)], "mask_1 is connected but image_1 is not"),
+    ([image(4, 4, 3)], [torch.ones(2, 4, 4)], "mask_1 has 2 masks for 3 images"),
+])
+def test_collect_references_errors(images, masks, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        collect_references(images, masks)
+
+
+def test_kaleido_mode_takes_at_most_three():
+    with pytest.raises(InputError, match="takes 1 to 3"):
+        collect_references([image(4, 4, 4)], max_references=3)
+
+
+def test_latent_round_trip_and_wrong_latents():
+    x = torch.randn(1, 16, 3, 4, 6)
+    assert torch.equal(latents_from(latent_output(x)), x)
+    with pytest.raises(InputError, match="16-channel video latents"):
+        latents_from({"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_node_package_imports_without_comfyui():
+    code = ("import sys, nodes, nodes.specs, nodes.convert\n"
+            "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') for m in sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_requirements_txt_matches_pyproject():
+    """ComfyUI-Manager installs requirements.txt; pip installs pyproject: the same dependencies."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    reqs = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert sorted(reqs) == sorted(deps)
+
+
+def test_node_docs_are_up_to_date():
+    """docs/nodes.md is generated from the specs; regenerate it with python tools/node_docs.py."""
+    result = subprocess.run([sys.executable, "tools/node_docs.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
