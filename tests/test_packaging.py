@@ -48,3 +48,21 @@ def test_design_card_layout():
     for name in ("__init__.py", "nodes", "bindweave_core", "training", "workflows", "tests", "benchmarks",
                  "pyproject.toml", "README.md", "LICENSE", ".ci/run"):
         assert (REPO / name).exists(), name
+
+
+def test_readme_has_the_two_setup_commands_and_the_model_table():
+    from bindweave_core.model_files import MODEL_FILES
+
+    readme = (REPO / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
+    assert len(blocks) == 2, "exactly two set-up commands"
+    assert "bindweave_core generate" in blocks[0] and "examples/singleface_1/man.png" in blocks[0]
+    assert blocks[1].strip() == "python -m pytest -q"
+    assert (REPO / "examples/singleface_1/man.png").exists() and (REPO / "examples/singleface_1/prompt.txt").exists()
+    assert "python -m pytest -q" in (REPO / ".ci/run").read_text()
+    table = readme.split("### Which model files go where", 1)[1].split("\n### ", 1)[0]
+    for f in MODEL_FILES:
+        row = next((line for line in table.splitlines() if f"`{f.filename}`" in line), None)
+        assert row is not None, f.filename
+        assert f"models/{f.comfy_folder}/" in row and f.size in row, row
