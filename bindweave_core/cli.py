@@ -15,7 +15,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .checkpoints.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    sys.stdout.write((json.dumps(report, indent=2) if args.json else format_report(report)) + "\n")
     return 1 if report["problems"] else 0
 
 
@@ -39,5 +39,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BindWeaveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 2

@@ -38,15 +38,12 @@ from .conditioning import ReferenceCondition, TextStates
 from .denoiser import DiTBranch
 from .errors import CheckpointError, InputError
 from .references import (
-    MASK_MODES,
     Placement,
     ReferenceImage,
     ReferenceMask,
-    _as_pil,
     _letterbox_mask,
     _mask_to_l,
-    _split_batch,
-    check_size,
+    prepare_references,
 )
 
 log = logging.getLogger("BindWeave")
@@ -131,27 +128,8 @@ def prepare_kaleido_references(images: Sequence[ReferenceImage] | torch.Tensor |
     Returns ``canvases [n, H, W, 3]`` float in 0..1 (``uint8 / 255``) and ``masks [n, H, W]`` in {0, 1}
     (the pasted rectangle, narrowed by the non-default alpha/user masks), on the CPU.
     """
-    if mask_mode not in MASK_MODES:
-        raise InputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
-    check_size(width, height)
-    refs = _split_batch(images, "image")
-    check_reference_count(len(refs))
-    user_masks = [None] * len(refs) if masks is None else _split_batch(masks, "mask")
-    if len(user_masks) != len(refs):
-        raise InputError(f"{len(user_masks)} masks given for {len(refs)} reference images; give one per image "
-                         "(None for the default rectangle).")
-    canvases, pixel_masks = [], []
-    for i, (ref, user_mask) in enumerate(zip(refs, user_masks)):
-        pil = _as_pil(ref, i)
-        if user_mask is not None:
-            user_mask = _mask_to_l(user_mask, pil.size, i)
-        canvas, keep, place = letterbox_white(pil, width, height, mask=user_mask, use_alpha=mask_mode == "alpha")
-        log.debug("kaleido reference %d: %dx%d -> %dx%d at (%d, %d)", i + 1, pil.size[0], pil.size[1],
-                  place.width, place.height, place.left, place.top)
-        canvases.append(np.asarray(canvas))
-        pixel_masks.append(keep)
-    return (torch.from_numpy(np.stack(canvases)).float() / 255.0,
-            torch.from_numpy(np.stack(pixel_masks)).float())
+    return prepare_references(images, width, height, masks, mask_mode, letterbox_fn=letterbox_white,
+                              check_count=check_reference_count)
 
 
 def encode_kaleido_references(vae: Any, images: Sequence[ReferenceImage] | torch.Tensor, width: int, height: int,

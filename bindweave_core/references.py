@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,10 +243,21 @@ def _split_batch(items: Any, kind: str) -> list:
     return [items]
 
 
+def _check_bindweave_count(count: int) -> None:
+    if not 1 <= count <= C.MAX_REFERENCES:
+        extra = (f" Remove {count - C.MAX_REFERENCES} of them (none are dropped automatically)."
+                 if count > C.MAX_REFERENCES else "")
+        raise InputError(f"{count} reference images given; BindWeave takes 1 to {C.MAX_REFERENCES}.{extra}")
+
+
 def prepare_references(images: Sequence[ReferenceImage] | torch.Tensor | ReferenceImage, width: int, height: int,
                        masks: Sequence[ReferenceMask] | torch.Tensor | None = None,
-                       mask_mode: str = "rectangle") -> tuple[torch.Tensor, torch.Tensor]:
+                       mask_mode: str = "rectangle", *, letterbox_fn: Callable = None,
+                       check_count: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Letterbox 1..``MAX_REFERENCES`` references for a ``width x height`` video.
+
+    ``letterbox_fn`` / ``check_count`` swap in another model's letterbox and reference limit (Kaleido:
+    white canvas, 1..3); the defaults are BindWeave's.
 
     Args:
         images: PIL images, file paths, or ComfyUI-style float tensors ``[H, W, 3|4]`` in 0..1 (a
@@ -262,11 +273,9 @@ def prepare_references(images: Sequence[ReferenceImage] | torch.Tensor | Referen
     if mask_mode not in MASK_MODES:
         raise InputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
     check_size(width, height)
+    letterbox_fn = letterbox_fn or letterbox
     refs = _split_batch(images, "image")
-    if not 1 <= len(refs) <= C.MAX_REFERENCES:
-        extra = (f" Remove {len(refs) - C.MAX_REFERENCES} of them (none are dropped automatically)."
-                 if len(refs) > C.MAX_REFERENCES else "")
-        raise InputError(f"{len(refs)} reference images given; BindWeave takes 1 to {C.MAX_REFERENCES}.{extra}")
+    (check_count or _check_bindweave_count)(len(refs))
     user_masks = [None] * len(refs) if masks is None else _split_batch(masks, "mask")
     if len(user_masks) != len(refs):
         raise InputError(f"{len(user_masks)} masks given for {len(refs)} reference images; give one per image "
@@ -280,7 +289,7 @@ def prepare_references(images: Sequence[ReferenceImage] | torch.Tensor | Referen
         if mask_mode == "rectangle" and pil.mode in ("RGBA", "LA", "PA"):
             log.info("reference %d has an alpha channel; mask_mode 'rectangle' ignores it like the official "
                      "code (use mask_mode 'alpha' to take it as the subject mask)", i + 1)
-        canvas, mask, place = letterbox(pil, width, height, mask=user_mask, use_alpha=mask_mode == "alpha")
+        canvas, mask, place = letterbox_fn(pil, width, height, mask=user_mask, use_alpha=mask_mode == "alpha")
         log.debug("reference %d: %dx%d -> %dx%d at (%d, %d), scale %.4f", i + 1, pil.size[0], pil.size[1],
                   place.width, place.height, place.left, place.top, place.scale)
         canvases.append(np.asarray(canvas))

@@ -61,6 +61,13 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def component_dir(path: Path, subfolder: str) -> Path:
+    """Accept a whole diffusers repository folder as well as its component subfolder (``vae``, ...)."""
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
+        return path / subfolder
+    return path
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files making up ``path`` (a file, or a directory of shards)."""
     p = Path(path)

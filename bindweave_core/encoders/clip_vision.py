@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import format_key_problems, materialize, split_scales
-from ..checkpoints.safetensors_io import TensorInfo, read_header
+from ..checkpoints.safetensors_io import TensorInfo, component_dir, read_header
 from ..conditioning import clip_context
 from ..config import PRESETS
 from ..errors import CheckpointError, InputError
@@ -197,13 +197,6 @@ def scan_clip(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = Non
                           unexpected=sorted(set(foreign) | {tensors[k].key for k in set(tensors) - expected}))
 
 
-def _component_dir(path: Path, subfolder: str) -> Path:
-    """Accept the whole diffusers repo folder as well as its component subfolder."""
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
-        return path / subfolder
-    return path
-
-
 def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights (independent of the global RNG and of transformers' init)."""
     g = torch.Generator().manual_seed(seed)
@@ -248,7 +241,7 @@ class ClipVisionEncoder:
     def load(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
              device: str | torch.device = "cpu") -> ClipVisionEncoder:
         """Load ``clip_vision_h.safetensors`` or a diffusers ``image_encoder/`` folder (weights read once)."""
-        path = _component_dir(Path(path), "image_encoder")
+        path = component_dir(Path(path), "image_encoder")
         ckpt = scan_clip(path)
         if ckpt.missing or ckpt.unexpected:
             raise CheckpointError(f"{path}: keys do not match a CLIP vision tower: " + "; ".join(ckpt.problems())

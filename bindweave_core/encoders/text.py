@@ -33,7 +33,7 @@ import torch
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import format_key_problems, materialize, split_scales
-from ..checkpoints.safetensors_io import TensorInfo, iter_tensors, read_header
+from ..checkpoints.safetensors_io import TensorInfo, component_dir, iter_tensors, read_header
 from ..config import PRESETS
 from ..dit.fp8 import swap_in_fp8_linears
 from ..errors import CheckpointError, InputError
@@ -404,13 +404,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
 
 
 # ------------------------------------------------------------------------------------------ encoder
-def _component_dir(path: Path, subfolder: str) -> Path:
-    """Accept the whole diffusers repo folder as well as its component subfolder."""
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / subfolder).is_dir():
-        return path / subfolder
-    return path
-
-
 def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights (independent of the global RNG and of transformers' init)."""
     g = torch.Generator().manual_seed(seed)
@@ -465,7 +458,7 @@ class TextEncoder:
         """
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-        path = _component_dir(Path(path), "text_encoder")
+        path = component_dir(Path(path), "text_encoder")
         ckpt = scan_umt5(path)
         if ckpt.missing or ckpt.unexpected:
             raise CheckpointError(f"{path}: keys do not match a UMT5 encoder ({ckpt.layout} layout): "

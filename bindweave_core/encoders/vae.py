@@ -33,7 +33,7 @@ import torch
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import format_key_problems, materialize
-from ..checkpoints.safetensors_io import TensorInfo, read_header
+from ..checkpoints.safetensors_io import TensorInfo, component_dir, read_header
 from ..conditioning import pad_slots, reference_slot, vae_condition
 from ..conditioning import video_condition as assemble_video_condition
 from ..errors import CheckpointError, InputError
@@ -99,8 +99,7 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     if not path.is_dir():
         beside = path.parent / "config.json"  # the weights file of an HF folder: its config applies
         return path, (beside if path.name.startswith("diffusion_pytorch_model") and beside.exists() else None)
-    if not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
-        path = path / "vae"  # the whole Wan-AI/...-Diffusers repository was given
+    path = component_dir(path, "vae")  # the whole Wan-AI/...-Diffusers repository may be given
     config = path / "config.json"
     single = path / "diffusion_pytorch_model.safetensors"
     return (single if single.exists() else path), (config if config.exists() else None)
