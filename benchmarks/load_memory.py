@@ -4,7 +4,7 @@ Writes a synthetic checkpoint with 14B-width tensors (dim 5120, ffn 13824; a few
 is >= 1 GB), then loads it in fresh processes with ``load_dit`` and touches every weight (so the
 whole model really is resident) before reading the peak RSS. Target: peak / file size <= 1.25.
 
-    python benchmarks/load_memory.py [--layers 2] [--dtype bf16] [--keep DIR]
+    python benchmarks/load_memory.py [--layers 3] [--dtype bf16] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def child(path: str, dtype: str, weight_format: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype stored in the file")
     ap.add_argument("--keep", help="write the checkpoint here and keep it")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
