@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import constants as C
+from .device_memory import free_device_memory
 from .errors import OutOfMemoryError
 
 log = logging.getLogger("BindWeave")
@@ -152,15 +153,6 @@ def estimate_vram(config: Any, shape: RunShape) -> VramEstimate:
 
 
 # ---------------------------------------------------------------------------------- the check
-def free_device_memory(device: torch.device) -> int | None:
-    """Bytes a new allocation can use on ``device`` (None off CUDA): the driver's free memory plus
-    what PyTorch's caching allocator holds unused."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 def _suggestions(config: Any, shape: RunShape, free: int) -> list[tuple[str, VramEstimate]]:
     """Setting changes, each with its estimate, those that fit first."""
     out: list[tuple[str, VramEstimate]] = []

@@ -29,9 +29,10 @@ import torch
 from . import constants as C
 from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from .denoiser import DiTBranch, make_predictor
+from .device_memory import release_memory
 from .errors import InputError
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
-from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, release_memory, seeded_noise
+from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, seeded_noise
 
 log = logging.getLogger("BindWeave")
 
@@ -234,9 +235,11 @@ class BindWeavePipeline:
             if self.offload == "release" and isinstance(self._components[name], Lazy):
                 self._loaded.pop(name, None)  # dropped; loaded again when next needed
                 del comp, module
+                release_memory()
             elif self.offload != "none" and self.device.type != "cpu":
                 module.to("cpu")
-            release_memory()
+                release_memory()
+            # offload "none": the model stays put (the ComfyUI nodes' case: ComfyUI moves models)
 
     @property
     def dit_family(self) -> str:

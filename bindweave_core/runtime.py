@@ -183,8 +183,8 @@ def oom_guard(pipe: Any, settings: Any, batch: int):
     try:
         yield
     except torch.OutOfMemoryError as e:
+        from .device_memory import release_memory
         from .memory import free_device_memory, memory_message
-        from .sampling import release_memory
 
         text = str(e).strip()
         first_line = text.splitlines()[0] if text else "CUDA out of memory"

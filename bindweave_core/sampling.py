@@ -14,7 +14,6 @@ Latents are kept in float32 between steps; the model runs in its own dtype.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import constants as C
+from .device_memory import release_memory
 from .errors import GenerationCancelled, InputError
 
 log = logging.getLogger("BindWeave")
@@ -107,9 +107,3 @@ def denoise(inputs: GuidanceInputs, noise: torch.Tensor, *, steps: int = C.DEFAU
         raise
     return latents
 
-
-def release_memory() -> None:
-    """Drop cached allocator blocks after a cancelled or finished run."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -298,6 +298,7 @@ class BindWeaveExtension(ComfyExtension):
     @override
     async def on_load(self) -> None:
         host.register_model_folder()
+        host.use_comfy_memory_manager()
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:

@@ -36,6 +36,13 @@ def register_model_folder() -> None:
     folder_paths.add_model_folder_path(MODEL_FOLDER, path)
 
 
+def use_comfy_memory_manager() -> None:
+    """Let ComfyUI's memory manager answer the core's cache-release and free-memory questions."""
+    from bindweave_core.device_memory import use_host_memory_manager
+
+    use_host_memory_manager(release=mm.soft_empty_cache, free_bytes=mm.get_free_memory)
+
+
 def _model_directories() -> list[str]:
     """Model directories in models/bindweave: every sub-folder (a Hugging Face or Kaleido download), and
     the component folders inside them that carry their own config.json (e.g. ``.../vae``)."""

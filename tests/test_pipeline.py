@@ -157,3 +157,50 @@ def test_release_mode_loads_each_model_when_needed_and_frees_it():
     kept.generate([EXAMPLE], settings())
     kept.generate([EXAMPLE], settings(seed=3))
     assert loads == {"planner": 1, "text_encoder": 1, "clip_vision": 1, "vae": 1, "dit": 1}
+
+
+# ------------------------------------------------------------------------------------ host memory manager
+@pytest.fixture
+def host_memory():
+    """Installs counting host hooks (as the ComfyUI nodes do) and restores PyTorch's afterwards."""
+    from bindweave_core import device_memory
+
+    calls = {"release": 0, "free": []}
+
+    def release():
+        calls["release"] += 1
+
+    def free_bytes(device):
+        calls["free"].append(device)
+        return 7 << 30
+
+    device_memory.use_host_memory_manager(release=release, free_bytes=free_bytes)
+    yield calls
+    device_memory.use_host_memory_manager()
+
+
+def test_host_memory_manager_answers_the_cores_questions(host_memory):
+    from bindweave_core import memory
+    from bindweave_core.device_memory import free_device_memory
+
+    assert free_device_memory(torch.device("cuda", 1)) == 7 << 30
+    assert free_device_memory(torch.device("cpu")) is None  # no limit the core can check off CUDA
+    assert host_memory["free"] == [torch.device("cuda", 1)]
+    # the batching decision asks the host too (the nodes' cfg_batch "auto")
+    dit = smoke_components(seed=0)["dit"]
+    assert memory.fits_batched_cfg(dit, settings(), torch.device("cuda", 0)) is True
+    assert host_memory["free"][-1] == torch.device("cuda", 0)
+
+
+def test_models_left_in_place_release_nothing_and_cancel_releases_through_the_host(pipe, host_memory):
+    pipe.generate([EXAMPLE], settings())  # offload "none": nothing moved, nothing to release
+    assert host_memory["release"] == 0
+    with pytest.raises(GenerationCancelled):
+        pipe.generate([EXAMPLE], settings(), callback=lambda step, total, latents: False)
+    assert host_memory["release"] == 1
+
+    built = smoke_components(seed=0)
+    released = BindWeavePipeline(**{k: Lazy(lambda v=v: v, k) for k, v in built.items()}, device="cpu",
+                                 offload="release")
+    released.generate([EXAMPLE], settings())
+    assert host_memory["release"] == 1 + 6  # one per dropped stage: planner, text, clip, vae, dit, vae
