@@ -15,9 +15,10 @@ from typing_extensions import override
 from bindweave_core import constants as C
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates
 from bindweave_core.errors import InputError
-from bindweave_core.memory import dit_activation_bytes
+from bindweave_core.memory import dit_activation_bytes, estimate_vram
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
+from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 
 from . import host
 from .convert import collect_references, latent_output, latents_from
@@ -73,10 +74,11 @@ def schema(spec: NodeSpec) -> io.Schema:
     )
 
 
-def _stage(device: torch.device, **components) -> BindWeavePipeline:
+def _stage(device: torch.device, offload: str = "none", runtime: RuntimeOptions | None = None,
+           **components) -> BindWeavePipeline:
     """The core pipeline over the given models, with ComfyUI in charge of where they live."""
     full = {**dict.fromkeys(("dit", "vae", "text_encoder", "clip_vision", "planner")), **components}
-    return BindWeavePipeline(**full, device=device, offload="none")
+    return BindWeavePipeline(**full, device=device, offload=offload, runtime=runtime)
 
 
 def _to_intermediate(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -90,7 +92,7 @@ class LoadDiT(io.ComfyNode):
         return schema(LOAD_DIT)
 
     @classmethod
-    def execute(cls, model_name, dtype, weight_format, attention) -> io.NodeOutput:
+    def execute(cls, model_name, dtype, weight_format, attention, resident_blocks=-1) -> io.NodeOutput:
         from bindweave_core.checkpoints.dit_loader import load_dit
         from bindweave_core.smoke import smoke_dit
 
@@ -100,7 +102,7 @@ class LoadDiT(io.ComfyNode):
         else:
             dit = load_dit(host.resolve(model_name, ("diffusion_models",)), dtype=host.torch_dtype(dtype, "dit"),
                            weight_format=weight_format, attention_backend=attention)
-        return io.NodeOutput(host.wrap(dit, "dit"))
+        return io.NodeOutput(host.wrap(dit, "dit", resident_blocks=None if resident_blocks < 0 else resident_blocks))
 
 
 class LoadVAE(io.ComfyNode):
@@ -248,13 +250,29 @@ class Sampler(io.ComfyNode):
                                       num_frames=refs.extra["num_frames"], steps=steps, guidance=guidance, shift=shift,
                                       sampler=sampler, seed=seed, cfg_batch=cfg_batch)
         settings.validate(refs.num_references, dit.dit_config.max_references)
-        element = dit.patch_embedding.weight.element_size()
-        host.load_to_device(model, memory_required=dit_activation_bytes(dit.dit_config, settings.width, settings.height,
-                                                                        settings.num_frames, 2, element))
-        pipe = _stage(model.device, dit=dit)
+        pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
         latents = pipe.sample(cond, uncond, settings, host.progress(steps))
         return io.NodeOutput(latent_output(latents))
+
+
+def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWeavePipeline:
+    """The DiT on its device: loaded whole by ComfyUI, or (block offload) loaded by ComfyUI to the offload
+    device with its patches applied, then the non-block modules and resident blocks placed by the core,
+    which streams the other blocks while sampling and moves everything back afterwards."""
+    dit = model.component
+    element = dit.patch_embedding.weight.element_size()
+    if model.resident_blocks is None:
+        host.load_to_device(model, memory_required=dit_activation_bytes(dit.dit_config, settings.width, settings.height,
+                                                                        settings.num_frames, 2, element))
+        return _stage(model.device, dit=dit)
+    host.load_to_device(model)
+    pipe = _stage(model.device, offload="model", dit=dit,
+                  runtime=RuntimeOptions(block_offload=model.resident_blocks, memory_check=False))
+    config, dtype, fmt = dit_description(pipe)
+    batch = 1 if settings.guidance == 1.0 or settings.cfg_batch == "separate" else 2
+    host.make_room(pipe.device, estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total)
+    return pipe
 
 
 class Decode(io.ComfyNode):

@@ -121,25 +121,42 @@ class Loaded:
     component: Any
     patcher: comfy.model_patcher.ModelPatcher
     kind: str
+    # DiT block offload: blocks kept on the GPU while sampling (None: ComfyUI loads the whole model)
+    resident_blocks: int | None = None
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes (with block offload ComfyUI keeps it on the offload device)."""
+        if self.resident_blocks is not None:
+            return torch.device(mm.get_torch_device())
         return torch.device(self.patcher.load_device)
 
     def clone(self) -> "Loaded":
-        return Loaded(self.component, self.patcher.clone(), self.kind)
+        return Loaded(self.component, self.patcher.clone(), self.kind, self.resident_blocks)
 
 
-def wrap(component: Any, kind: str) -> Loaded:
+def wrap(component: Any, kind: str, resident_blocks: int | None = None) -> Loaded:
+    """A ModelPatcher over ``component``. With ``resident_blocks`` (DiT block offload) ComfyUI loads it
+    to the offload device, where its weight patches (LoRAs) are applied; the sampler then streams the
+    blocks to the GPU itself (:func:`make_room` first)."""
     module = component if isinstance(component, torch.nn.Module) else component.model
-    if kind == "dit":
+    if kind == "dit" and resident_blocks is not None:
+        load = offload = torch.device("cpu")  # the streamed blocks live in CPU RAM whatever the VRAM mode
+    elif kind == "dit":
         load, offload = mm.get_torch_device(), mm.unet_offload_device()
     elif kind == "vae":
         load, offload = mm.vae_device(), mm.vae_offload_device()
     else:
         load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
     patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
-    return Loaded(component, patcher, kind)
+    return Loaded(component, patcher, kind, resident_blocks)
+
+
+def make_room(device: torch.device, memory_required: int) -> None:
+    """Ask ComfyUI to unload other models until ``memory_required`` bytes are free on ``device`` (for
+    the part of a block-offloaded DiT that the sampler puts there itself)."""
+    if device.type != "cpu":
+        mm.free_memory(memory_required, device)
 
 
 def load_to_device(*models: Loaded, memory_required: int = 0) -> None:

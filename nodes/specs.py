@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bindweave_core import constants as C
+from bindweave_core.config import get_preset
 from bindweave_core.sampling import SAMPLERS
 
 CATEGORY = "BindWeave"
@@ -18,6 +19,7 @@ SMOKE_CHOICE = "tiny smoke test (random weights)"
 SMOKE_KALEIDO_CHOICE = "tiny smoke test, Kaleido R-RoPE (random weights)"
 MODEL_FOLDER = "bindweave"  # models/bindweave/: Hugging Face directories (Qwen2.5-VL, BindWeave, Kaleido)
 MAX_RESOLUTION = 8192
+MAX_DIT_BLOCKS = get_preset("bindweave-14b").num_layers
 
 # Custom types passed between BindWeave nodes.
 DIT = "BINDWEAVE_MODEL"
@@ -115,6 +117,12 @@ LOAD_DIT = NodeSpec(
                                  "sage and flash need their packages and a CUDA GPU and fall back to sdpa otherwise; "
                                  "auto picks the fastest installed.", options=("sdpa", "auto", "sage", "flash"),
            default="sdpa"),
+        In("resident_blocks", "int", "Block offload. -1 (default): the whole DiT goes on the GPU when sampling, "
+                                     "managed by ComfyUI. 0 or more: only this many of the transformer blocks (40 in "
+                                     "the 14B model) stay on the GPU; the others stay in CPU RAM and are streamed in "
+                                     "one by one while sampling. Same output, slower; for GPUs that cannot hold the "
+                                     "model (e.g. 24 GB at 720p: fp8 with 16).",
+           default=-1, min=-1, max=MAX_DIT_BLOCKS),
     ),
     (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
 )

@@ -208,8 +208,11 @@ def test_smoke_workflow_runs_and_makes_the_requested_frames(server, name):
     assert fps == 16
 
 
-def test_lora_node_in_comfyui_matches_the_core_library(server):
-    """The LoRA node (ComfyUI's weight patching) gives the latents of the core's apply_lora, same inputs."""
+@pytest.mark.parametrize("resident_blocks", [-1, 1])
+def test_lora_node_in_comfyui_matches_the_core_library(server, resident_blocks):
+    """The LoRA node (ComfyUI's weight patching) gives the latents of the core's apply_lora, same inputs;
+    also with DiT block offload (1 of the 2 tiny blocks streamed), where ComfyUI patches the weights on
+    the offload device and the core streams them."""
     import copy
 
     import torch
@@ -234,10 +237,13 @@ def test_lora_node_in_comfyui_matches_the_core_library(server):
     save_lora(lora, server["base"] / "models" / "loras" / "bw_test_lora.safetensors")
 
     prompt = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    prompt["1"]["inputs"]["resident_blocks"] = resident_blocks
     prompt["6"] = {"class_type": "BindWeaveLoraLoader",
                    "inputs": {"model": ["1", 0], "lora_name": "bw_test_lora.safetensors", "strength": 0.8}}
     prompt["30"]["inputs"]["model"] = ["6", 0]
-    prompt["50"] = {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "bw_test/lora"}}
+    prompt["50"] = {"class_type": "SaveLatent",
+                    "inputs": {"samples": ["30", 0], "filename_prefix": f"bw_test/lora{resident_blocks}"}}
+    log_start = len((server["base"] / "comfyui.log").read_text())
     reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
     pid = reply["prompt_id"]
     deadline = time.time() + 300
@@ -246,6 +252,8 @@ def test_lora_node_in_comfyui_matches_the_core_library(server):
         time.sleep(1)
     assert history[pid]["status"]["status_str"] == "success", history[pid]["status"]["messages"]
     saved = history[pid]["outputs"]["50"]["latents"][0]
+    streamed = "DiT block offload: 1 of 2 blocks resident" in (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert streamed == (resident_blocks == 1)
     served = load_file(str(server["base"] / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
 
     sampler, refs = prompt["30"]["inputs"], prompt["22"]["inputs"]

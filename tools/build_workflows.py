@@ -49,7 +49,8 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
                     smoke: bool = False, prefix: str = "BindWeave/video") -> dict:
     pick = (lambda name: SMOKE_CHOICE) if smoke else (lambda name: name)
     g = {
-        "1": node("BindWeaveDiTLoader", model_name=pick(DIT), dtype="auto", weight_format="default", attention="sdpa"),
+        "1": node("BindWeaveDiTLoader", model_name=pick(DIT), dtype="auto", weight_format="default", attention="sdpa",
+                  resident_blocks=-1),
         "2": node("BindWeaveVAELoader", vae_name=pick(VAE), dtype="auto"),
         "3": node("BindWeaveTextEncoderLoader", text_encoder_name=pick(T5), dtype="auto", tokenizer_dir=""),
         "4": node("BindWeaveCLIPVisionLoader", clip_name=pick(CLIP), dtype="auto"),
@@ -89,7 +90,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
     """Kaleido-14B-S2V: R-RoPE references, UMT5 only (no planner, no CLIP), its own sampler defaults."""
     g = {
         "1": node("BindWeaveDiTLoader", model_name=SMOKE_KALEIDO_CHOICE if smoke else KALEIDO_DIR, dtype="auto",
-                  weight_format="default", attention="sdpa"),
+                  weight_format="default", attention="sdpa", resident_blocks=-1),
         "2": node("BindWeaveVAELoader", vae_name=SMOKE_CHOICE if smoke else VAE, dtype="auto"),
         "3": node("BindWeaveTextEncoderLoader", text_encoder_name=SMOKE_CHOICE if smoke else T5, dtype="auto",
                   tokenizer_dir=""),
