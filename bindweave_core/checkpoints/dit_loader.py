@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ..dit.fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
 from ..errors import CheckpointError
 from .identify import describe, identify, strip_wrapper_prefix
-from .materialize import format_key_problems, materialize, split_scales
+from .materialize import ScannedCheckpoint, materialize, split_scales
 from .safetensors_io import TensorInfo, read_header
 
 log = logging.getLogger("BindWeave")
@@ -47,7 +46,7 @@ _KEEP_FP32 = tuple(BindWeaveTransformer._keep_in_fp32_modules)
 
 
 @dataclass
-class DiTCheckpoint:
+class DiTCheckpoint(ScannedCheckpoint):
     """What a DiT checkpoint holds, from its headers only (nothing is loaded)."""
 
     path: Path
@@ -63,31 +62,6 @@ class DiTCheckpoint:
     @property
     def family(self) -> str:
         return self.config.family
-
-    @property
-    def dtypes(self) -> Counter:
-        return Counter(str(i.dtype).replace("torch.", "") for i in self.tensors.values())
-
-    @property
-    def fp8_scaled(self) -> bool:
-        return bool(self.scales)
-
-    @property
-    def parameter_count(self) -> int:
-        total = 0
-        for info in self.tensors.values():
-            n = 1
-            for s in info.shape:
-                n *= s
-            total += n
-        return total
-
-    @property
-    def file_bytes(self) -> int:
-        return sum(f.stat().st_size for f in {i.file for i in self.tensors.values()})
-
-    def problems(self) -> list[str]:
-        return format_key_problems(self.missing, self.unexpected)
 
 
 # ---------------------------------------------------------------------------------------- keys

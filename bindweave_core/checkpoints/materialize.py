@@ -9,6 +9,8 @@ held twice in memory.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -137,9 +139,44 @@ def _load_one(model, key, stored, scale_values, scales, fp8_modules, dtype, devi
 
 
 
-def format_key_problems(missing: list[str], unexpected: list[str], limit: int = 8) -> list[str]:
+def format_key_problems(missing: list[str], unexpected: list[str], limit: int = 8,
+                        mismatched: list[str] = ()) -> list[str]:
     out = []
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             out.append(f"{label} {len(keys)} keys: {', '.join(keys[:limit])}" + (" ..." if len(keys) > limit else ""))
+    if mismatched:
+        out.append(f"shape mismatch in {len(mismatched)} tensors: " + "; ".join(mismatched[:limit])
+                   + (" ..." if len(mismatched) > limit else ""))
     return out
+
+
+class ScannedCheckpoint:
+    """What every loader's header scan (``DiTCheckpoint``, ``VAECheckpoint``, ...) reports the same way.
+
+    For dataclasses with ``tensors`` (model key -> :class:`TensorInfo`), ``missing`` and ``unexpected``,
+    and optionally ``scales`` (fp8 scale tensors) and ``mismatched`` (wrong shapes).
+    """
+
+    @property
+    def fp8_scaled(self) -> bool:
+        return bool(getattr(self, "scales", None))
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(i.shape) for i in self.tensors.values())
+
+    @property
+    def dtypes(self) -> Counter:
+        return Counter(str(i.dtype).replace("torch.", "") for i in self.tensors.values())
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.tensors.values()})
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def problems(self) -> list[str]:
+        return format_key_problems(self.missing, self.unexpected, mismatched=getattr(self, "mismatched", ()))

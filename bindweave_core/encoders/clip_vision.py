@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
-from ..checkpoints.materialize import format_key_problems, materialize, split_scales
+from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, component_dir, read_header
 from ..conditioning import clip_context
 from ..config import PRESETS
@@ -60,7 +60,7 @@ _UNUSED = ("visual_projection.", "text_model.", "text_projection.", "logit_scale
 
 
 @dataclass
-class ClipCheckpoint:
+class ClipCheckpoint(ScannedCheckpoint):
     """What a CLIP vision checkpoint holds, from its headers only. Keys use the ``vision_model.`` names."""
 
     path: Path
@@ -72,20 +72,9 @@ class ClipCheckpoint:
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
-    @property
-    def fp8_scaled(self) -> bool:
-        return bool(self.scales)
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(math.prod(i.shape) for i in self.tensors.values())
-
     def size_differences(self) -> list[str]:
         return [f"{k} {self.config[k]} (ViT-H/14: {CLIP_VIT_H_CONFIG[k]})" for k in _SIZE_KEYS
                 if self.config.get(k) != CLIP_VIT_H_CONFIG[k]]
-
-    def problems(self) -> list[str]:
-        return format_key_problems(self.missing, self.unexpected)
 
 
 def _not_clip(path: Path, keys: list[str]) -> CheckpointError:

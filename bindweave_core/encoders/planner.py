@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from torch import nn
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
-from ..checkpoints.materialize import format_key_problems, materialize, split_scales
+from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, read_header
 from ..conditioning import PlannerStates
 from ..config import PRESETS
@@ -450,7 +449,7 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass
-class PlannerCheckpoint:
+class PlannerCheckpoint(ScannedCheckpoint):
     """What a Qwen2.5-VL checkpoint holds, from its headers (nothing loaded)."""
 
     path: Path
@@ -469,29 +468,6 @@ class PlannerCheckpoint:
     @property
     def has_lm_head(self) -> bool:
         return LM_HEAD_KEY in self.tensors
-
-    @property
-    def fp8_scaled(self) -> bool:
-        return bool(self.scales)
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted({i.file for i in self.tensors.values()})
-
-    @property
-    def dtypes(self) -> Counter:
-        return Counter(str(i.dtype).replace("torch.", "") for i in self.tensors.values())
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(math.prod(i.shape) for i in self.tensors.values())
-
-    def problems(self) -> list[str]:
-        out = format_key_problems(self.missing, self.unexpected)
-        if self.mismatched:
-            out.append(f"shape mismatch in {len(self.mismatched)} tensors: " + "; ".join(self.mismatched[:6])
-                       + (" ..." if len(self.mismatched) > 6 else ""))
-        return out
 
 
 def _directory_config(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
-from ..checkpoints.materialize import format_key_problems, materialize, split_scales
+from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, component_dir, iter_tensors, read_header
 from ..config import PRESETS
 from ..dit.fp8 import swap_in_fp8_linears
@@ -111,7 +112,7 @@ def clean_prompt(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ keys
 @dataclass
-class UMT5Checkpoint:
+class UMT5Checkpoint(ScannedCheckpoint):
     """What a UMT5 checkpoint holds, from its headers only."""
 
     path: Path
@@ -124,28 +125,10 @@ class UMT5Checkpoint:
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
-    @property
-    def fp8_scaled(self) -> bool:
-        return bool(self.scales)
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(_numel(i.shape) for i in self.tensors.values())
-
     def size_differences(self) -> list[str]:
         """How this model's size differs from UMT5-XXL (empty for the real model)."""
         return [f"{k} {self.config[k]} (UMT5-XXL: {UMT5_XXL_CONFIG[k]})" for k in _SIZE_KEYS
                 if self.config.get(k) != UMT5_XXL_CONFIG[k]]
-
-    def problems(self) -> list[str]:
-        return format_key_problems(self.missing, self.unexpected)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _wan_to_hf(key: str) -> str | None:
@@ -529,7 +512,7 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
     if ckpt.size_differences():
         problems.append("not the UMT5-XXL encoder BindWeave needs: " + ", ".join(ckpt.size_differences()))
     if ckpt.tokenizer is not None:
-        tokenizer = f"embedded sentencepiece model ({_numel(ckpt.tokenizer.shape):,} bytes)"
+        tokenizer = f"embedded sentencepiece model ({math.prod(ckpt.tokenizer.shape):,} bytes)"
     else:
         tokenizer = "not included: give the tokenizer folder (tokenizer_dir)"
     return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "parameters": ckpt.parameter_count,

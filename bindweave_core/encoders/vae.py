@@ -32,7 +32,7 @@ import torch
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
-from ..checkpoints.materialize import format_key_problems, materialize
+from ..checkpoints.materialize import ScannedCheckpoint, materialize
 from ..checkpoints.safetensors_io import TensorInfo, component_dir, read_header
 from ..conditioning import pad_slots, reference_slot, vae_condition
 from ..conditioning import video_condition as assemble_video_condition
@@ -75,7 +75,7 @@ _FAMILY = "wan2.1-vae"
 
 # ---------------------------------------------------------------------------------------- scanning
 @dataclass
-class VAECheckpoint:
+class VAECheckpoint(ScannedCheckpoint):
     """What a VAE checkpoint holds, from its headers only."""
 
     path: Path
@@ -85,13 +85,6 @@ class VAECheckpoint:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        out = format_key_problems(self.missing, self.unexpected)
-        if self.mismatched:
-            out.append(f"wrong shape {len(self.mismatched)} keys: " + ", ".join(self.mismatched[:8])
-                       + (" ..." if len(self.mismatched) > 8 else ""))
-        return out
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
