@@ -268,3 +268,67 @@ def test_lora_node_in_comfyui_matches_the_core_library(server, resident_blocks):
     expected = pipe.generate([reference], settings).latents
     assert (expected - plain).abs().max() > 1e-3  # the LoRA matters
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-4)
+
+
+_COMFY_LORA_SCRIPT = r'''
+import json, logging, sys
+from types import SimpleNamespace
+lora_path, out_path, strength = sys.argv[1], sys.argv[2], float(sys.argv[3])
+sys.argv = [sys.argv[0], "--cpu"]  # as the server runs: ComfyUI reads its command line on import
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.lora, comfy.ops, comfy.utils
+from comfy.ldm.wan.model import WanModel
+from safetensors.torch import save_file
+
+net = WanModel(model_type="i2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=32,
+               freq_dim=32, operations=comfy.ops.disable_weight_init, device="meta")
+sd = {"diffusion_model." + k: v for k, v in net.state_dict().items()}
+model = SimpleNamespace(state_dict=lambda: sd, model_config=SimpleNamespace(unet_config={}))
+not_loaded = []
+handler = logging.Handler()
+handler.emit = lambda record: not_loaded.append(record.getMessage())
+logging.getLogger().addHandler(handler)
+patches = comfy.lora.load_lora(comfy.utils.load_torch_file(lora_path), comfy.lora.model_lora_keys_unet(model, {}))
+deltas = {k: comfy.lora.calculate_weight([(strength, p, 1.0, None, None)], torch.zeros(sd[k].shape), k)
+          for k, p in patches.items()}
+save_file(deltas, out_path)
+print(json.dumps([m for m in not_loaded if "not loaded" in m]))
+'''
+
+
+def test_comfyui_native_lora_loader_reads_our_lora_files(tmp_path):
+    """ComfyUI's own LoRA loader (for its native Wan model) reads a trainer-format file: every pair lands
+    on the right weight with the right scale and orientation; only the BindWeave connector is skipped."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bindweave_core.lora import LoraLayer, LoraWeights, original_name, save_lora
+    from bindweave_core.smoke import smoke_dit
+
+    dit = smoke_dit(0)
+    g = torch.Generator().manual_seed(3)
+    names = ["blocks.0.attn1.to_q", "blocks.0.attn1.to_out.0", "blocks.1.attn2.to_k", "blocks.1.attn2.add_v_proj",
+             "blocks.0.ffn.net.0.proj", "blocks.1.ffn.net.2"]
+    layers = {}
+    for i, name in enumerate(names):
+        m = dit.get_submodule(name)
+        rank = 2 + i % 3
+        layers[name] = LoraLayer(down=torch.randn(rank, m.in_features, generator=g),
+                                 up=torch.randn(m.out_features, rank, generator=g), alpha=[None, 3.0, 8.0][i % 3])
+    diffs = {"condition_embedder.text_projector.linear_1.weight": torch.randn(64, 64, generator=g)}
+    path = save_lora(LoraWeights(layers=layers, diffs=diffs), tmp_path / "trained.safetensors")
+
+    out = tmp_path / "deltas.safetensors"
+    run = subprocess.run([PYTHON, "-c", _COMFY_LORA_SCRIPT, str(path), str(out), "0.8"], cwd=COMFYUI,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": COMFYUI})
+    assert run.returncode == 0, run.stderr[-3000:]
+    not_loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    deltas = load_file(str(out))
+    assert set(deltas) == {f"diffusion_model.{original_name(n)}.weight" for n in names}
+    for name, layer in layers.items():
+        expected = 0.8 * layer.scale * (layer.up @ layer.down)
+        torch.testing.assert_close(deltas[f"diffusion_model.{original_name(name)}.weight"], expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert len(not_loaded) == 1 and "text_projection.0.diff" in not_loaded[0]
