@@ -19,6 +19,10 @@ CPU (shows it works; small size):
         --frames 17 --formats fp32 bf16 fp8 fp8_fast --backends sdpa sage --steps 3
 
 ``--estimate-only`` prints the memory estimator's table (no model is built).
+
+The ratio includes the BindWeave connector (planner states 3584 -> 4096 -> 4096), which diffusers'
+Wan does not have: 0.002% of a 14B step at 480p, but up to half of a step at a shrunken ``--dim``;
+the table prints its share for each size.
 """
 
 from __future__ import annotations
@@ -148,6 +152,14 @@ def step_flops(cfg: DiTConfig, tokens: int, context: int, items: int) -> float:
                  + 2 * 2 * tokens * d * d + 2 * 2 * context * d * d + 2 * 2 * tokens * context * d  # cross
                  + 2 * 2 * tokens * d * f)  # FFN
     return per_block * cfg.num_layers * items
+
+
+def connector_flops(cfg: DiTConfig, planner_tokens: int, items: int) -> float:
+    """The BindWeave connector's share of a step (planner_dim -> text_dim -> text_dim): work our DiT does
+    and diffusers' Wan does not, so it is in the ratio. Negligible at 14B; dominant at a shrunken --dim."""
+    if not cfg.planner_dim:
+        return 0.0
+    return 2 * planner_tokens * (cfg.planner_dim * cfg.text_dim + cfg.text_dim * cfg.text_dim) * items
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -294,6 +306,10 @@ def main() -> None:
         tokens = token_count(w, h, args.frames)
         context = C.CLIP_CONTEXT_TOKENS + args.planner_tokens + cfg.text_len
         flops = step_flops(cfg, tokens, context, batch * calls)
+        extra = connector_flops(cfg, args.planner_tokens, batch * calls)
+        if extra:
+            print(f"  ({w}x{h}: the connector, which diffusers' Wan lacks, is {extra / 1e9:.1f} GFLOP per step, "
+                  f"{100 * extra / (flops + extra):.2f}% of ours)")
         for fmt in args.formats:
             ours = models.get(fmt)
             dtype = ours.patch_embedding.weight.dtype
