@@ -199,10 +199,8 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     ckpt = scan_dit(path, config)
-    if strict and (ckpt.missing or ckpt.unexpected):
-        raise CheckpointError(f"{ckpt.path}: keys do not match a {ckpt.family} DiT "
-                              f"({ckpt.layout} layout): " + "; ".join(ckpt.problems()) +
-                              ". The file is incomplete or made for another model.")
+    if strict:
+        ckpt.require_matching_keys(f"a {ckpt.family} DiT", "dit")
     with torch.device("meta"):
         model = BindWeaveTransformer(ckpt.config)
     fp8_modules = set(fp8_candidate_modules(model)) if weight_format in ("fp8", "fp8_fast") else set()

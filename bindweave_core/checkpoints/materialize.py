@@ -180,3 +180,14 @@ class ScannedCheckpoint:
 
     def problems(self) -> list[str]:
         return format_key_problems(self.missing, self.unexpected, mismatched=getattr(self, "mismatched", ()))
+
+    def require_matching_keys(self, model: str, component: str, hint: str = "") -> None:
+        """Raise :class:`CheckpointError` naming the key problems and where the right file comes from."""
+        problems = self.problems()
+        if not problems:
+            return
+        from ..model_files import where_to_get
+
+        raise CheckpointError(f"{self.path}: keys do not match {model} ({self.layout} layout): " + "; ".join(problems)
+                              + "." + (" " + hint if hint else "") + " The file is incomplete or made for another "
+                              "model. " + where_to_get(component))

@@ -232,9 +232,7 @@ class ClipVisionEncoder:
         """Load ``clip_vision_h.safetensors`` or a diffusers ``image_encoder/`` folder (weights read once)."""
         path = component_dir(Path(path), "image_encoder")
         ckpt = scan_clip(path)
-        if ckpt.missing or ckpt.unexpected:
-            raise CheckpointError(f"{path}: keys do not match a CLIP vision tower: " + "; ".join(ckpt.problems())
-                                  + ". The file is incomplete or made for another model.")
+        ckpt.require_matching_keys("a CLIP vision tower", "clip_vision")
         if ckpt.size_differences():
             log.warning("%s is not CLIP ViT-H/14: %s", path, ", ".join(ckpt.size_differences()))
         model = build_model(ckpt.config)

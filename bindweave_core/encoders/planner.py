@@ -537,16 +537,13 @@ def scan_planner(path: str | os.PathLike, config: dict[str, Any] | None = None, 
 
 
 def _check_loadable(ckpt: PlannerCheckpoint) -> None:
-    if not (ckpt.missing or ckpt.unexpected or ckpt.mismatched):
-        return
     hint = ""
     embed = ckpt.tensors.get("model.language_model.embed_tokens.weight")
     want = ckpt.config.get("hidden_size")
     if embed is not None and len(embed.shape) == 2 and embed.shape[1] != want:
-        hint = (f" Its hidden size is {embed.shape[1]}, the expected model's is {want}: this is another Qwen2.5-VL "
+        hint = (f"Its hidden size is {embed.shape[1]}, the expected model's is {want}: this is another Qwen2.5-VL "
                 "size; BindWeave needs Qwen2.5-VL-7B-Instruct.")
-    raise CheckpointError(f"{ckpt.path}: keys do not match Qwen2.5-VL ({ckpt.layout}): " + "; ".join(ckpt.problems())
-                          + "." + hint + " The file is incomplete or made for another model. " + where_to_get("planner"))
+    ckpt.require_matching_keys("Qwen2.5-VL", "planner", hint)
 
 
 class _MissingLMHead(nn.Module):

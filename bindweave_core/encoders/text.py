@@ -443,9 +443,7 @@ class TextEncoder:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
         path = component_dir(Path(path), "text_encoder")
         ckpt = scan_umt5(path)
-        if ckpt.missing or ckpt.unexpected:
-            raise CheckpointError(f"{path}: keys do not match a UMT5 encoder ({ckpt.layout} layout): "
-                                  + "; ".join(ckpt.problems()) + ". The file is incomplete or made for another model.")
+        ckpt.require_matching_keys("a UMT5 encoder", "text_encoder")
         if ckpt.size_differences():
             log.warning("%s is not UMT5-XXL: %s", path, ", ".join(ckpt.size_differences()))
         tokenizer = _find_tokenizer(ckpt, tokenizer_dir)  # before the weights: fail fast

@@ -241,10 +241,7 @@ class WanVAE:
         from diffusers import AutoencoderKLWan
 
         ckpt = scan_vae(path)
-        if ckpt.problems():
-            raise CheckpointError(f"{ckpt.path}: keys do not match the Wan 2.1 VAE ({ckpt.layout} layout): "
-                                  + "; ".join(ckpt.problems()) + ". The file is incomplete or made for another "
-                                  "model. " + where_to_get("vae"))
+        ckpt.require_matching_keys("the Wan 2.1 VAE", "vae")
         with torch.device("meta"):
             model = AutoencoderKLWan(**ckpt.config)
         materialize(model, ckpt.tensors, dtype=dtype, device=device, strict=True, source=ckpt.path)
