@@ -15,7 +15,7 @@ copies too, which is how the tests check the schedule.
 
 Why not diffusers' group offloading (``apply_group_offloading``, diffusers 0.42): it offloads every
 block group and onloads one group ahead, with no way to keep ``k`` blocks resident. A 24 GB card at
-480p wants 36 of 40 blocks resident (a 10% slowdown, not a full stream), and the memory estimate needs
+480p wants 36 of 40 blocks resident (4 streamed, not 40), and the memory estimate needs
 the exact window (``prefetch + 1`` blocks), so the schedule is ours.
 """
 
