@@ -15,6 +15,9 @@ IMAGE_KV_TOKENS = CLIP_TOKENS_PER_REF  # quirk [7]: the image K/V stream sees th
 CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# torchvision v2.Resize on a float tensor antialiases only from 0.17; the official environment points to
+# torchvision 0.16, i.e. none (evidence in docs/fidelity.md). Antialiased is an explicit option.
+CLIP_RESIZE_ANTIALIAS = False
 SLOT_MASK_CHANNELS = 4  # [mask, 0, 0, 0] in front of the 16 latent channels of a slot
 LATENT_CHANNELS = 16
 CONDITION_CHANNELS = SLOT_MASK_CHANNELS + LATENT_CHANNELS  # 20
@@ -54,6 +57,7 @@ DEFAULT_FPS = 16
 DEFAULT_STEPS = 50
 DEFAULT_SHIFT = 3.0
 DEFAULT_GUIDANCE = 5.0
+DEFAULT_SEED = 1234  # the official default (Megatron's --seed; the inference script passes none)
 NUM_TRAIN_TIMESTEPS = 1000
 
 # --- training [12] ----------------------------------------------------------------------------

@@ -67,11 +67,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance", type=float, help=f"default {C.DEFAULT_GUIDANCE} (Kaleido {C.KALEIDO_GUIDANCE})")
     g.add_argument("--shift", type=float, help=f"default {C.DEFAULT_SHIFT} (Kaleido {C.KALEIDO_SHIFT})")
     g.add_argument("--sampler", choices=SAMPLERS, help=f"default unipc (Kaleido {C.KALEIDO_SAMPLER})")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=C.DEFAULT_SEED, help=f"default {C.DEFAULT_SEED} (the official one)")
     g.add_argument("--fps", type=int, help=f"default {C.DEFAULT_FPS}")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
     g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto")
+    g.add_argument("--clip-antialias", action="store_true",
+                   help="antialias the CLIP 224 resize (torchvision >= 0.17); default none, as the official run")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
@@ -167,7 +169,7 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(
         prompt=prompt, **{k: defaults[k] if v is None else v for k, v in given.items()}, seed=args.seed,
         refine_prompt=args.refine_prompt, refine_seed=args.refine_seed, mask_mode=args.mask_mode,
-        cfg_batch=args.cfg_batch)
+        cfg_batch=args.cfg_batch, clip_resize_antialias=args.clip_antialias)
     if args.mask and len(args.mask) != len(args.ref):
         raise InputError(f"{len(args.mask)} masks for {len(args.ref)} references: give one --mask per --ref.")
 

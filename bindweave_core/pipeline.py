@@ -54,11 +54,12 @@ class GenerationSettings:
     guidance: float = C.DEFAULT_GUIDANCE
     shift: float = C.DEFAULT_SHIFT
     sampler: str = "unipc"
-    seed: int = 0
+    seed: int = C.DEFAULT_SEED
     fps: int = C.DEFAULT_FPS
     refine_prompt: bool = False
     refine_seed: int | None = None
     mask_mode: str = "rectangle"
+    clip_resize_antialias: bool = C.CLIP_RESIZE_ANTIALIAS  # True: torchvision >= 0.17's resize (docs/fidelity.md)
     cfg_batch: str = "auto"  # "auto" | "batched" | "separate"
 
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
@@ -282,7 +283,7 @@ class BindWeavePipeline:
         canvases, pixel_masks = prepare_references(images, settings.width, settings.height, masks=masks,
                                                    mask_mode=settings.mask_mode)
         with self.on_device("clip_vision") as clip:
-            clip_tokens = clip.encode_references(canvases)
+            clip_tokens = clip.encode_references(canvases, settings.clip_resize_antialias)
         with self.on_device("vae") as vae:
             slots = vae.reference_slots(canvases, pixel_masks)
             video = self.video_condition(vae, settings)

@@ -1,15 +1,21 @@
-"""Denoising: diffusers' flow schedulers, classifier-free guidance, progress and cancel (spec 10).
+"""Denoising: the flow samplers, classifier-free guidance, progress and cancel (spec 10).
 
-* ``unipc`` (default): ``UniPCMultistepScheduler`` with flow prediction, flow sigmas, shift 3.0,
-  order 2, bh2, final sigma 0, 1000 train timesteps: the official sampler.
-* ``euler``: ``FlowMatchEulerDiscreteScheduler`` with the same shift.
+* ``unipc`` (default): the official sampler, UniPC with flow prediction, flow sigmas, shift 3.0, order 2,
+  bh2, final sigma 0, 1000 train timesteps, on the grid diffusers 0.33.1 computed (integer timesteps),
+  whatever diffusers is installed (``schedules.official_unipc_grid`` + ``solvers.UniPCSolver``).
+* ``unipc-diffusers``: the same solver on the grid of the *installed* diffusers (0.37 and later space it
+  differently); for matching videos made with a newer diffusers' UniPC, not the official ones.
+* ``euler``: flow Euler on diffusers' ``FlowMatchEulerDiscreteScheduler`` grid with the same shift
+  (``schedules.flow_euler_grid``, computed here).
 * ``rf-euler``: Euler over ``sigma = shift*u / (1 + (shift-1)*u)``, ``u = linspace(1, 0, steps+1)``: the
   Kaleido/SAT sampler (shift 7 there; ``kaleido.RFEulerScheduler``).
 * few-step (step-distilled LoRAs): ``euler`` with a handful of steps and guidance 1.0, which skips
   the unconditional branch entirely.
 
-Noise comes from a seeded CPU generator so a seed gives the same video on every device.
-Latents are kept in float32 between steps; the model runs in its own dtype.
+Noise is drawn as the official run draws it: ``torch.randn`` in bfloat16 from a CPU generator seeded with
+the seed (default 1234), so a seed gives the same video on every device. Latents, guidance and the
+solver state are kept in float32 between steps (the official run keeps them in bf16; the size of that
+difference is measured in ``docs/fidelity.md``); the model runs in its own dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from .errors import GenerationCancelled, InputError
 
 log = logging.getLogger("BindWeave")
 
-SAMPLERS = ("unipc", "euler", "rf-euler")
+SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")
+# The official noise is drawn in bf16 (a CPU generator's bf16 stream differs from its float32 one).
+NOISE_DTYPE = torch.bfloat16
 # Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
 FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 
@@ -36,16 +44,16 @@ ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
 
 
 def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
-    """A fresh diffusers scheduler configured as the official sampler (or its Euler sibling)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    """A fresh solver for ``sampler`` (diffusers' scheduler interface: ``set_timesteps``, ``step``)."""
+    from .schedules import diffusers_unipc_grid, flow_euler_grid, official_unipc_grid
+    from .solvers import FlowEulerSolver, UniPCSolver
 
     if sampler == "unipc":
-        return UniPCMultistepScheduler(
-            num_train_timesteps=C.NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
-            flow_shift=shift, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-            final_sigmas_type="zero")
+        return UniPCSolver(lambda steps: official_unipc_grid(steps, shift))
+    if sampler == "unipc-diffusers":
+        return UniPCSolver(lambda steps: diffusers_unipc_grid(steps, shift))
     if sampler == "euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=C.NUM_TRAIN_TIMESTEPS, shift=shift)
+        return FlowEulerSolver(lambda steps: flow_euler_grid(steps, shift))
     if sampler == "rf-euler":
         from .kaleido import RFEulerScheduler
 
@@ -53,9 +61,13 @@ def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
     raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
 
 
-def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal noise from a CPU generator: identical on every device for a seed."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+def seeded_noise(shape: tuple[int, ...], seed: int = C.DEFAULT_SEED) -> torch.Tensor:
+    """Standard normal noise as the official run draws it (bf16, CPU generator), returned as float32.
+
+    Identical on every device for a seed; bf16 values are exact in float32.
+    """
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator, dtype=NOISE_DTYPE).float()
 
 
 @dataclass

@@ -250,15 +250,18 @@ SAMPLER = NodeSpec(
         In("model", "socket", "The DiT (optionally with LoRAs).", type=DIT),
         In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
         In("references", "socket", "From BindWeave Reference Encode.", type=REFERENCES),
-        In("seed", "int", "Noise seed (noise is drawn on the CPU: the same seed gives the same video on any GPU).",
-           default=0, min=0, max=2**63 - 1, seed=True),
+        In("seed", "int", "Noise seed (official: 1234; noise is drawn in bf16 on the CPU as the official run does, "
+                          "so the same seed gives the same video on any GPU).",
+           default=C.DEFAULT_SEED, min=0, max=2**63 - 1, seed=True),
         In("steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8).", default=C.DEFAULT_STEPS,
            min=1, max=1000),
         In("guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 disables the "
                                 "negative branch.", default=C.DEFAULT_GUIDANCE, min=1.0, max=30.0, step=0.1),
         In("shift", "float", "Flow shift of the noise schedule (official: 3.0).", default=C.DEFAULT_SHIFT, min=0.1,
            max=20.0, step=0.1),
-        In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver. euler: flow-matching Euler (use "
+        In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver on the "
+                               "official grid. unipc-diffusers: the same on the installed diffusers' grid (differs "
+                               "from 0.37 on). euler: flow-matching Euler (use "
                                "with few-step LoRAs). rf-euler: Kaleido's official Euler schedule (shift 7).",
            options=SAMPLERS, default="unipc"),
         In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "

@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from bindweave_core import constants as C
 from bindweave_core.checkpoints.inspect import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
 from bindweave_core.encoders.clip_vision import ClipVisionEncoder, inspect_report
 from bindweave_core.errors import CheckpointError, InputError
+from bindweave_core.pipeline import GenerationSettings
 from helpers import randomize_
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -40,7 +44,7 @@ def canvases() -> torch.Tensor:
 
 
 def own_pixels(canvases: torch.Tensor) -> torch.Tensor:
-    x = F.interpolate(canvases.permute(0, 3, 1, 2), size=(224, 224), mode="bilinear", antialias=True,
+    x = F.interpolate(canvases.permute(0, 3, 1, 2), size=(224, 224), mode="bilinear", antialias=False,
                       align_corners=False)
     return (x - MEAN) / STD
 
@@ -57,6 +61,59 @@ def test_canvas_is_squashed_to_224_and_normalised(encoder, canvases):
     torch.testing.assert_close(pixels, own_pixels(canvases[:2]), rtol=0, atol=0)
     as_bytes = (canvases[:1] * 255).round().to(torch.uint8)  # uint8 canvases are scaled to 0..1 first
     torch.testing.assert_close(encoder.preprocess(as_bytes), own_pixels(as_bytes.float() / 255), rtol=0, atol=0)
+
+
+def bilinear_reference(channel: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Plain bilinear with half-pixel centres and no antialiasing, written out in float64.
+
+    What torchvision 0.16's ``v2.Resize`` does to a float tensor (``antialias="warn"`` means none for
+    tensors: docs.pytorch.org/vision/0.16 ``transforms.v2.Resize``), independent of torch's kernel.
+    """
+    h, w = channel.shape
+
+    def taps(n_out: int, n_in: int):
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, None)
+        i0 = np.minimum(np.floor(x).astype(int), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), x - i0
+
+    y0, y1, fy = taps(out_h, h)
+    x0, x1, fx = taps(out_w, w)
+    a = channel.astype(np.float64)
+    top = a[y0][:, x0] * (1 - fx) + a[y0][:, x1] * fx
+    bottom = a[y1][:, x0] * (1 - fx) + a[y1][:, x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def pil_antialiased(channel: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """PIL's BILINEAR resize of a float image: the triangle filter widened when shrinking (antialiased)."""
+    return np.asarray(Image.fromarray(channel.astype(np.float32), mode="F").resize((out_w, out_h), Image.BILINEAR))
+
+
+@pytest.fixture(scope="module")
+def large_canvas() -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(1, 270, 480, 3, generator=g)  # shrunk to 224 in both directions, as 1280x720 canvases are
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_clip_resize_matches_an_independent_reference(encoder, large_canvas, antialias):
+    reference = bilinear_reference if not antialias else pil_antialiased
+    channels = large_canvas[0].permute(2, 0, 1).numpy()
+    expected = torch.from_numpy(np.stack([reference(c, 224, 224) for c in channels])).float()[None]
+    expected = (expected - MEAN) / STD
+    pixels = encoder.preprocess(large_canvas, antialias=antialias)
+    # float32 source coordinates in torch's kernel: ~5e-5 in 0..1 units, /0.26 after normalising
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=3e-4)
+
+
+def test_clip_resize_default_is_the_official_no_antialias(encoder, large_canvas):
+    assert C.CLIP_RESIZE_ANTIALIAS is False
+    assert GenerationSettings(prompt="x").clip_resize_antialias is False
+    plain, smooth = encoder.preprocess(large_canvas), encoder.preprocess(large_canvas, antialias=True)
+    assert torch.equal(plain, encoder.preprocess(large_canvas, antialias=False))
+    assert (plain - smooth).abs().max() > 0.5  # the option matters on a shrinking resize
+    tokens = encoder.encode_references(large_canvas, antialias=True)
+    torch.testing.assert_close(tokens[:, :257], penultimate(encoder.model, smooth), rtol=0, atol=1e-5)
 
 
 def test_tokens_are_the_penultimate_hidden_states(encoder, canvases):

@@ -1,4 +1,8 @@
-"""The sampling loop against diffusers' schedulers, guidance call counts, seeds and cancelling."""
+"""The sampling loop against diffusers' schedulers, guidance call counts, seeds and cancelling.
+
+The official grid itself is checked against the official numbers in ``test_schedules.py``; here the
+solvers' stepping is compared with diffusers' own ``step`` on the same grid.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from bindweave_core import constants as C
 from bindweave_core.errors import GenerationCancelled
+from bindweave_core.pipeline import GenerationSettings
 from bindweave_core.sampling import GuidanceInputs, denoise, seeded_noise
+from bindweave_core.schedules import official_unipc_grid
 
 SHAPE = (1, 16, 3, 4, 6)
 
@@ -38,15 +45,41 @@ def reference_loop(scheduler, noise, steps, velocity):
     return x
 
 
-@pytest.mark.parametrize("steps", [1, 7, 20])
-def test_unipc_loop_reproduces_diffusers_stepping(steps):
+def diffusers_unipc(shift: float = 3.0) -> UniPCMultistepScheduler:
+    return UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                   use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
+                                   final_sigmas_type="zero")
+
+
+class OnOfficialGrid(UniPCMultistepScheduler):
+    """The installed diffusers' UniPC stepping, fed the official grid after its own ``set_timesteps``."""
+
+    def set_timesteps(self, num_inference_steps, device=None, **kwargs):
+        super().set_timesteps(num_inference_steps, device=device, **kwargs)
+        grid = official_unipc_grid(num_inference_steps, self.config.flow_shift)
+        self.timesteps, self.sigmas = grid.timesteps.to(device), grid.sigmas
+
+
+def diffusers_stepping_on_official_grid(shift: float = 3.0) -> UniPCMultistepScheduler:
+    return OnOfficialGrid.from_config(diffusers_unipc(shift).config)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_unipc_solver_steps_as_diffusers_on_the_official_grid(steps):
     noise = seeded_noise(SHAPE, 3)
     ours = denoise(GuidanceInputs(lambda x, t, w: fake_velocity(x, t), guidance=1.0), noise, steps=steps,
                    sampler="unipc", shift=3.0)
-    official = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                       use_flow_sigmas=True, flow_shift=3.0, solver_order=2, solver_type="bh2",
-                                       final_sigmas_type="zero")
-    assert torch.equal(ours, reference_loop(official, noise, steps, fake_velocity))
+    expected = reference_loop(diffusers_stepping_on_official_grid(3.0), noise, steps, fake_velocity)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_unipc_diffusers_option_reproduces_the_installed_diffusers(steps):
+    noise = seeded_noise(SHAPE, 3)
+    ours = denoise(GuidanceInputs(lambda x, t, w: fake_velocity(x, t), guidance=1.0), noise, steps=steps,
+                   sampler="unipc-diffusers", shift=3.0)
+    torch.testing.assert_close(ours, reference_loop(diffusers_unipc(3.0), noise, steps, fake_velocity),
+                               rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shift", [3.0, 5.0])
@@ -70,9 +103,7 @@ def test_guidance_combines_branches_as_the_spec_says():
 
     batched = denoise(GuidanceInputs(counter, guidance=5.0, batch_cfg=True), noise, steps=6)
     separate = denoise(GuidanceInputs(Counter(), guidance=5.0, batch_cfg=False), noise, steps=6)
-    official = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                       use_flow_sigmas=True, flow_shift=3.0)
-    expected = reference_loop(official, noise, 6, guided)
+    expected = reference_loop(diffusers_stepping_on_official_grid(3.0), noise, 6, guided)
     torch.testing.assert_close(batched, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(separate, expected, rtol=0, atol=1e-6)
 
@@ -93,6 +124,28 @@ def test_seeded_noise_is_reproducible_and_ignores_global_rng():
     assert torch.equal(a, b)
     assert not torch.equal(a, seeded_noise(SHAPE, 43))
     assert a.dtype == torch.float32 and a.device.type == "cpu"
+
+
+def test_noise_is_drawn_in_bf16_like_the_official_run():
+    """Official: ``randn`` in bf16 from a CPU generator, so the start latents are bf16 values.
+
+    (With torch 2.13 a bf16 draw of a multiple of 16 values, as every latent shape is, equals the float32
+    draw rounded to bf16; other sizes differ. Either way it is not the raw float32 draw.)
+    """
+    shape = (1, 16, 3, 8, 8)
+    expected = torch.randn(shape, generator=torch.Generator().manual_seed(1234), dtype=torch.bfloat16)
+    noise = seeded_noise(shape, 1234)
+    assert torch.equal(noise, expected.float())
+    assert not torch.equal(noise, torch.randn(shape, generator=torch.Generator().manual_seed(1234)))
+    odd = (3, 7, 5)  # 105 values: the bf16 stream itself differs from the float32 one
+    assert torch.equal(seeded_noise(odd, 7),
+                       torch.randn(odd, generator=torch.Generator().manual_seed(7), dtype=torch.bfloat16).float())
+
+
+def test_default_seed_is_the_official_one():
+    assert C.DEFAULT_SEED == 1234
+    assert GenerationSettings(prompt="x").seed == 1234
+    assert torch.equal(seeded_noise(SHAPE), seeded_noise(SHAPE, 1234))
 
 
 @pytest.mark.parametrize("stop_at", [1, 3])

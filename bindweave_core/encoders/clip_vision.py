@@ -6,8 +6,9 @@ Files it loads: the ``image_encoder/`` folder of ``Wan-AI/Wan2.1-I2V-14B-720P-Di
 ``vision_model.pre_layrnorm.weight`` ...) and carry ``visual_projection.weight``, which the penultimate
 hidden states do not use and which is skipped. Full CLIP files (with ``text_model.*``) load their vision tower.
 
-Each reference canvas is squashed to 224 x 224 (no crop), normalised with the CLIP mean/std, and the
-penultimate layer's states (``hidden_states[-2]``, ``[1, 257, 1280]``) are kept; the references are then
+Each reference canvas is squashed to 224 x 224 (no crop; bilinear, by default without antialiasing as
+torchvision 0.16's ``v2.Resize`` did in the official environment, see ``docs/fidelity.md``), normalised with
+the CLIP mean/std, and the penultimate layer's states (``hidden_states[-2]``, ``[1, 257, 1280]``) are kept; the references are then
 concatenated and zero-padded to 4 x 257 tokens (``conditioning.clip_context``).
 """
 
@@ -259,10 +260,12 @@ class ClipVisionEncoder:
         return cls(model.eval().requires_grad_(False), source=f"tiny(seed={seed})")
 
     # -------------------------------------------------------------------------------- encoding
-    def preprocess(self, canvases: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, canvases: torch.Tensor, antialias: bool = C.CLIP_RESIZE_ANTIALIAS) -> torch.Tensor:
         """``[n, H, W, 3]`` in 0..1 (or uint8) -> normalised ``[n, 3, 224, 224]`` float32 (squashed, not cropped).
 
-        Bilinear with antialiasing on the float canvas = torchvision ``v2.Resize`` of the official code.
+        The official ``v2.Resize([224, 224])`` of the float canvas is bilinear (half-pixel centres); whether
+        it antialiases depends on torchvision (none up to 0.16, the official environment's; antialiased
+        from 0.17). ``antialias`` picks one; the default follows the official environment.
         """
         if not isinstance(canvases, torch.Tensor) or canvases.ndim != 4 or canvases.shape[-1] != 3:
             shape = tuple(canvases.shape) if isinstance(canvases, torch.Tensor) else type(canvases).__name__
@@ -271,26 +274,26 @@ class ClipVisionEncoder:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         size = self.image_size
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=bool(antialias), align_corners=False)
         mean = torch.tensor(C.CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(C.CLIP_STD, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     @torch.no_grad()
-    def encode_canvases(self, canvases: torch.Tensor) -> torch.Tensor:
+    def encode_canvases(self, canvases: torch.Tensor, antialias: bool = C.CLIP_RESIZE_ANTIALIAS) -> torch.Tensor:
         """``[n, 257, D]``: each canvas' penultimate-layer states (``hidden_states[-2]``)."""
-        pixels = self.preprocess(canvases).to(self.dtype)
+        pixels = self.preprocess(canvases, antialias).to(self.dtype)
         out = self.model(pixel_values=pixels, output_hidden_states=True)
         return out.hidden_states[-2]
 
     @torch.no_grad()
-    def encode_references(self, canvases: torch.Tensor) -> torch.Tensor:
+    def encode_references(self, canvases: torch.Tensor, antialias: bool = C.CLIP_RESIZE_ANTIALIAS) -> torch.Tensor:
         """``[1, 4*257, D]``: the references' tokens in order, zero-padded to 4 slots (even for one)."""
         n = int(canvases.shape[0]) if isinstance(canvases, torch.Tensor) and canvases.ndim == 4 else None
         if n is None or not 1 <= n <= C.MAX_REFERENCES:
             raise InputError(f"{n if n is not None else 'no'} reference canvases given; BindWeave takes "
                              f"1 to {C.MAX_REFERENCES} as a [n, H, W, 3] tensor.")
-        tokens = self.encode_canvases(canvases)
+        tokens = self.encode_canvases(canvases, antialias)
         return clip_context(list(tokens.split(1, dim=0)))
 
 
