@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import constants as C
+from .errors import InputError
 
 FAMILIES = ("bindweave", "wan-i2v", "wan-t2v", "kaleido")
 # Families whose references go into temporal slots vs. into the sequence with shifted positions.
@@ -99,15 +100,54 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
+        """A config from our own names (``to_dict``) or diffusers' ``WanTransformer3DModel`` config names.
+
+        diffusers' ``num_attention_heads``/``attention_head_dim`` become ``num_heads``/``head_dim``;
+        ``added_kv_proj_dim`` must be the width (or None without image input); bookkeeping keys
+        (``_class_name``, ``_diffusers_version``, ...) are ignored. Anything else unknown is an error,
+        so a misspelt or foreign key never falls back to 14B sizes silently.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs: dict[str, Any] = {}
+        unknown: list[str] = []
+        for key, value in d.items():
+            if key.startswith("_") or key in _DIFFUSERS_CHECKED:
+                continue
+            name = _DIFFUSERS_NAMES.get(key, key)
+            if name not in names:
+                unknown.append(key)
+            elif name in kwargs and kwargs[name] != value:
+                raise InputError(f"DiT config gives {name} twice with different values ({kwargs[name]!r} and "
+                                 f"{key}={value!r}); keep one.")
+            else:
+                kwargs[name] = value
+        if unknown:
+            known = sorted(names - {"extra"}) + sorted(_DIFFUSERS_NAMES) + sorted(_DIFFUSERS_CHECKED)
+            raise InputError(f"unknown DiT config key(s) {sorted(unknown)}; known keys: {', '.join(known)} "
+                             "(diffusers' WanTransformer3DModel names are accepted too).")
         if "patch_size" in kwargs:
             kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        added = d.get("added_kv_proj_dim")
+        expected = config.dim if config.image_dim is not None else None
+        if "added_kv_proj_dim" in d and added != expected:
+            raise InputError(f"DiT config has added_kv_proj_dim={added!r} but image_dim={config.image_dim!r} and width "
+                             f"{config.dim}: the image key/value projections must be {expected!r} wide.")
+        if d.get("pos_embed_seq_len") is not None:
+            raise InputError(f"DiT config sets pos_embed_seq_len={d['pos_embed_seq_len']!r} (Wan first-last-frame "
+                             "image position embedding), which BindWeave/Wan2.1-I2V checkpoints do not have.")
+        return config
 
     def replace(self, **changes: Any) -> "DiTConfig":
         return dataclasses.replace(self, **changes)
 
+
+# diffusers' WanTransformer3DModel.__init__ names that differ from ours (the others are the same words:
+# patch_size, in_channels, out_channels, text_dim, freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm,
+# eps, image_dim, rope_max_seq_len).
+_DIFFUSERS_NAMES = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim"}
+# diffusers names we derive rather than store: checked against the config in from_dict.
+_DIFFUSERS_CHECKED = ("added_kv_proj_dim", "pos_embed_seq_len")
 
 _WAN_14B = dict(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, freq_dim=256)
 
