@@ -8,8 +8,8 @@ hidden states do not use and which is skipped. Full CLIP files (with ``text_mode
 
 Each reference canvas is squashed to 224 x 224 (no crop; bilinear, by default without antialiasing as
 torchvision 0.16's ``v2.Resize`` did in the official environment, see ``docs/fidelity.md``), normalised with
-the CLIP mean/std, and the penultimate layer's states (``hidden_states[-2]``, ``[1, 257, 1280]``) are kept; the references are then
-concatenated and zero-padded to 4 x 257 tokens (``conditioning.clip_context``).
+the CLIP mean/std, and the penultimate layer's states (``hidden_states[-2]``, ``[1, 257, 1280]``) are kept;
+the references are then concatenated and zero-padded to 4 x 257 tokens (``conditioning.clip_context``).
 """
 
 from __future__ import annotations
