@@ -8,7 +8,7 @@
 * ``euler``: flow Euler on diffusers' ``FlowMatchEulerDiscreteScheduler`` grid with the same shift
   (``schedules.flow_euler_grid``, computed here).
 * ``rf-euler``: Euler over ``sigma = shift*u / (1 + (shift-1)*u)``, ``u = linspace(1, 0, steps+1)``: the
-  Kaleido/SAT sampler (shift 7 there; ``kaleido.RFEulerScheduler``).
+  Kaleido/SAT sampler (shift 7 there; ``schedules.rf_euler_grid``).
 * few-step (step-distilled LoRAs): ``euler`` with a handful of steps and guidance 1.0, which skips
   the unconditional branch entirely.
 
@@ -33,7 +33,7 @@ from .errors import GenerationCancelled, InputError
 log = logging.getLogger("BindWeave")
 
 SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")
-# The official noise is drawn in bf16 (a CPU generator's bf16 stream differs from its float32 one).
+# The official noise is drawn in bf16: the start latents are bf16 values, not the float32 draw.
 NOISE_DTYPE = torch.bfloat16
 # Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
 FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
@@ -45,7 +45,7 @@ ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
 
 def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
     """A fresh solver for ``sampler`` (diffusers' scheduler interface: ``set_timesteps``, ``step``)."""
-    from .schedules import diffusers_unipc_grid, flow_euler_grid, official_unipc_grid
+    from .schedules import diffusers_unipc_grid, flow_euler_grid, official_unipc_grid, rf_euler_grid
     from .solvers import FlowEulerSolver, UniPCSolver
 
     if sampler == "unipc":
@@ -55,9 +55,7 @@ def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
     if sampler == "euler":
         return FlowEulerSolver(lambda steps: flow_euler_grid(steps, shift))
     if sampler == "rf-euler":
-        from .kaleido import RFEulerScheduler
-
-        return RFEulerScheduler(shift=shift)
+        return FlowEulerSolver(lambda steps: rf_euler_grid(steps, shift))
     raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
 
 

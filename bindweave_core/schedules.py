@@ -9,7 +9,8 @@ same dtypes (numpy float64, then int64 timesteps by truncation and float32 sigma
 * :func:`official_unipc_grid`: the official sampler's grid (``unipc``, the default);
 * :func:`diffusers_unipc_grid`: whatever the installed diffusers computes (``unipc-diffusers``, opt-in);
 * :func:`flow_euler_grid`: diffusers' ``FlowMatchEulerDiscreteScheduler`` grid (``euler``), which is the
-  same in 0.33.1 and 0.42.1 but is computed here too so that it stays that way.
+  same in 0.33.1 and 0.42.1 but is computed here too so that it stays that way;
+* :func:`rf_euler_grid`: Kaleido's official RF grid (``rf-euler``, ``kaleido.rf_sigmas``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def flow_euler_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     sigmas = torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)).to(torch.float32)
     timesteps = sigmas * num_train_timesteps
     return FlowGrid(timesteps=timesteps, sigmas=torch.cat([sigmas, torch.zeros(1)]))
+
+
+def rf_euler_grid(steps: int, shift: float = C.KALEIDO_SHIFT,
+                  num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS) -> FlowGrid:
+    """Kaleido's grid (``kaleido.rf_sigmas``, float32, 1 -> 0); timesteps ``1000 * sigma`` in float32."""
+    _check(steps, shift)
+    from .kaleido import rf_sigmas
+
+    sigmas = torch.from_numpy(rf_sigmas(int(steps), float(shift)))
+    return FlowGrid(timesteps=sigmas[:-1] * num_train_timesteps, sigmas=sigmas)
 
 
 def diffusers_unipc_grid(steps: int, shift: float = C.DEFAULT_SHIFT) -> FlowGrid:
