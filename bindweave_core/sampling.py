@@ -13,7 +13,8 @@
   the unconditional branch entirely.
 
 Noise is drawn as the official run draws it: ``torch.randn`` in bfloat16 from a CPU generator seeded with
-the seed (default 1234), so a seed gives the same video on every device. Latents, guidance and the
+the seed (default 1234), computed as torch 2.1's CPU kernel did (``noise.official_bf16_randn``: newer torch
+draws other bf16 values), so a seed gives the same video on every device and torch version. Latents, guidance and the
 solver state are kept in float32 between steps (the official run keeps them in bf16; the size of that
 difference is measured in ``docs/fidelity.md``); the model runs in its own dtype.
 """
@@ -33,8 +34,6 @@ from .errors import GenerationCancelled, InputError
 log = logging.getLogger("BindWeave")
 
 SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")
-# The official noise is drawn in bf16: the start latents are bf16 values, not the float32 draw.
-NOISE_DTYPE = torch.bfloat16
 # Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
 FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 
@@ -60,12 +59,13 @@ def make_scheduler(sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT):
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int = C.DEFAULT_SEED) -> torch.Tensor:
-    """Standard normal noise as the official run draws it (bf16, CPU generator), returned as float32.
+    """Standard normal noise as the official run draws it (bf16, CPU generator, torch 2.1), as float32.
 
-    Identical on every device for a seed; bf16 values are exact in float32.
+    Identical on every device and torch version for a seed; bf16 values are exact in float32.
     """
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn(shape, generator=generator, dtype=NOISE_DTYPE).float()
+    from .noise import official_bf16_randn
+
+    return official_bf16_randn(tuple(shape), seed).float()
 
 
 @dataclass
