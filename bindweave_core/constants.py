@@ -55,6 +55,7 @@ DEFAULT_STEPS = 50
 DEFAULT_SHIFT = 3.0
 DEFAULT_GUIDANCE = 5.0
 NUM_TRAIN_TIMESTEPS = 1000
+SAMPLERS = ("unipc", "euler", "rf-euler")  # bindweave_core.sampling
 
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0
