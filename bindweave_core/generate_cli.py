@@ -37,8 +37,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-                and "default" not in text):
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in text):
             text += (" " if text else "") + "(default: %(default)s)"
         return text
 

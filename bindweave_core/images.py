@@ -96,14 +96,16 @@ def open_image(path: str | os.PathLike | bytes, what: str = "image") -> Image.Im
                 im.seek(0)
                 log.warning("%s has %d frames; using the first one", p, frames)
             im.load()  # decode now: a truncated file fails here, not later
-            return to_8bit(im, str(p)).copy()  # copy: the frame must not depend on the closed file
+            out = to_8bit(im, str(p)).copy()  # a copy: the frame must not depend on the closed file
+            out.format = im.format  # what the content is (the extension is not trusted)
+            return out
     except UnidentifiedImageError as e:
-        raise InputError(f"{p}: not an image file this machine can read (PIL could not identify it). "
+        raise InputError(f"{what} {p}: not an image file this machine can read (PIL could not identify it). "
                          "Use a PNG, JPEG or WebP image.") from None
     except PermissionError as e:
-        raise InputError(f"{p}: cannot read the file ({e.strerror}). Check its permissions.") from None
+        raise InputError(f"{what} {p}: cannot read the file ({e.strerror}). Check its permissions.") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"{p}: the image cannot be decoded ({e}). The file is probably truncated or "
+        raise InputError(f"{what} {p}: the image cannot be decoded ({e}). The file is probably truncated or "
                          "corrupt; re-export or re-download it.") from None
 
 

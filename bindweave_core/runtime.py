@@ -221,7 +221,7 @@ def add_runtime_arguments(group: Any) -> None:
     """The speed/memory options of ``python -m bindweave_core generate``."""
     group.add_argument("--block-offload", type=int, metavar="K",
                        help="keep K of the DiT's blocks on the GPU and stream the others from pinned CPU memory "
-                            "(0 = least GPU memory; the 14B DiT has 40 blocks)")
+                            "(0 = least GPU memory; the 14B DiT has 40 blocks; default: no offload)")
     group.add_argument("--prefetch-blocks", type=int, default=1, metavar="P",
                        help="with --block-offload: blocks copied ahead while one runs (default 1)")
     group.add_argument("--compile", action="store_true",
