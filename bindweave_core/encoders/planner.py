@@ -725,6 +725,9 @@ class Planner:
         """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3)."""
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt", allow_empty=True)
+        tokens = len(self.tokenizer(prompt)["input_ids"])
+        if tokens > C.TEXT_LEN:  # UMT5 cuts such a prompt (encoders/text.py warns); say that this branch does not
+            log.info("the planner reads the whole prompt: %d tokens (no limit), with the images", tokens)
         originals = check_images(images)
         key = cache.key(self.identity, prompt, negative_prompt, originals) if cache is not None else None
         if cache is not None:
