@@ -19,7 +19,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     report = inspect_checkpoint(args.path)
     sys.stdout.write((json.dumps(report, indent=2) if args.json else format_report(report)) + "\n")
-    return 1 if report["problems"] else 0
+    return 1 if report["problems"] or report.get("kind") == "unknown" else 0  # unknown: not a usable model file
 
 
 def build_parser() -> argparse.ArgumentParser:

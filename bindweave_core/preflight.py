@@ -235,10 +235,14 @@ def available_cpu_memory() -> int | None:
 
 
 def _fitting_settings(config: Any, shape: Any, free: int) -> list[tuple[str, Any]]:
-    """Smaller sizes (same aspect ratio) and shorter videos whose estimate fits, largest first."""
+    """Unbatched guidance, a smaller size (same aspect ratio) or a shorter video, each the largest that fits."""
     from .memory import estimate_vram
 
     out = []
+    if shape.batch > 1:
+        est = estimate_vram(config, shape.replace(batch=1))
+        if est.fits(free):
+            out.append(("--cfg-batch separate (cond and uncond one after the other)", est))
     for factor in (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625):
         w = max(C.SIZE_MULTIPLE, int(shape.width * factor) // C.SIZE_MULTIPLE * C.SIZE_MULTIPLE)
         h = max(C.SIZE_MULTIPLE, int(shape.height * factor) // C.SIZE_MULTIPLE * C.SIZE_MULTIPLE)
