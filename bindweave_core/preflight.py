@@ -166,6 +166,8 @@ def check_model_paths(paths: dict[str, str | None]) -> None:
     for flag, path in paths.items():
         if path and not Path(path).expanduser().exists():
             raise InputError(f"{flag} {path} not found. Check the path (a file, or a Hugging Face folder).")
+        if path and not os.access(Path(path).expanduser(), os.R_OK):
+            raise InputError(f"{flag} {path} cannot be read (permissions). Check who owns it.")
 
 
 # ---------------------------------------------------------------------------------- device

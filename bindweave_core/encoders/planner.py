@@ -204,8 +204,11 @@ def _as_rgb(image: Any) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise InputError(f"planner reference images must be PIL images, got {type(image).__name__}. "
                          "Convert tensors or arrays to PIL.Image first.")
-    # Official behaviour: Image.convert('RGB') (an alpha channel is dropped, not composited).
-    return image if image.mode == "RGB" else image.convert("RGB")
+    # Official behaviour: Image.convert('RGB') (an alpha channel is dropped, not composited); 16-bit and
+    # float modes are scaled to 8 bits first (bindweave_core.images), where PIL's convert would clip them.
+    from ..images import load_rgb
+
+    return load_rgb(image)
 
 
 def pre_resize(image: Image.Image) -> Image.Image:
