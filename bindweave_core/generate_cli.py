@@ -269,7 +269,12 @@ def run_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     smoke, family = resolve_model_args(args)
     settings = generation_settings(args, prompt, family, smoke)
-    max_refs = C.KALEIDO_MAX_REFERENCES if family in RROPE_FAMILIES else C.MAX_REFERENCES
+    max_refs = C.MAX_REFERENCES
+    if family in RROPE_FAMILIES:
+        from .kaleido import check_reference_count
+
+        check_reference_count(len(args.ref))  # Kaleido's own message (which references to remove)
+        max_refs = C.KALEIDO_MAX_REFERENCES
     settings.validate(len(args.ref), max_refs)
 
     display = StageDisplay(settings.steps)
