@@ -44,7 +44,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _family_defaults(name: str, bindweave: Any, kaleido: Any, smoke: Any = None) -> str:
+def _family_defaults(bindweave: Any, kaleido: Any, smoke: Any = None) -> str:
     """"default X (Kaleido Y; smoke model Z)": the official value of each family and the smoke model's."""
     smoke_part = f"; smoke model {smoke}" if smoke is not None else ""
     return f"default {bindweave} (Kaleido {kaleido}{smoke_part})"
@@ -87,20 +87,20 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("generation (defaults: the model family's official values; the smoke model's own "
                              "are small enough for a CPU)")
     sd = SMOKE_DEFAULTS
-    g.add_argument("--width", type=int, help=_family_defaults("width", C.DEFAULT_WIDTH, C.KALEIDO_WIDTH, sd["width"])
+    g.add_argument("--width", type=int, help=_family_defaults(C.DEFAULT_WIDTH, C.KALEIDO_WIDTH, sd["width"])
                    + f"; a multiple of {C.SIZE_MULTIPLE}")
-    g.add_argument("--height", type=int, help=_family_defaults("height", C.DEFAULT_HEIGHT, C.KALEIDO_HEIGHT,
+    g.add_argument("--height", type=int, help=_family_defaults(C.DEFAULT_HEIGHT, C.KALEIDO_HEIGHT,
                                                                sd["height"]) + f"; a multiple of {C.SIZE_MULTIPLE}")
-    g.add_argument("--frames", type=int, help="4k+1 frames; " + _family_defaults("frames", C.DEFAULT_FRAMES,
+    g.add_argument("--frames", type=int, help="4k+1 frames; " + _family_defaults(C.DEFAULT_FRAMES,
                                                                                   C.KALEIDO_FRAMES, sd["num_frames"]))
-    g.add_argument("--steps", type=int, help=_family_defaults("steps", C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
-    g.add_argument("--guidance", type=float, help=_family_defaults("guidance", C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
+    g.add_argument("--steps", type=int, help=_family_defaults(C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
+    g.add_argument("--guidance", type=float, help=_family_defaults(C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
                    + "; 0 or more, 1 = no guidance")
-    g.add_argument("--shift", type=float, help=_family_defaults("shift", C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
+    g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
                    + "; above 0")
-    g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults("sampler", "unipc", C.KALEIDO_SAMPLER))
+    g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults("unipc", C.KALEIDO_SAMPLER))
     g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**64-1")
-    g.add_argument("--fps", type=int, help=_family_defaults("fps", C.DEFAULT_FPS, C.KALEIDO_FPS)
+    g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
                    + "; at least 1")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
@@ -195,7 +195,7 @@ def _dit_family(path: str, override: str | None) -> str:
 
 def _input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the run reads: no output may land on one of them."""
-    paths = [args.prompt_file, *args.ref, *(args.mask or []), args.planner_cache]
+    paths = [args.prompt_file, *args.ref, *(args.mask or [])]
     paths += [getattr(args, name, None) for name in PATH_ARGS]
     lora = getattr(args, "lora", None)  # generate --lora (training issue) may give one path or several
     paths += lora if isinstance(lora, (list, tuple)) else [lora]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,13 @@ def _check_writable(path: Path, flag: str) -> None:
     if not ancestor.is_dir():
         raise InputError(f"{flag} {path}: {ancestor} is a file, so no folder can be made there. Choose another "
                          "output folder.")
-    probe = ancestor / f".bindweave-write-test-{os.getpid()}"
     try:  # os.access is not enough: root passes it on read-only folders, /proc refuses new files anyway
-        probe.touch(exist_ok=False)
+        fd, probe = tempfile.mkstemp(prefix=".bindweave-write-test-", dir=ancestor)
     except OSError as e:
         raise InputError(f"{flag} {path}: cannot write in {ancestor} ({e.strerror or e}). Choose a folder you can "
                          "write to.") from None
-    probe.unlink(missing_ok=True)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_paths(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
