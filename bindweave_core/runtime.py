@@ -9,8 +9,8 @@
 * ``parallel``: ``ulysses`` / ``ring`` context parallelism or ``cfg`` split over ranks launched
   with torchrun (``dit.parallel``);
 * ``vae_tiling``: encode/decode the video in spatial tiles (less VAE memory, seams blended);
-* ``memory_check``: refuse a run whose estimated peak does not fit the free GPU memory, naming the
-  settings that would (``memory``).
+* ``memory_check``: refuse a run whose estimated peak does not fit the free GPU memory (on the CPU:
+  the RAM available, ``preflight.check_cpu_memory``), naming the settings that would (``memory``).
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def add_runtime_arguments(group: Any) -> None:
                        help="multi-GPU, launched with torchrun --nproc-per-node N: ulysses/ring split the token "
                             "sequence over N GPUs; cfg runs cond and uncond on 2 GPUs")
     group.add_argument("--no-memory-check", action="store_true",
-                       help="run even when the estimated peak GPU memory exceeds the free memory")
+                       help="run even when the estimated peak memory exceeds the free GPU memory (on the CPU: "
+                            "the RAM this machine has available)")
 
 
 def runtime_from_args(args: Any) -> tuple[RuntimeOptions, str | None]:
