@@ -25,6 +25,9 @@ def test_every_bad_input_gets_its_message_and_changes_nothing(tmp_path):
     assert sum(r.ran for r in results) >= len(results) - 1  # only the CPU-only-torch case may be skipped
     ctrl_c = next(r for r in results if r.case.id == "ctrl-c")
     assert ctrl_c.code == 130 and bad_inputs.message(ctrl_c).count("\n") == 0  # one line
+    stages = [ln for ln in ctrl_c.stderr.splitlines() if ln.startswith("INFO ") and "estimated" not in ln]
+    assert stages[:3] == ["INFO loading models", "INFO conditioning (planner, text encoder, references)",
+                          "INFO sampling (1000 steps)"], stages  # the display names each stage
     existing = bad_inputs.DOC.read_text()
     assert bad_inputs.render(results, d, existing) == existing, \
         "docs/bad-inputs.md is stale: regenerate it with python tools/bad_inputs.py"
