@@ -7,8 +7,11 @@ import json
 import logging
 import sys
 
-from .errors import BindWeaveError
+from .errors import BindWeaveError, GenerationCancelled
 from .generate_cli import add_generate_parser
+
+EXIT_BAD_INPUT = 2  # argparse's own code for a bad command line
+EXIT_CANCELLED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -16,7 +19,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     report = inspect_checkpoint(args.path)
     sys.stdout.write((json.dumps(report, indent=2) if args.json else format_report(report)) + "\n")
-    return 1 if report["problems"] else 0
+    return 1 if report["problems"] or report.get("kind") == "unknown" else 0  # unknown: not a usable model file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except GenerationCancelled as e:  # Ctrl-C during a run: one line, the shell's 128 + SIGINT
+        sys.stderr.write(f"{e}\n")
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        sys.stderr.write("cancelled; no file was written\n")
+        return EXIT_CANCELLED
     except BindWeaveError as e:
         sys.stderr.write(f"error: {e}\n")
-        return 2
+        return EXIT_BAD_INPUT

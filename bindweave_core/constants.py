@@ -59,6 +59,7 @@ DEFAULT_SHIFT = 3.0
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 1234  # the official default (Megatron's --seed; the inference script passes none)
 NUM_TRAIN_TIMESTEPS = 1000
+SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")  # bindweave_core.sampling
 
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0

@@ -9,26 +9,50 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
+# Nothing here imports torch at module level: `generate --help` must print at once (torch alone takes
+# seconds to import). Models, torch and diffusers are imported when a run needs them.
 from . import __version__
 from . import constants as C
 from .config import RROPE_FAMILIES
-from .dit.parallel import rank
-from .errors import InputError
+from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
-from .sampling import SAMPLERS
-from .smoke import SMOKE_FAMILIES
+from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
 
 MODEL_ARGS = ("dit", "vae", "text_encoder", "clip_vision", "planner")
+PATH_ARGS = MODEL_ARGS + ("planner_tokenizer", "text_tokenizer", "kaleido_dir")
 HASH_LIMIT = 1 << 30  # hash files up to 1 GB; record size and mtime of bigger ones
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" to options with a default that their help does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in text):
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
+def _family_defaults(bindweave: Any, kaleido: Any, smoke: Any = None) -> str:
+    """"default X (Kaleido Y; smoke model Z)": the official value of each family and the smoke model's."""
+    smoke_part = f"; smoke model {smoke}" if smoke is not None else ""
+    return f"default {bindweave} (Kaleido {kaleido}{smoke_part})"
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a video from a prompt and 1-4 reference images",
+                       formatter_class=DefaultsHelpFormatter,
                        description="Generate a video. With no model files given (or --smoke) the built-in tiny "
                                    "smoke model runs on the CPU: the pipeline works end to end, the video is noise. "
                                    "Settings left out take the model family's official values (BindWeave or "
@@ -42,7 +66,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="what the video shows")
     prompt.add_argument("--prompt-file", help="read the prompt from this text file")
-    p.add_argument("--negative-prompt", help="default: the model family's official negative prompt")
+    p.add_argument("--negative-prompt", help="default: the model family's official negative prompt (see "
+                                             "bindweave_core/constants.py)")
     p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
     models = p.add_argument_group("models (files or Hugging Face directories)")
     models.add_argument("--dit", help="BindWeave DiT: diffusers dir or single .safetensors")
@@ -58,25 +83,35 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--smoke", action="store_true", help="use the built-in tiny random models")
     models.add_argument("--family", choices=SMOKE_FAMILIES,
                         help="model family: picks the smoke model (default bindweave); with model files it "
-                             "overrides the family read from the DiT checkpoint")
-    g = p.add_argument_group("generation")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 frames")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float, help=f"default {C.DEFAULT_GUIDANCE} (Kaleido {C.KALEIDO_GUIDANCE})")
-    g.add_argument("--shift", type=float, help=f"default {C.DEFAULT_SHIFT} (Kaleido {C.KALEIDO_SHIFT})")
-    g.add_argument("--sampler", choices=SAMPLERS, help=f"default unipc (Kaleido {C.KALEIDO_SAMPLER})")
-    g.add_argument("--seed", type=int, default=C.DEFAULT_SEED, help=f"default {C.DEFAULT_SEED} (the official one)")
-    g.add_argument("--fps", type=int, help=f"default {C.DEFAULT_FPS}")
+                             "overrides the family read from the DiT checkpoint (default: the checkpoint's)")
+    g = p.add_argument_group("generation (defaults: the model family's official values; the smoke model's own "
+                             "are small enough for a CPU)")
+    sd = SMOKE_DEFAULTS
+    g.add_argument("--width", type=int, help=_family_defaults(C.DEFAULT_WIDTH, C.KALEIDO_WIDTH, sd["width"])
+                   + f"; a multiple of {C.SIZE_MULTIPLE}")
+    g.add_argument("--height", type=int, help=_family_defaults(C.DEFAULT_HEIGHT, C.KALEIDO_HEIGHT,
+                                                               sd["height"]) + f"; a multiple of {C.SIZE_MULTIPLE}")
+    g.add_argument("--frames", type=int, help="4k+1 frames; " + _family_defaults(C.DEFAULT_FRAMES,
+                                                                                  C.KALEIDO_FRAMES, sd["num_frames"]))
+    g.add_argument("--steps", type=int, help=_family_defaults(C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
+    g.add_argument("--guidance", type=float, help=_family_defaults(C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
+                   + "; 0 or more, 1 = no guidance")
+    g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
+                   + "; above 0")
+    g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults("unipc", C.KALEIDO_SAMPLER))
+    g.add_argument("--seed", type=int, default=C.DEFAULT_SEED,
+                   help=f"noise seed, 0 to 2**64-1 (default {C.DEFAULT_SEED}, the official one)")
+    g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
+                   + "; at least 1")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
-    g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto")
+    g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto",
+                   help="run cond and uncond as one batch or one after the other; auto: batched when it fits")
     g.add_argument("--clip-antialias", action="store_true",
                    help="antialias the CLIP 224 resize (torchvision >= 0.17); default none, as the official run")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    r.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    r.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     r.add_argument("--weight-format", choices=("default", "fp8", "fp8_fast"), default="default",
                    help="fp8: keep the DiT's block weights in fp8 storage; fp8_fast: also multiply in fp8 on GPUs "
                         "with compute capability >= 8.9 (changes the numbers slightly)")
@@ -85,7 +120,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         "auto: sage, else flash, else sdpa")
     r.add_argument("--offload", choices=("release", "model", "none"), default="release",
                    help="release: load each model when needed and free it after (least memory)")
-    r.add_argument("--planner-cache", help="directory caching planner states across runs")
+    r.add_argument("--planner-cache", help="directory caching planner states across runs (default: no cache)")
     add_runtime_arguments(r)
     p.set_defaults(func=run_generate)
 
@@ -106,9 +141,9 @@ def file_fingerprint(path: str) -> dict[str, Any]:
     return info
 
 
-def build_pipeline(args: argparse.Namespace):
-    from .pipeline import BindWeavePipeline
-
+def resolve_model_args(args: argparse.Namespace) -> tuple[bool, str]:
+    """Fill the model paths a ``--kaleido-dir`` bundle provides; ``(smoke, family)`` without loading a model
+    (the family of a DiT file is read from its header)."""
     family = args.family
     if args.kaleido_dir and not args.smoke:
         from .kaleido import find_kaleido_bundle
@@ -118,6 +153,17 @@ def build_pipeline(args: argparse.Namespace):
             if not getattr(args, name):
                 setattr(args, name, str(getattr(bundle, name)))
         family = family or "kaleido"
+    smoke = args.smoke or not any(getattr(args, name) for name in MODEL_ARGS)
+    if smoke:
+        return True, family or "bindweave"
+    return False, _dit_family(args.dit, family) if args.dit else family or "bindweave"
+
+
+def build_pipeline(args: argparse.Namespace):
+    """``(pipeline, model info for the sidecar)``; call :func:`resolve_model_args` first."""
+    from .pipeline import BindWeavePipeline
+
+    family = args.family or ("kaleido" if args.kaleido_dir and not args.smoke else None)
     given = {name: getattr(args, name) for name in MODEL_ARGS}
     runtime, device = runtime_from_args(args)
     if args.smoke or not any(given.values()):
@@ -139,7 +185,7 @@ def build_pipeline(args: argparse.Namespace):
     pipe = BindWeavePipeline.from_files(
         dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
         planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
-        dtype=DTYPES[args.dtype] if args.dtype else None, device=device, weight_format=args.weight_format,
+        dtype=torch_dtype(args.dtype) if args.dtype else None, device=device, weight_format=args.weight_format,
         attention=args.attention, offload=args.offload, planner_cache=cache, family=family, runtime=runtime)
     return pipe, {name: file_fingerprint(path) for name, path in given.items() if path}
 
@@ -150,60 +196,134 @@ def _dit_family(path: str, override: str | None) -> str:
     return override or scan_dit(path).family
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _input_paths(args: argparse.Namespace) -> list[str]:
+    """Every file or folder the run reads: no output may land on one of them."""
+    paths = [args.prompt_file, *args.ref, *(args.mask or [])]
+    paths += [getattr(args, name, None) for name in PATH_ARGS]
+    lora = getattr(args, "lora", None)  # generate --lora (training issue) may give one path or several
+    paths += lora if isinstance(lora, (list, tuple)) else [lora]
+    return [str(p) for p in paths if p and isinstance(p, (str, Path))]
 
+
+class StageDisplay:
+    """What a CLI run is doing: loading, conditioning, sampling (a bar over the steps), decoding, writing.
+
+    ``on_stage`` and ``progress`` are the pipeline's hooks; ``where()`` words a cancel."""
+
+    LABELS = {"loading": "loading models", "conditioning": "conditioning (planner, text encoder, references)",
+              "decoding": "decoding the video (VAE)", "writing": "writing the video and its sidecar"}
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.stage = "loading"
+        self.done = 0
+        self.bar = None
+
+    def on_stage(self, stage: str) -> None:
+        self.close()
+        self.stage = stage
+        if stage == "sampling":
+            from tqdm import tqdm
+
+            log.info("sampling (%d steps)", self.steps)
+            self.bar = tqdm(total=self.steps, desc="sampling", unit="step")
+        else:
+            log.info("%s", self.LABELS.get(stage, stage))
+
+    def progress(self, step: int, total: int, latents: Any) -> None:
+        self.done = step
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def where(self) -> str:
+        if self.stage == "sampling":
+            return f"at step {min(self.done + 1, self.steps)} of {self.steps}"
+        return f"while {self.LABELS.get(self.stage, self.stage)}"
+
+
+def generation_settings(args: argparse.Namespace, prompt: str, family: str, smoke: bool):
+    """The run's settings: what the user gave, the family's official values (the smoke model's own) for the rest."""
     from .pipeline import GenerationSettings, defaults_for
-    from .smoke import SMOKE_DEFAULTS
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise InputError(f"--out must end in .mp4, got {out.name}")
-    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text().strip()
-    pipe, model_info = build_pipeline(args)
-    smoke = model_info.get("smoke", False)
-    family = pipe.dit_family
     defaults = {**defaults_for(family), **(SMOKE_DEFAULTS if smoke else {})}
     given = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, num_frames=args.frames,
                  steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler, fps=args.fps)
-    settings = GenerationSettings(
+    return GenerationSettings(
         prompt=prompt, **{k: defaults[k] if v is None else v for k, v in given.items()}, seed=args.seed,
         refine_prompt=args.refine_prompt, refine_seed=args.refine_seed, mask_mode=args.mask_mode,
         cfg_batch=args.cfg_batch, clip_resize_antialias=args.clip_antialias)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .preflight import check_device, check_images, check_model_paths, check_output_paths, read_prompt_file
+
+    # Preflight: everything that can be checked before a model loads (bindweave_core.preflight).
+    out, _ = check_output_paths(args.out, _input_paths(args))
+    prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     if args.mask and len(args.mask) != len(args.ref):
         raise InputError(f"{len(args.mask)} masks for {len(args.ref)} references: give one --mask per --ref.")
+    check_images(args.ref, args.mask)
+    check_model_paths({f"--{n.replace('_', '-')}": getattr(args, n) for n in PATH_ARGS})
+    check_device(args.device)
+    smoke, family = resolve_model_args(args)
+    settings = generation_settings(args, prompt, family, smoke)
+    max_refs = C.MAX_REFERENCES
+    if family in RROPE_FAMILIES:
+        from .kaleido import check_reference_count
 
-    if rank() != 0:  # multi-GPU: every rank computes, rank 0 writes
-        pipe.generate(args.ref, settings, masks=args.mask)
-        return 0
-    with tqdm(total=settings.steps, desc="denoising", unit="step") as bar:
-        def progress(step: int, total: int, latents: torch.Tensor) -> None:
-            bar.update(step - bar.n)
+        check_reference_count(len(args.ref))  # Kaleido's own message (which references to remove)
+        max_refs = C.KALEIDO_MAX_REFERENCES
+    settings.validate(len(args.ref), max_refs)
 
-        result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=progress, sidecar={
+    display = StageDisplay(settings.steps)
+    try:
+        display.on_stage("loading")
+        pipe, model_info = build_pipeline(args)
+        from .dit.parallel import rank
+
+        if rank() != 0:  # multi-GPU: every rank computes, rank 0 writes
+            pipe.generate(args.ref, settings, masks=args.mask)
+            return 0
+        result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=display.progress,
+                                  on_stage=display.on_stage, sidecar={
             "references": [str(r) for r in args.ref], "masks": args.mask or [], "models": model_info,
-            "family": family,
+            "family": pipe.dit_family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
             "weight_format": args.weight_format, "attention": args.attention, "runtime": pipe.runtime.to_dict()})
+    except KeyboardInterrupt:
+        display.close()
+        raise GenerationCancelled(f"cancelled {display.where()}; no file was written") from None
+    finally:
+        display.close()
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
              settings.height, settings.fps, out.with_suffix(".json").name)
     return 0
 
 
 def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks: list | None = None,
-                     callback=None, sidecar: dict[str, Any] | None = None):
-    """Generate, then write ``out`` (MP4) and its ``.json`` sidecar. Nothing is written unless the
-    generation finishes: a cancel or an error leaves no file (not even a partial one) behind."""
-    from .video_io import write_json, write_mp4
+                     callback=None, sidecar: dict[str, Any] | None = None, on_stage=None):
+    """Generate, then write ``out`` (MP4) and its ``.json`` sidecar. The paths are checked first (writable,
+    not a folder, not one of the input files). Nothing is written unless the generation finishes: a cancel
+    or an error leaves no file (not even a partial one) behind."""
+    from .preflight import check_output_paths
+    from .video_io import atomic_path, write_json, write_mp4
 
-    out = Path(out)
-    result = pipe.generate(references, settings, masks=masks, callback=callback)
-    write_mp4(result.frames, out, fps=settings.fps)
-    write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
-                "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-                "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-                "memory_estimate_gib": _estimate_gib(pipe)},
-               out.with_suffix(".json"))
+    inputs = [str(r) for r in [*references, *(masks or [])] if isinstance(r, (str, Path))]
+    out, sidecar_path = check_output_paths(out, inputs)
+    result = pipe.generate(references, settings, masks=masks, callback=callback, on_stage=on_stage)
+    if on_stage is not None:
+        on_stage("writing")
+    with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
+        write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+                    "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+                    "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
+                    "memory_estimate_gib": _estimate_gib(pipe)}, tmp_json)
+        write_mp4(result.frames, out, fps=settings.fps)
     return result
 
 
@@ -214,6 +334,7 @@ def _estimate_gib(pipe) -> float | None:
 
 def _versions() -> dict[str, str]:
     import diffusers
+    import torch
     import transformers
 
     return {"bindweave": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,

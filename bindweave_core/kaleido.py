@@ -97,6 +97,9 @@ def letterbox_white(image: Image.Image, width: int, height: int, *, mask: Refere
     reference's size, 1/white = subject) narrow the mask, and every canvas pixel outside it is made
     white, so only the subject is on the canvas.
     """
+    from .images import to_8bit
+
+    image = to_8bit(image)  # 16-bit, float, CMYK, ... -> 8-bit RGB(A) (PIL's convert clips at 255)
     placement = kaleido_placement(image.size, width, height)
     rgb = image.convert("RGB")
     resized = rgb.resize((placement.width, placement.height), Image.Resampling.LANCZOS)

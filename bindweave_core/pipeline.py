@@ -31,6 +31,7 @@ from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_con
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
 from .errors import InputError
+from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, seeded_noise
 
@@ -82,6 +83,7 @@ class GenerationSettings:
             raise InputError(f"steps must be at least 1, got {self.steps}.")
         if self.cfg_batch not in ("auto", "batched", "separate"):
             raise InputError(f"cfg_batch must be auto, batched or separate, got {self.cfg_batch!r}.")
+        check_values(self)  # seed, fps, guidance, shift, steps and size ranges (bindweave_core.preflight)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -142,6 +144,7 @@ class BindWeavePipeline:
                  runtime: RuntimeOptions | None = None):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        check_device(device)
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = offload
         self.planner_cache = planner_cache
@@ -338,10 +341,18 @@ class BindWeavePipeline:
 
     # ------------------------------------------------------------------------------- everything
     def generate(self, references: list, settings: GenerationSettings, masks: list | None = None,
-                 callback: ProgressCallback | None = None) -> GenerationResult:
-        """Prompt + references -> frames. See the module docstring for the order of work."""
+                 callback: ProgressCallback | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> GenerationResult:
+        """Prompt + references -> frames. See the module docstring for the order of work.
+
+        ``on_stage`` is called with ``"conditioning"``, ``"sampling"`` and ``"decoding"`` as each begins."""
+        from PIL import Image
+
         from .config import RROPE_FAMILIES
+        from .images import to_8bit
         from .references import load_image
+
+        stage = on_stage or (lambda name: None)
 
         rrope = self.dit_family in RROPE_FAMILIES
         if rrope:
@@ -351,9 +362,11 @@ class BindWeavePipeline:
             warn_if_positions_overlap(settings.width, settings.height)
         settings.validate(len(references), self._max_references())
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
-        images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__") else r for r in references]
+        images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
+                  else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        stage("conditioning")
         prompt = settings.prompt
         if settings.refine_prompt:
             prompt = self.refine_prompt(prompt, images, seed=settings.refine_seed)
@@ -366,9 +379,11 @@ class BindWeavePipeline:
         timings["conditioning_s"] = time.perf_counter() - t0
         cond, uncond = self.branches(text, planner, refs)
         t1 = time.perf_counter()
+        stage("sampling")
         latents = self.sample(cond, uncond, settings, callback)
         timings["sampling_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
+        stage("decoding")
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t2
         return GenerationResult(frames=frames, latents=latents, prompt=prompt,

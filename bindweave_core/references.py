@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import constants as C
 from .errors import InputError
+from .images import open_image, to_8bit
 
 log = logging.getLogger("BindWeave")
 
@@ -69,31 +70,11 @@ class Placement:
 
 # ------------------------------------------------------------------------------------------ reading
 def load_image(path: str | os.PathLike | bytes) -> Image.Image:
-    """Read an image file by its content (the extension is not trusted), fully decoded.
-
-    RGBA is kept (and LA / palette images with transparency become RGBA) so the caller can use the
-    alpha; other modes are returned as stored. Animated images give their first frame (logged).
-    """
-    p = Path(os.fsdecode(path))
-    if not p.exists():
-        raise InputError(f"reference image not found: {p}. Check the path.")
-    if p.is_dir():
-        raise InputError(f"reference image path is a directory, not an image file: {p}")
-    try:
-        with Image.open(p) as im:
-            im.load()  # decode now: a truncated file fails here, not later
-            frames = getattr(im, "n_frames", 1)
-            if frames > 1:
-                log.warning("%s has %d frames; using the first one as the reference", p, frames)
-            if im.mode in ("LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-            return im
-    except UnidentifiedImageError as e:
-        raise InputError(f"{p}: not an image file this machine can read (PIL could not identify it). "
-                         "Use a PNG, JPEG or WebP image.") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{p}: the image cannot be decoded ({e}). The file is probably truncated or "
-                         "corrupt; re-export or re-download it.") from e
+    """Read an image file by its content (the extension is not trusted), fully decoded, as 8-bit RGB,
+    or RGBA when it carries transparency (so the caller can use the alpha). Every PIL mode (16-bit,
+    float, CMYK, ...) is converted by :func:`bindweave_core.images.to_8bit`; animated images give their
+    first frame (logged)."""
+    return open_image(path, "reference image")
 
 
 def tensor_to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
@@ -121,7 +102,7 @@ def tensor_to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
 
 def _as_pil(image: ReferenceImage, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image
+        return to_8bit(image, f"reference {index + 1}")
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         return load_image(image)
     if isinstance(image, (torch.Tensor, np.ndarray)):
@@ -132,8 +113,10 @@ def _as_pil(image: ReferenceImage, index: int) -> Image.Image:
 
 def _mask_to_l(mask: Any, size: tuple[int, int], index: int) -> Image.Image:
     """A user mask as an 8-bit ``L`` image of the reference's size (255 = subject)."""
+    if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
+        mask = open_image(mask, f"mask {index + 1}")
     if isinstance(mask, Image.Image):
-        img = mask.convert("L")
+        img = to_8bit(mask, f"mask {index + 1}").convert("L")
     else:
         t = torch.as_tensor(mask if isinstance(mask, torch.Tensor) else np.array(mask)).detach().cpu()
         while t.ndim > 2 and t.shape[0] == 1:
@@ -195,6 +178,7 @@ def letterbox(image: Image.Image, width: int, height: int, *, mask: ReferenceMas
     its alpha; ``mask`` (the reference's size, 1/white = subject) gives the mask explicitly. Both
     are letterboxed with the image's placement, thresholded ``> 127`` and limited to the rectangle.
     """
+    image = to_8bit(image)  # 16-bit, float, CMYK, ... -> 8-bit RGB(A) (PIL's convert clips at 255)
     placement = placement_for(image.size, width, height)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info)

@@ -9,8 +9,8 @@
 * ``parallel``: ``ulysses`` / ``ring`` context parallelism or ``cfg`` split over ranks launched
   with torchrun (``dit.parallel``);
 * ``vae_tiling``: encode/decode the video in spatial tiles (less VAE memory, seams blended);
-* ``memory_check``: refuse a run whose estimated peak does not fit the free GPU memory, naming the
-  settings that would (``memory``).
+* ``memory_check``: refuse a run whose estimated peak does not fit the free GPU memory (on the CPU:
+  the RAM available, ``preflight.check_cpu_memory``), naming the settings that would (``memory``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import logging
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, OutOfMemoryError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("BindWeave")
 
@@ -111,6 +112,8 @@ def wrap_predictor(predict: Any, options: RuntimeOptions) -> Any:
 # ---------------------------------------------------------------------------------- memory
 def dit_description(pipe: Any) -> tuple[Any, torch.dtype, str] | None:
     """``(config, dtype, weight_format)`` of the pipeline's DiT, loaded or not (None if unknown)."""
+    import torch
+
     from .dit.fp8 import FP8Linear
     from .pipeline import Lazy
 
@@ -151,6 +154,8 @@ def _dit_batch(pipe: Any, settings: Any) -> int:
 def preflight(pipe: Any, settings: Any):
     """Log the estimated peak GPU memory of the DiT stage before anything runs, and raise
     :class:`OutOfMemoryError` (with the settings to change) when it cannot fit. Returns the estimate."""
+    import torch
+
     from .memory import GiB, check_fits, estimate_vram, free_device_memory
 
     described = dit_description(pipe)
@@ -159,6 +164,14 @@ def preflight(pipe: Any, settings: Any):
     config, dtype, fmt = described
     shape = run_shape(pipe, settings, dtype, fmt, _dit_batch(pipe, settings))
     free = free_device_memory(pipe.device)
+    if free is None and pipe.device.type == "cpu":  # RAM: what this machine has available
+        from .preflight import available_cpu_memory, check_cpu_memory
+
+        free = available_cpu_memory()
+        dit = pipe._loaded.get("dit") or pipe._components.get("dit")
+        if free is not None and isinstance(dit, torch.nn.Module):  # weights already in RAM count as free
+            free += sum(t.nbytes for t in list(dit.parameters()) + list(dit.buffers()) if t.device.type == "cpu")
+        return check_cpu_memory(config, shape, free, pipe.runtime.memory_check)
     if free is None:
         est = estimate_vram(config, shape)
         log.debug("estimated peak memory of the DiT stage: %s", est.describe())
@@ -180,6 +193,8 @@ def preflight(pipe: Any, settings: Any):
 def oom_guard(pipe: Any, settings: Any, batch: int):
     """Turn a CUDA out-of-memory error during sampling into :class:`OutOfMemoryError` with the
     settings to change; the failed step's tensors are freed first."""
+    import torch
+
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -206,23 +221,27 @@ def add_runtime_arguments(group: Any) -> None:
     """The speed/memory options of ``python -m bindweave_core generate``."""
     group.add_argument("--block-offload", type=int, metavar="K",
                        help="keep K of the DiT's blocks on the GPU and stream the others from pinned CPU memory "
-                            "(0 = least GPU memory; the 14B DiT has 40 blocks)")
+                            "(0 = least GPU memory; the 14B DiT has 40 blocks; default: no offload)")
     group.add_argument("--prefetch-blocks", type=int, default=1, metavar="P",
                        help="with --block-offload: blocks copied ahead while one runs (default 1)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the repeated DiT block (the first step compiles, later steps are faster)")
-    group.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"))
+    group.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"),
+                       help="with --compile: torch.compile's mode (default: torch's own)")
     group.add_argument("--vae-tiling", action="store_true", help="VAE encode/decode in spatial tiles (less memory)")
     group.add_argument("--parallel", choices=("none", "ulysses", "ring", "cfg"), default="none",
                        help="multi-GPU, launched with torchrun --nproc-per-node N: ulysses/ring split the token "
                             "sequence over N GPUs; cfg runs cond and uncond on 2 GPUs")
     group.add_argument("--no-memory-check", action="store_true",
-                       help="run even when the estimated peak GPU memory exceeds the free memory")
+                       help="run even when the estimated peak memory exceeds the free GPU memory (on the CPU: "
+                            "the RAM this machine has available)")
 
 
 def runtime_from_args(args: Any) -> tuple[RuntimeOptions, str | None]:
     """``(RuntimeOptions, device)`` from parsed arguments; joins the torchrun process group for
     ``--parallel`` (each rank then uses its own GPU)."""
+    import torch
+
     options = RuntimeOptions(block_offload=args.block_offload, prefetch_blocks=args.prefetch_blocks,
                              compile=args.compile, compile_mode=args.compile_mode, parallel=args.parallel,
                              vae_tiling=args.vae_tiling, memory_check=not args.no_memory_check)

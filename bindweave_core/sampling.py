@@ -33,7 +33,7 @@ from .errors import GenerationCancelled, InputError
 
 log = logging.getLogger("BindWeave")
 
-SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")
+SAMPLERS = C.SAMPLERS
 # Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
 FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 

@@ -6,20 +6,24 @@ pipeline on a CPU in seconds, and tests can exercise it end to end. The video it
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import PRESETS
-from .dit.transformer import BindWeaveTransformer, build_dit
+
+if TYPE_CHECKING:  # the models import torch; the defaults below are read by `generate --help`
+    from .dit.transformer import BindWeaveTransformer
 
 # Defaults for a smoke run when the user gives no size: small enough for 2 CPU cores.
 SMOKE_DEFAULTS = {"width": 160, "height": 96, "num_frames": 9, "steps": 4}
 SMOKE_FAMILIES = ("bindweave", "kaleido")
 
 
-def smoke_dit(seed: int = 0, preset: str = "tiny") -> BindWeaveTransformer:
+def smoke_dit(seed: int = 0, preset: str = "tiny") -> "BindWeaveTransformer":
     """The tiny DiT with weights drawn from ``seed`` (without touching the global RNG)."""
+    import torch
+
+    from .dit.transformer import build_dit
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_dit(PRESETS[preset])

@@ -204,8 +204,11 @@ def _as_rgb(image: Any) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise InputError(f"planner reference images must be PIL images, got {type(image).__name__}. "
                          "Convert tensors or arrays to PIL.Image first.")
-    # Official behaviour: Image.convert('RGB') (an alpha channel is dropped, not composited).
-    return image if image.mode == "RGB" else image.convert("RGB")
+    # Official behaviour: Image.convert('RGB') (an alpha channel is dropped, not composited); 16-bit and
+    # float modes are scaled to 8 bits first (bindweave_core.images), where PIL's convert would clip them.
+    from ..images import load_rgb
+
+    return load_rgb(image)
 
 
 def pre_resize(image: Image.Image) -> Image.Image:
@@ -725,6 +728,9 @@ class Planner:
         """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3)."""
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt", allow_empty=True)
+        tokens = len(self.tokenizer(prompt)["input_ids"])
+        if tokens > C.TEXT_LEN:  # UMT5 cuts such a prompt (encoders/text.py warns); say that this branch does not
+            log.info("the planner reads the whole prompt: %d tokens (no limit), with the images", tokens)
         originals = check_images(images)
         key = cache.key(self.identity, prompt, negative_prompt, originals) if cache is not None else None
         if cache is not None:

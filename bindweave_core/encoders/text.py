@@ -401,6 +401,18 @@ def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise * p.shape[-1] ** -0.5)
 
 
+def warn_if_truncated(tokenizer: Any, texts: list[str], text_len: int = C.TEXT_LEN) -> list[int]:
+    """Token counts of ``texts`` (end token included); a warning naming them for each one UMT5 cuts."""
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    for text, n in zip(texts, counts):
+        if n > text_len:
+            log.warning("a prompt of %d UMT5 tokens (%d characters, starting %r): the text encoder keeps %d (the "
+                        "first %d and the end token) and drops %d; the planner (BindWeave, not Kaleido) reads the "
+                        "whole prompt. Shorten it to keep all of it in the text branch.", n, len(text), text[:40], text_len,
+                        text_len - 1, n - text_len)
+    return counts
+
+
 class TextEncoder:
     """UMT5 encoder + tokenizer: prompts -> ``[B, 512, d_model]`` states, zero past the real tokens."""
 
@@ -483,6 +495,7 @@ class TextEncoder:
         texts = [clean_prompt(p) if self.clean_prompts else p for p in prompts]
         batch = self.tokenizer(texts, padding="max_length", max_length=self.text_len, truncation=True,
                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        warn_if_truncated(self.tokenizer, texts, self.text_len)
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.no_grad()

@@ -1,0 +1,373 @@
+"""Every bad input of ``python -m bindweave_core generate``, run through the CLI, and the message it gets.
+
+    python tools/bad_inputs.py           # run every case, rewrite docs/bad-inputs.md
+    python tools/bad_inputs.py --check   # exit 1 if docs/bad-inputs.md is stale
+
+``tests/test_bad_inputs.py`` runs the same cases and asserts, for each: exit code 2 (130 for Ctrl-C),
+no traceback, the message, every input file unchanged (sha256 before and after), no output file
+left, and for all but the memory case that no model was built. The cases run in this process
+through ``bindweave_core.cli.main`` (the function ``python -m bindweave_core`` calls), except two
+that need a real process: an unwritable output (checked end to end, without torch being imported)
+and Ctrl-C (SIGINT sent while the smoke model samples). Both start first and run alongside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "bad-inputs.md"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MAX_SEED = 2 ** 64 - 1
+
+
+@dataclass
+class Case:
+    id: str
+    what: str  # the bad input, in words
+    args: list[str]  # after "generate"; "{d}" is the folder with the input files
+    message: str  # a regex the error must match
+    code: int = 2
+    before_models: bool = True  # fails before any model is built
+    process: str = ""  # "" in this process; "subprocess" or "sigint" in a real one
+    needs: str = ""  # "cpu-only-torch": only runs where torch has no CUDA
+
+
+@dataclass
+class Result:
+    case: Case
+    code: int
+    stderr: str
+    models_built: bool = False
+    changed: list[str] = field(default_factory=list)  # input files whose bytes changed
+    left: list[str] = field(default_factory=list)  # output files left behind
+    ran: bool = True
+
+
+def base(*extra: str, ref: str = "{d}/ref.png", prompt: tuple[str, ...] = ("--prompt", "a cat walks"),
+         out: str = "{d}/out/video.mp4") -> list[str]:
+    args = ["--smoke"]
+    if ref:
+        args += ["--ref", ref]
+    args += list(prompt)
+    if out:
+        args += ["--out", out]
+    return args + list(extra)
+
+
+CASES: list[Case] = [
+    # ---- output paths: all fail before any model is built
+    Case("out-proc", "--out under /proc (cannot be written)", base(out="/proc/bindweave/video.mp4"),
+         r"cannot write in /proc", process="subprocess"),
+    Case("out-file-as-folder", "--out inside a path whose folder is a file", base(out="{d}/ref.png/video.mp4"),
+         r"is a file, so no folder can be made there"),
+    Case("out-folder", "--out names an existing folder", base(out="{d}/folder.mp4"), r"is a folder"),
+    Case("out-not-mp4", "--out without .mp4", base(out="{d}/out/video.avi"), r"must end in \.mp4"),
+    Case("out-is-ref", "--out is the reference image", base(ref="{d}/ref.mp4", out="{d}/ref.mp4"),
+         r"would overwrite an input file"),
+    Case("out-hardlink-ref", "--out is a hard link to the reference image", base(out="{d}/link.mp4"),
+         r"would overwrite an input file"),
+    Case("sidecar-is-prompt-file", "the .json sidecar would replace --prompt-file",
+         base(prompt=("--prompt-file", "{d}/clip.json"), out="{d}/clip.mp4"), r"sidecar .* would overwrite an input"),
+    # ---- prompt
+    Case("prompt-file-missing", "--prompt-file does not exist", base(prompt=("--prompt-file", "{d}/nope.txt")),
+         r"--prompt-file .* not found"),
+    Case("prompt-file-folder", "--prompt-file is a folder", base(prompt=("--prompt-file", "{d}/folder.mp4")),
+         r"is a folder"),
+    Case("prompt-file-not-utf8", "--prompt-file is not UTF-8 (Latin-1 text)",
+         base(prompt=("--prompt-file", "{d}/latin1.txt")), r"is not UTF-8 text"),
+    Case("prompt-file-empty", "--prompt-file is empty", base(prompt=("--prompt-file", "{d}/empty.txt")),
+         r"is empty"),
+    Case("prompt-empty", "--prompt is blank", base(prompt=("--prompt", "  ")), r"the prompt is empty"),
+    # ---- images and model files
+    Case("ref-missing", "--ref does not exist", base(ref="{d}/nope.png"), r"reference image 1 not found"),
+    Case("ref-folder", "--ref is a folder", base(ref="{d}/folder.mp4"), r"is a directory"),
+    Case("ref-not-image", "--ref is a text file named .png", base(ref="{d}/text.png"), r"not an image file"),
+    Case("ref-truncated", "--ref is a truncated PNG", base(ref="{d}/truncated.png"), r"cannot be decoded"),
+    Case("refs-too-many", "five --ref images for BindWeave", base(*["--ref", "{d}/ref.png"] * 4),
+         r"5 reference images given"),
+    Case("mask-count", "two --mask for one --ref", base("--mask", "{d}/ref.png", "--mask", "{d}/ref.png"),
+         r"2 masks for 1 references"),
+    Case("mask-not-image", "--mask is not an image", base("--mask", "{d}/text.png"), r"mask 1 .*not an image"),
+    Case("model-missing", "--dit does not exist", ["--ref", "{d}/ref.png", "--prompt", "x", "--out",
+                                                    "{d}/out/video.mp4", "--dit", "{d}/nope.safetensors"],
+         r"--dit .* not found"),
+    # ---- device
+    Case("device-name", "--device is not a device name", base("--device", "gpu0"), r"is not a device name"),
+    Case("device-cuda-cpu-torch", "--device cuda with a CPU-only torch", base("--device", "cuda"),
+         r"CPU-only build", needs="cpu-only-torch"),
+    # ---- settings
+    Case("seed-64-bit", "--seed past 64 bits", base("--seed", str(MAX_SEED + 1)), r"seed must be a whole number"),
+    Case("seed-negative", "--seed below 0", base("--seed", "-1"), r"seed must be a whole number"),
+    Case("fps-zero", "--fps 0", base("--fps", "0"), r"fps must be a whole number of at least 1"),
+    Case("fps-negative", "--fps -1", base("--fps", "-1"), r"fps must be a whole number of at least 1"),
+    Case("guidance-negative", "--guidance -1", base("--guidance", "-1"), r"guidance must be 0 or more"),
+    Case("guidance-nan", "--guidance nan", base("--guidance", "nan"), r"guidance must be a finite number"),
+    Case("shift-zero", "--shift 0", base("--shift", "0"), r"shift must be above 0"),
+    Case("shift-negative", "--shift -3", base("--shift", "-3"), r"shift must be above 0"),
+    Case("steps-zero", "--steps 0", base("--steps", "0"), r"steps must be at least 1"),
+    Case("steps-huge", "--steps 100000", base("--steps", "100000"), r"steps must be at most 1000"),
+    Case("frames-not-4k1", "--frames 80", base("--frames", "80"), r"frames must be 4k\+1"),
+    Case("size-not-16", "--width 1000", base("--width", "1000"), r"width must be a multiple of 16"),
+    Case("size-huge", "--width 100000 --height 100000", base("--width", "100000", "--height", "100000"),
+         r"width 100000 is above 16384"),
+    Case("memory", "a size that needs more memory than the machine has (CPU)",
+         base("--width", "16384", "--height", "16384", "--frames", "4077", "--device", "cpu"),
+         r"will not fit in this machine's memory", before_models=False),
+    # ---- cancel
+    Case("ctrl-c", "Ctrl-C (SIGINT) while sampling", base("--steps", "1000"), r"^cancelled at step \d+ of 1000",
+         code=130, before_models=False, process="sigint"),
+]
+
+
+# ---------------------------------------------------------------------------------- inputs
+def make_inputs(d: Path) -> None:
+    """The input files the cases read (a valid reference, broken files, a prompt file, ...)."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(d / "ref.png")
+    Image.new("RGB", (64, 48), (40, 120, 200)).save(d / "ref.mp4", format="PNG")  # an image named .mp4
+    os.link(d / "ref.png", d / "link.mp4")
+    (d / "folder.mp4").mkdir()
+    (d / "clip.json").write_text('{"prompt": "a cat walks"}\n')
+    (d / "latin1.txt").write_bytes("un caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (d / "empty.txt").write_text("\n")
+    (d / "text.png").write_text("not an image\n")
+    png = (d / "ref.png").read_bytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+
+
+def _hashes(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and "out" not in p.relative_to(d).parts}
+
+
+def _outputs(d: Path) -> list[str]:
+    out = d / "out"
+    return sorted(str(p.relative_to(d)) for p in out.rglob("*")) if out.exists() else []
+
+
+def _argv(case: Case, d: Path) -> list[str]:
+    return ["generate", *[a.replace("{d}", str(d)) for a in case.args]]
+
+
+def _runnable(case: Case) -> bool:
+    if case.needs == "cpu-only-torch":
+        import torch
+
+        return torch.version.cuda is None and torch.version.hip is None
+    return True
+
+
+# ---------------------------------------------------------------------------------- running
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def _start(case: Case, d: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bindweave_core", *_argv(case, d)], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_sigint(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for the sampling stage, send SIGINT, collect what the process says."""
+    seen = []
+    for line in proc.stderr:  # log lines end in newlines; the tqdm bar starts after this one
+        seen.append(line)
+        if line.startswith("INFO sampling ("):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + err
+
+
+def _run_in_process(case: Case, d: Path) -> tuple[int, str, bool]:
+    """``bindweave_core.cli.main`` on the case's arguments: (exit code, stderr, whether models were built)."""
+    from bindweave_core import cli, generate_cli
+
+    built = []
+    real_build = generate_cli.build_pipeline
+
+    def recording_build(args):
+        built.append(True)
+        return real_build(args)
+
+    stderr = io.StringIO()
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    for h in handlers:
+        root.removeHandler(h)
+    generate_cli.build_pipeline = recording_build
+    try:
+        with contextlib.redirect_stderr(stderr):
+            try:
+                code = cli.main(_argv(case, d))
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # what Python would print for an uncaught exception
+                stderr.write(traceback.format_exc())
+                code = 1
+    finally:
+        generate_cli.build_pipeline = real_build
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+    return code, stderr.getvalue(), bool(built)
+
+
+def run_cases(d: Path, cases: list[Case] | None = None) -> list[Result]:
+    """Run every case against fresh inputs in ``d`` (which must not exist yet or be empty)."""
+    cases = CASES if cases is None else cases
+    make_inputs(d)
+    hashes = _hashes(d)
+    sigint_dir = d / "sigint"  # its own inputs: its outputs must not mix with the others'
+    make_inputs(sigint_dir)
+    sigint_hashes = _hashes(sigint_dir)
+    hashes = {k: v for k, v in hashes.items() if not k.startswith("sigint")}
+    procs = {c.id: _start(c, sigint_dir if c.process == "sigint" else d)
+             for c in cases if c.process}  # started first: they run while the in-process cases do
+    results = []
+    for case in cases:
+        if case.process:
+            continue
+        if not _runnable(case):
+            results.append(Result(case, 0, "", ran=False))
+            continue
+        code, err, built = _run_in_process(case, d)
+        now = _hashes(d)  # (the sigint folder's files are compared once its process is done)
+        results.append(Result(case, code, err, built, [k for k in hashes if now.get(k) != hashes[k]], _outputs(d)))
+    for case in cases:
+        if not case.process:
+            continue
+        proc = procs[case.id]
+        where, before = (sigint_dir, sigint_hashes) if case.process == "sigint" else (d, hashes)
+        if case.process == "sigint":
+            code, err = _finish_sigint(proc)
+        else:
+            _, err = proc.communicate(timeout=300)
+            code = proc.returncode
+        now = _hashes(where)
+        results.append(Result(case, code, err, False, [k for k in before if now.get(k) != before[k]],
+                              _outputs(where)))
+    order = {c.id: i for i, c in enumerate(cases)}
+    return sorted(results, key=lambda r: order[r.case.id])
+
+
+def problems(result: Result) -> list[str]:
+    """What is wrong with a case's outcome (empty: as required)."""
+    if not result.ran:
+        return []
+    case, out = result.case, []
+    if result.code != case.code:
+        out.append(f"exit code {result.code}, expected {case.code}")
+    if "Traceback" in result.stderr:
+        out.append("a traceback was printed")
+    if not re.search(case.message, message(result), re.M):
+        out.append(f"message does not match {case.message!r}")
+    if result.changed:
+        out.append(f"input files changed: {result.changed}")
+    if result.left:
+        out.append(f"output files left: {result.left}")
+    if case.before_models and result.models_built:
+        out.append("a model was built before the failure")
+    return out
+
+
+def message(result: Result) -> str:
+    """The error the user reads: the lines from 'error:' (or the cancel line) on, without log lines."""
+    lines = [ln.split("\r")[-1] for ln in result.stderr.splitlines()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("error: ") or ln.startswith("cancelled"):
+            return "\n".join(lines[i:]).removeprefix("error: ").strip()
+    return result.stderr.strip()
+
+
+# ---------------------------------------------------------------------------------- the doc
+def _doc_text(result: Result, d: Path) -> str:
+    text = message(result).replace(str(d / "sigint"), "<dir>").replace(str(d), "<dir>")
+    if result.case.id == "memory":  # figures depend on the machine and the estimate's calibration
+        text = text.splitlines()[0] + " Then: settings that would fit (estimated), or none, and what else to try."
+        text = re.sub(r"\d+\.\d+", "N", text)
+    text = re.sub(r"step \d+ of", "step k of", text)
+    return text
+
+
+def _existing_rows(doc: str) -> dict[str, str]:
+    return {m.group(1): m.group(0) for m in re.finditer(r"^\| `([\w-]+)` \|.*$", doc, re.M)}
+
+
+def render(results: list[Result], d: Path, existing: str = "") -> str:
+    """docs/bad-inputs.md; rows of cases this machine cannot run are kept from ``existing``."""
+    kept = _existing_rows(existing)
+    rows = []
+    for r in results:
+        if not r.ran:
+            rows.append(kept.get(r.case.id, f"| `{r.case.id}` | {r.case.what} | (not run on this machine) | | |"))
+            continue
+        text = _doc_text(r, d).replace("|", "\\|").replace("\n", "<br>")
+        when = ("before any model" if r.case.before_models else "during sampling" if r.case.process == "sigint"
+                else "after building the smoke model, before sampling")
+        rows.append(f"| `{r.case.id}` | {r.case.what} | {r.case.code} | {when} | {text} |")
+    return "\n".join([
+        "# Bad inputs and what they get",
+        "",
+        "Generated by `python tools/bad_inputs.py`, which runs each case through "
+        "`python -m bindweave_core generate` (the smoke model); `tests/test_bad_inputs.py` runs them again and "
+        "fails when this page is stale. Every case exits with the code shown and one message, prints no "
+        "traceback, leaves every input file byte for byte as it was and writes no output file. Checks run in "
+        "this order, before any model is loaded: output and sidecar paths, prompt file, reference and mask "
+        "images, model paths, device, settings; the memory estimate runs once the pipeline is built and before "
+        "any weights of a real model load. Paths are shown as `<dir>`; the memory figures depend on the machine.",
+        "",
+        "Inputs that are not errors: 16-bit, float, CMYK, LA and palette images are converted to 8-bit RGB "
+        "(`bindweave_core/images.py`); an animated image gives its first frame with a logged note; a prompt "
+        "longer than UMT5's 512 tokens is used in full by the planner and cut by UMT5, with a warning naming "
+        "both counts.",
+        "",
+        "| case | bad input | exit | fails | message |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    argv = sys.argv[1:] if argv is None else argv
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "in"
+        results = run_cases(d)
+        bad = {r.case.id: problems(r) for r in results if problems(r)}
+        existing = DOC.read_text() if DOC.exists() else ""
+        doc = render(results, d, existing)
+    for case_id, found in bad.items():
+        print(f"{case_id}: {'; '.join(found)}", file=sys.stderr)
+    if "--check" in argv:
+        if doc != existing:
+            print(f"{DOC.relative_to(REPO)} is stale: run python tools/bad_inputs.py", file=sys.stderr)
+            return 1
+        return 1 if bad else 0
+    DOC.write_text(doc)
+    print(f"wrote {DOC.relative_to(REPO)} ({len(results)} cases)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
