@@ -65,7 +65,7 @@ def test_generate_help_states_every_default():
                                   ("--steps", C.DEFAULT_STEPS, SMOKE_DEFAULTS["steps"])):
         action = next(a for a in generate._actions if flag in a.option_strings)
         assert f"default {official} " in action.help and f"smoke model {smoke}" in action.help, action.help
-    assert "(default: 0)" in " ".join(text.split())  # --seed
+    assert f"default {C.DEFAULT_SEED}, the official one" in " ".join(text.split())  # --seed
 
 
 def test_python_api_and_nodes_get_the_same_value_checks():
