@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -38,15 +36,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bindweave_core.checkpoints.dit_loader import load_dit, scan_dit
+from bindweave_core.checkpoints.dit_loader import load_dit
 from bindweave_core.checkpoints.inspect import inspect_checkpoint
 from bindweave_core.checkpoints.materialize import expand_scale
-from bindweave_core.checkpoints.writers import save_sharded
+from bindweave_core.cli import main as cli_main
 from bindweave_core.config import PRESETS, DiTConfig
 from bindweave_core.dit import build_dit, count_parameters
 from bindweave_core.dit.gguf_linear import GGUFLinear
 from bindweave_core.errors import CheckpointError
-from helpers import REPO, randomize_
+from helpers import randomize_
 from test_dit_checkpoints import BLOCK_LINEAR, to_original
 
 TINY = PRESETS["tiny"]
@@ -377,12 +375,17 @@ def test_gguf_unsupported_type_is_named(gguf_reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ inspect
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bindweave_core", "inspect", *args], capture_output=True, text=True,
-                          cwd=REPO)
+@pytest.fixture
+def cli(capsys):
+    """``python -m bindweave_core inspect ARGS`` in this process: (exit code, stdout, stderr)."""
+    def call(*args: str) -> tuple[int, str, str]:
+        code = cli_main(["inspect", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return call
 
 
-def test_inspect_reports_layout_quantisation_and_parameters(reference, gguf_reference, tmp_path):
+def test_inspect_reports_layout_quantisation_and_parameters(reference, gguf_reference, tmp_path, cli):
     n = count_parameters(reference)
     sd = reference.state_dict()
     save_file({"model.diffusion_model." + to_original(k): v for k, v in sd.items()}, str(tmp_path / "orig.safetensors"))
@@ -406,22 +409,22 @@ def test_inspect_reports_layout_quantisation_and_parameters(reference, gguf_refe
     assert rep["parameters"] == count_parameters(gguf_reference)
     assert rep["gguf_types"]["Q4_K"] >= 12 and rep["gguf_types"]["float32"] > 0
 
-    out = cli(str(tmp_path / "channel_fp8.safetensors"))
-    assert out.returncode == 0, out.stderr
-    assert "quantised:   fp8 weights with per-channel scales" in out.stdout and f"{n:,}" in out.stdout
-    out = cli(str(tmp_path / "dit-Q4_K_M.gguf"))
-    assert out.returncode == 0, out.stderr
-    assert "format:      gguf" in out.stdout and "quantised:   GGUF Q4_K x" in out.stdout
-    assert f"{count_parameters(gguf_reference):,}" in out.stdout
+    code, out, err = cli(str(tmp_path / "channel_fp8.safetensors"))
+    assert code == 0, err
+    assert "quantised:   fp8 weights with per-channel scales" in out and f"{n:,}" in out
+    code, out, err = cli(str(tmp_path / "dit-Q4_K_M.gguf"))
+    assert code == 0, err
+    assert "format:      gguf" in out and "quantised:   GGUF Q4_K x" in out
+    assert f"{count_parameters(gguf_reference):,}" in out
 
 
-def test_inspect_says_not_recognised(tmp_path):
+def test_inspect_says_not_recognised(tmp_path, cli):
     save_file({"encoder.some_layer.weight": torch.zeros(3, 3)}, str(tmp_path / "unknown.safetensors"))
-    out = cli(str(tmp_path / "unknown.safetensors"))
-    assert out.returncode != 0 and "not recognised" in out.stdout and "encoder.some_layer.weight" in out.stdout
+    code, out, _ = cli(str(tmp_path / "unknown.safetensors"))
+    assert code != 0 and "not recognised" in out and "encoder.some_layer.weight" in out
     # judged by content: random bytes named .bin are not "a pickled checkpoint", nor a .gguf a GGUF file
-    for name in ("random.bin", "random.gguf", "random.safetensors"):
-        (tmp_path / name).write_bytes(np.random.default_rng(0).integers(1, 255, 4096, dtype=np.uint8).tobytes())
-        out = cli(str(tmp_path / name))
-        assert out.returncode != 0 and "not recognised" in out.stderr and "pickle" not in out.stderr, name
-        assert "4,096 bytes starting with" in out.stderr
+    for name in ("random.bin", "random.gguf", "random.safetensors", "random.pt"):
+        (tmp_path / name).write_bytes(np.random.default_rng(0).integers(1, 127, 4096, dtype=np.uint8).tobytes())
+        code, out, err = cli(str(tmp_path / name))
+        assert code != 0 and "not recognised" in err and "pickle" not in err, name
+        assert "4,096 bytes starting with" in err
