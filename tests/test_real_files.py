@@ -259,6 +259,15 @@ def test_unreadable_quantisations_name_the_format_and_the_file_to_get(reference,
         load_dit(tmp_path / "quant.safetensors")
 
 
+def test_quantisation_described_in_the_header_is_checked_too(reference, tmp_path):
+    """ComfyUI also reads a ``_quantization_metadata`` header entry (comfy/utils.py convert_old_quants)."""
+    sd = {to_original(k): v for k, v in reference.state_dict().items()}
+    layers = {"blocks.0.ffn.0": {"format": "int8_tensorwise"}}
+    save_file(sd, str(tmp_path / "int8.safetensors"), metadata={"_quantization_metadata": json.dumps({"layers": layers})})
+    with pytest.raises(CheckpointError, match=r"quantised as int8_tensorwise \(1 layers, e\.g\. blocks\.0\.ffn\.0\)"):
+        inspect_checkpoint(tmp_path / "int8.safetensors")
+
+
 # ------------------------------------------------------------------------------------ GGUF
 def craft_k_quant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
     """Random K-quant blocks with small, finite float16 super-block scales (gguf cannot quantise K types)."""

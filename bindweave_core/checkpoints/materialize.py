@@ -235,7 +235,7 @@ class ScannedCheckpoint:
             weight = self.tensors.get(key)
             if n == 1:
                 kinds.add("per-tensor")
-            elif weight is not None and n == weight.shape[0]:
+            elif weight is not None and n == weight.shape[0] and math.prod(info.shape[1:]) == 1:
                 kinds.add("per-channel")
             else:
                 kinds.add("block")
