@@ -367,6 +367,22 @@ def test_gguf_with_orig_shape_metadata_and_bf16_tensors(gguf_reference, tmp_path
     torch.testing.assert_close(run(model, inputs), run(with_weights(stored, GGUF_CFG), inputs), rtol=0, atol=1e-5)
 
 
+def test_gguf_in_bf16_and_truncated_gguf(gguf_reference, inputs, tmp_path):
+    path = tmp_path / "dit-Q8_0.gguf"
+    write_wan_gguf(gguf_reference, path, QT.Q8_0)
+    fp32, bf16 = load_dit(path, dtype=torch.float32), load_dit(path, dtype=torch.bfloat16)
+    assert bf16.patch_embedding.weight.dtype == torch.bfloat16
+    assert all(m.qweight.dtype == torch.uint8 for m in bf16.modules() if isinstance(m, GGUFLinear))
+    want = run(fp32, inputs)
+    got = run(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v
+                     for k, v in inputs.items()})
+    assert (got.float() - want).norm() / want.norm() < 0.02
+    data = path.read_bytes()
+    (tmp_path / "short.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="short.gguf: not a readable GGUF file.*download it again"):
+        load_dit(tmp_path / "short.gguf")
+
+
 def test_gguf_unsupported_type_is_named(gguf_reference, tmp_path):
     writer = gguf.GGUFWriter(path=None, arch="wan")
     for key, value in gguf_reference.state_dict().items():
