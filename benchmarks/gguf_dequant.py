@@ -3,8 +3,8 @@ matmul it feeds, in one process.
 
 For each GGUF type, a ``--dim`` x ``--dim`` weight (Wan 14B: 5120) is quantised (Q8_0 by gguf itself,
 the K types as random blocks: dequantisation time does not depend on the values), then timed:
-dequantisation (``dit.gguf_linear`` / ``checkpoints.gguf_io``: Q8_0 in torch, the K types with gguf's
-numpy code) and the ``x @ W.T`` matmul for ``--tokens`` activations. The ratio is the extra time per
+dequantisation (``dit.gguf_linear`` / ``checkpoints.gguf_io``, in torch on ``--device``) and the
+``x @ W.T`` matmul for ``--tokens`` activations. The ratio is the extra time per
 linear layer call relative to the matmul of a bf16/fp32 model.
 
     python benchmarks/gguf_dequant.py --dim 5120 --tokens 4096 --device cuda

@@ -281,6 +281,20 @@ def craft_k_quant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.n
     return raw.reshape(rows, -1)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q4_K], ids=lambda q: q.name)
+def test_torch_dequantisation_equals_gguf_numpy(qtype):
+    from bindweave_core.checkpoints.gguf_io import dequantize
+
+    rng = np.random.default_rng(3)
+    if qtype == QT.Q8_0:
+        raw = gguf.quants.quantize(rng.standard_normal((8, 512)).astype(np.float32), qtype)
+    else:
+        raw = craft_k_quant(8, 512, qtype, rng)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
+    got = dequantize(torch.from_numpy(raw.reshape(-1).copy()), qtype.name, (8, 512))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def write_wan_gguf(model, path, qtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """A Wan GGUF as ComfyUI-GGUF's convert.py writes it; returns the values it stores (torch, float32)."""
     rng = np.random.default_rng(seed)
