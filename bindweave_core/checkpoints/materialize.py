@@ -153,6 +153,8 @@ def materialize(model: nn.Module, tensors: dict[str, TensorInfo], *, scales: dic
                 from .gguf_io import dequantize as gguf_dequantize
 
                 stored = gguf_dequantize(stored, info.quant, info.shape)
+            elif key in scales and stored.dtype == torch.uint8:
+                stored = stored.view(FP8_DTYPE)  # ComfyUI's mixed files may store e4m3fn weights as raw bytes
             _load_one(model, key, stored, scale_values, scales, fp8_modules, dtype, device, keep_fp32, own)
 
     leftover = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
