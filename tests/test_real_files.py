@@ -2,24 +2,22 @@
 
 Where the key names, markers and formats come from (public code that reads the real files):
 
-| what                                   | repository / file                                   | commit        |
-|----------------------------------------|-----------------------------------------------------|---------------|
-| original Wan DiT names, prefixes       | comfyanonymous ComfyUI snapshot yzkee/ComfyUI,      | 783545f689a0af730065994b46b382ae24844c99 |
-| (``model.diffusion_model.``,           | comfy/model_detection.py (``head.modulation`` ->    |               |
-| ``head.modulation``, ``blocks.N.*``)   | wan2.1), comfy/sd.py                                |               |
-| original -> diffusers renaming         | huggingface/diffusers 0.42.1, loaders/single_file_utils.py convert_wan_transformer_to_diffusers (installed) | |
-| ``scaled_fp8`` marker, ``scale_weight``, | yzkee/ComfyUI comfy/utils.py convert_old_quants   | 783545f689a0af730065994b46b382ae24844c99 |
-| ``scale_input``                        |                                                     |               |
-| ``comfy_quant`` JSON per layer,        | yzkee/ComfyUI comfy/ops.py (mixed-precision         | 783545f689a0af730065994b46b382ae24844c99 |
-| ``weight_scale``/``input_scale``,      | ``_load_from_state_dict``), comfy/quant_ops.py      |               |
-| formats nvfp4 (``weight_scale_2``),    | QUANT_ALGOS                                         |               |
-| mxfp8, int8_tensorwise ...             |                                                     |               |
-| Wan GGUF: original names without       | city96/ComfyUI-GGUF tools/convert.py (ModelWan,     | 795e45156ece99afbc3efef911e63fcb46e6a20d |
-| prefix, 1-D / small / ``.modulation``  | strip_prefix, handle_tensors), tools/fix_5d_tensors.py |            |
-| tensors F32, 5-D patch_embedding F32,  | (5-D tensors re-added as F32), loader.py            |               |
-| ``comfy.gguf.orig_shape.*``, reversed  | (gguf_sd_loader, get_orig_shape)                    |               |
-| ggml shapes                            |                                                     |               |
-| GGUF block layouts and error           | gguf 0.19 (PyPI) gguf/quants.py                     | (package)     |
+* original Wan DiT names (``blocks.N.self_attn.q.weight``, ``head.modulation``) and the
+  ``model.diffusion_model.`` / ``model.`` prefixes: ComfyUI (snapshot yzkee/ComfyUI @
+  783545f689a0af730065994b46b382ae24844c99) comfy/model_detection.py (``head.modulation`` -> wan2.1),
+  comfy/sd.py; original -> diffusers renaming: diffusers 0.42.1 loaders/single_file_utils.py
+  ``convert_wan_transformer_to_diffusers`` (installed package).
+* ``scaled_fp8`` marker, ``scale_weight``, ``scale_input``, the ``_quantization_metadata`` header entry:
+  yzkee/ComfyUI @ 783545f6... comfy/utils.py ``convert_old_quants``.
+* ``comfy_quant`` JSON per layer, ``weight_scale`` / ``input_scale``, fp8 stored as uint8 bytes, the other
+  formats (nvfp4 with ``weight_scale_2``, mxfp8, int8_tensorwise ...): yzkee/ComfyUI @ 783545f6...
+  comfy/ops.py (mixed-precision ``_load_from_state_dict``) and comfy/quant_ops.py ``QUANT_ALGOS``.
+* Wan GGUF files: city96/ComfyUI-GGUF @ 795e45156ece99afbc3efef911e63fcb46e6a20d tools/convert.py
+  (``ModelWan``, ``strip_prefix``, ``handle_tensors``: original names without prefix; 1-D, small and
+  ``.modulation`` tensors F32; F16 where a row does not split into blocks), tools/fix_5d_tensors.py
+  (5-D ``patch_embedding`` re-added as F32), loader.py (``gguf_sd_loader``, ``get_orig_shape``:
+  ``comfy.gguf.orig_shape.<name>``, ggml shapes reversed).
+* GGUF block layouts and quantisation: the gguf package 0.19.0 (PyPI), gguf/quants.py.
 
 Per-output-channel (``[out, 1]``) and 128 x 128 block fp8 scales are the layouts of compressed-tensors
 "channel" and DeepSeek-style ``weight_scale_inv`` files; they are written here from that description.
