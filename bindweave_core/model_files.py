@@ -30,6 +30,10 @@ MODEL_FILES: tuple[ModelFile, ...] = (
               _REPO_FILE.format("Kijai/WanVideo_comfy_fp8_scaled", "Bindweave/Wan2_1-I2V-14B-Bindweave_fp8_scaled_KJ")),
     ModelFile("dit", "BindWeave (diffusers directory)", "diffusion_models",
               "https://huggingface.co/ByteDance/BindWeave", "33 GB", "bf16, sharded diffusers layout"),
+    ModelFile("dit", "BindWeave DiT GGUF (*-Q8_0.gguf ... *-Q4_K_M.gguf)", "unet",
+              "a GGUF conversion of the BindWeave DiT (ComfyUI-GGUF's tools/convert.py, original Wan keys)",
+              "9-17 GB", "for 12-16 GB cards; Q8_0, Q6_K, Q5_K_M, Q4_K_M; models/diffusion_models/ works too; "
+              "needs pip install gguf"),
     ModelFile("vae", "wan_2.1_vae.safetensors", "vae",
               "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged (split_files/vae)", "254 MB",
               url=_REPO_FILE.format(_WAN_REPACK, "split_files/vae/wan_2.1_vae")),

@@ -24,6 +24,7 @@ from . import host
 from .convert import collect_references, latent_output, latents_from
 from .specs import (
     DECODE,
+    DIT_FOLDERS,
     LOAD_CLIP_VISION,
     LOAD_DIT,
     LOAD_PLANNER,
@@ -100,7 +101,7 @@ class LoadDiT(io.ComfyNode):
             dit = smoke_dit(0, "tiny" if model_name == SMOKE_CHOICE else "tiny-kaleido")
             dit.set_attention_backend(attention)
         else:
-            dit = load_dit(host.resolve(model_name, ("diffusion_models",)), dtype=host.torch_dtype(dtype, "dit"),
+            dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit"),
                            weight_format=weight_format, attention_backend=attention)
         return io.NodeOutput(host.wrap(dit, "dit", resident_blocks=None if resident_blocks < 0 else resident_blocks))
 

@@ -22,7 +22,7 @@ import torch
 from bindweave_core.errors import OutOfMemoryError
 from bindweave_core.sampling import ProgressCallback
 
-from .specs import MODEL_FOLDER, In
+from .specs import GGUF_FOLDER, MODEL_FOLDER, In
 
 log = logging.getLogger("BindWeave")
 
@@ -31,9 +31,16 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def register_model_folder() -> None:
-    """``models/bindweave/``: Hugging Face directories (Qwen2.5-VL-7B-Instruct, BindWeave, Kaleido)."""
+    """``models/bindweave/``: Hugging Face directories (Qwen2.5-VL-7B-Instruct, BindWeave, Kaleido); and
+    ``.gguf`` DiT files in the diffusion model folders (``models/unet/``, ``models/diffusion_models/``),
+    which ComfyUI lists for its own extensions only."""
     path = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
     folder_paths.add_model_folder_path(MODEL_FOLDER, path)
+    try:
+        dit_paths = list(folder_paths.get_folder_paths("diffusion_models"))
+    except KeyError:  # older ComfyUI: "unet" only
+        dit_paths = [os.path.join(folder_paths.models_dir, "unet")]
+    folder_paths.folder_names_and_paths[GGUF_FOLDER] = (dit_paths, {".gguf"})
 
 
 def use_comfy_memory_manager() -> None:

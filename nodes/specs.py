@@ -18,6 +18,8 @@ CATEGORY = "BindWeave"
 SMOKE_CHOICE = "tiny smoke test (random weights)"
 SMOKE_KALEIDO_CHOICE = "tiny smoke test, Kaleido R-RoPE (random weights)"
 MODEL_FOLDER = "bindweave"  # models/bindweave/: Hugging Face directories (Qwen2.5-VL, BindWeave, Kaleido)
+GGUF_FOLDER = "bindweave_gguf"  # .gguf files in models/unet/ and models/diffusion_models/ (host.register_model_folder)
+DIT_FOLDERS = ("diffusion_models", GGUF_FOLDER)
 MAX_RESOLUTION = 8192
 MAX_DIT_BLOCKS = get_preset("bindweave-14b").num_layers
 
@@ -101,11 +103,12 @@ def _images(what: str) -> tuple[In, ...]:
 LOAD_DIT = NodeSpec(
     "BindWeaveDiTLoader", "Load BindWeave DiT", f"{CATEGORY}/loaders",
     "Loads the BindWeave diffusion transformer (Wan2.1-I2V-14B + the Qwen connector) from "
-    "models/diffusion_models (single file, fp8 scaled or not) or a diffusers directory in models/bindweave. "
+    "models/diffusion_models or models/unet (single file: bf16, fp8 scaled or GGUF) or a diffusers directory in "
+    "models/bindweave. "
     "Kaleido-14B-S2V checkpoints load here too and switch the sampler to R-RoPE references.",
     (
         In("model_name", "combo", "The DiT checkpoint. The tiny smoke test choices need no download and make noise, "
-                                  "for checking a workflow runs.", files=("diffusion_models",),
+                                  "for checking a workflow runs.", files=DIT_FOLDERS,
            smoke=(SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE), directories=True),
         _dtype("DiT"),
         In("weight_format", "combo", "default: weights in the chosen precision (fp8 files are dequantised). "

@@ -7,6 +7,7 @@ key names written out here (the Hugging Face names ComfyUI's clip_vision_h.safet
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,8 +212,8 @@ def test_wrong_files_are_explained(tmp_path):
         ClipVisionEncoder.load(umt5)
     open_clip = tmp_path / "open_clip.safetensors"
     save_file({"visual.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(12, 4)}, str(open_clip))
-    with pytest.raises(CheckpointError, match="open-clip layout"):
-        ClipVisionEncoder.load(open_clip)
+    with pytest.raises(CheckpointError, match="incomplete CLIP vision checkpoint"):
+        ClipVisionEncoder.load(open_clip)  # open_clip names are read (tests/test_real_files.py), this one is a stub
 
 
 def test_missing_keys_are_named(tmp_path):
@@ -223,6 +224,79 @@ def test_missing_keys_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing 1 keys: vision_model\.encoder\.layers\.2\.mlp\.fc2\.bias"
                                               r".*clip_vision_h\.safetensors in models/clip_vision/"):
         ClipVisionEncoder.load(path)
+
+
+# open_clip names, written out independently from the loader. Source: ComfyUI's
+# comfy/clip_vision.py convert_to_transformers (+ comfy/utils.py transformers_convert for the resblocks),
+# yzkee/ComfyUI @ 783545f689a0af730065994b46b382ae24844c99; open_clip's VisionTransformer module names.
+OPEN_CLIP_TOP = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
+                 "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+OPEN_CLIP_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def open_clip_tensors(model: CLIPVisionModel, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A full open_clip ViT file: visual tower (packed qkv ``in_proj``), ``visual.proj``, a text tower stub."""
+    sd = {k.removeprefix("vision_model."): v.half() for k, v in model.state_dict().items()}
+    out = {prefix + "visual." + new: sd.pop(old) for old, new in OPEN_CLIP_TOP.items()}
+    for i in range(SMALL["num_hidden_layers"]):
+        hf, oc = f"encoder.layers.{i}.", f"{prefix}visual.transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[oc + f"attn.in_proj_{leaf}"] = torch.cat([sd.pop(hf + f"self_attn.{n}_proj.{leaf}") for n in "qkv"])
+            for old, new in OPEN_CLIP_BLOCK.items():
+                out[oc + f"{new}.{leaf}"] = sd.pop(hf + f"{old}.{leaf}")
+    assert set(sd) <= {"embeddings.position_ids"}, sd.keys()
+    out[prefix + "visual.proj"] = torch.randn(SMALL["hidden_size"], SMALL["projection_dim"]).half()
+    # the text tower and contrastive scale of a full open_clip checkpoint (not used by the vision tower)
+    out |= {prefix + "token_embedding.weight": torch.randn(10, 8).half(),
+            prefix + "positional_embedding": torch.randn(7, 8).half(),
+            prefix + "transformer.resblocks.0.attn.in_proj_weight": torch.randn(24, 8).half(),
+            prefix + "ln_final.weight": torch.ones(8).half(), prefix + "text_projection": torch.randn(8, 8).half(),
+            prefix + "logit_scale": torch.ones(()).half()}
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "clip."])
+def test_open_clip_file_loads_like_the_hf_file(canvases, tmp_path, caplog, prefix):
+    model = reference_model()
+    save_file(file_tensors(model), str(tmp_path / "hf.safetensors"))
+    save_file(open_clip_tensors(model, prefix), str(tmp_path / "open_clip.safetensors"))
+    hf = ClipVisionEncoder.load(tmp_path / "hf.safetensors", dtype=torch.float32)
+    oc = ClipVisionEncoder.load(tmp_path / "open_clip.safetensors", dtype=torch.float32)
+    assert oc.model.checkpoint_info.layout == "open-clip" and not oc.model.checkpoint_info.unexpected
+    assert "unexpected" not in caplog.text
+    hf_sd = hf.model.state_dict()
+    for key, value in oc.model.state_dict().items():
+        assert torch.equal(value, hf_sd[key]), key
+    torch.testing.assert_close(oc.encode_canvases(canvases[:2]), hf.encode_canvases(canvases[:2]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(oc.encode_canvases(canvases[:2]), penultimate(model, own_pixels(canvases[:2])),
+                               rtol=0, atol=1e-5)
+    report = inspect_checkpoint(tmp_path / "open_clip.safetensors")
+    assert (report["kind"], report["layout"], report["parameters"]) == (
+        "clip_vision", "open-clip", sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("layout", ["hf", "open_clip"])
+def test_key_problems_missing_misshapen_and_extra(tmp_path, caplog, layout):
+    model = reference_model()
+    tensors = file_tensors(model) if layout == "hf" else open_clip_tensors(model)
+    fc2 = ("vision_model.encoder.layers.2.mlp.fc2.bias" if layout == "hf"
+           else "visual.transformer.resblocks.2.mlp.c_proj.bias")
+    fc1 = ("vision_model.encoder.layers.1.mlp.fc1.weight" if layout == "hf"
+           else "visual.transformer.resblocks.1.mlp.c_fc.weight")
+    missing = {k: v for k, v in tensors.items() if k != fc2}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing 1 keys: vision_model\.encoder\.layers\.2\.mlp\.fc2\.bias"):
+        ClipVisionEncoder.load(tmp_path / "missing.safetensors")
+    save_file({**tensors, fc1: tensors[fc1][:, :16].contiguous()}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(fc1)}: file \[64, 16\], model \[64, 32\]"):
+        ClipVisionEncoder.load(tmp_path / "shape.safetensors")
+    save_file({**tensors, "visual.extra_head.weight": torch.zeros(2)}, str(tmp_path / "extra.safetensors"))
+    enc = ClipVisionEncoder.load(tmp_path / "extra.safetensors", dtype=torch.float32)
+    assert "unexpected 1 keys: visual.extra_head.weight" in caplog.text
+    assert enc.model.checkpoint_info.unexpected == ["visual.extra_head.weight"]
 
 
 # ------------------------------------------------------------------------------------------ inspect

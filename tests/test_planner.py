@@ -5,6 +5,7 @@ disk cache and prompt refinement."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -318,6 +319,26 @@ def test_other_key_namings_load(tmp_path, tiny, tiny_tok_dir, style):
     loaded = Planner.load(f, dtype=torch.float32, tokenizer_dir=tiny_tok_dir, config=TINY_CONFIG)
     torch.testing.assert_close(loaded.hidden_states("x", small_images(1)), tiny.hidden_states("x", small_images(1)),
                                rtol=0, atol=0)
+
+
+def test_harmless_extras_are_silent_and_unknown_ones_warned(tmp_path, tiny, tiny_tok_dir, caplog):
+    """ComfyUI single files may carry activation scales (``scale_input``) and persisted buffers; names from
+    yzkee/ComfyUI @ 783545f689a0af730065994b46b382ae24844c99 comfy/utils.py convert_old_quants."""
+    sd = comfy_state_dict(tiny)
+    sd["model.layers.0.self_attn.q_proj.scale_input"] = torch.ones(())
+    sd["visual.blocks.0.attn.extra_gate.weight"] = torch.zeros(2)
+    f = tmp_path / "planner.safetensors"
+    save_file(sd, str(f))
+    loaded = Planner.load(f, dtype=torch.float32, tokenizer_dir=tiny_tok_dir, config=TINY_CONFIG)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "unexpected" in r.getMessage()]
+    assert len(warnings) == 1 and "visual.blocks.0.attn.extra_gate.weight" in warnings[0]
+    assert "scale_input" not in warnings[0]
+    torch.testing.assert_close(loaded.hidden_states("x", small_images(1)), tiny.hidden_states("x", small_images(1)),
+                               rtol=0, atol=0)
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"][:, :8].contiguous()
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: file \[\d+, 8\], model"):
+        Planner.load(f, dtype=torch.float32, tokenizer_dir=tiny_tok_dir, config=TINY_CONFIG)
 
 
 def test_fp8_scaled_file_is_dequantised(files, tiny_tok_dir):

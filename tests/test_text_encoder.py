@@ -290,13 +290,39 @@ def test_wrong_models_say_what_they_look_like(weights, tmp_path):
         TextEncoder.load(t5)
 
 
-def test_missing_and_unexpected_keys_are_named(weights, spiece, tmp_path):
+def test_missing_keys_are_named_and_unknown_extras_only_warned(weights, spiece, tmp_path, caplog):
     path = tmp_path / "broken.safetensors"
     broken = {k: v for k, v in weights.items() if k != "encoder.block.1.layer.1.DenseReluDense.wo.weight"}
     save_file({**broken, "encoder.block.0.extra.weight": torch.zeros(2), "spiece_model": spiece_tensor(spiece)},
               str(path))
     with pytest.raises(CheckpointError, match=r"missing 1 keys: encoder\.block\.1\.layer\.1\.DenseReluDense\.wo"
-                                              r"\.weight; unexpected 1 keys: encoder\.block\.0\.extra\.weight"):
+                                              r"\.weight"):
+        TextEncoder.load(path)
+    assert "unexpected 1 keys: encoder.block.0.extra.weight" in caplog.text
+
+
+def test_full_umt5_with_lm_head_decoder_and_markers_loads_its_encoder(reference, weights, spiece, tmp_path, caplog):
+    """HF names of a full encoder-decoder save (``lm_head``, ``decoder.*``, ``encoder.embed_tokens`` beside
+    ``shared``) plus ComfyUI's harmless extras: the encoder loads, nothing is warned about. Names:
+    transformers' UMT5ForConditionalGeneration; ComfyUI comfy/utils.py convert_old_quants (``scaled_fp8``,
+    ``scale_input``), yzkee/ComfyUI @ 783545f689a0af730065994b46b382ae24844c99."""
+    d = SMALL["d_model"]
+    extras = {"lm_head.weight": torch.randn(SMALL["vocab_size"], d), "encoder.embed_tokens.weight": weights["shared.weight"],
+              "decoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(d, d),
+              "scaled_fp8": torch.empty(0, dtype=FP8), "encoder.block.0.layer.0.SelfAttention.q.scale_input": torch.ones(())}
+    path = tmp_path / "umt5_full.safetensors"
+    save_file({**{k: v.to(torch.float16) for k, v in weights.items()}, **extras, "spiece_model": spiece_tensor(spiece)},
+              str(path))
+    enc = TextEncoder.load(path, dtype=torch.float32)
+    assert "unexpected" not in caplog.text and not enc.model.checkpoint_info.unexpected
+    assert_states(enc.encode(PROMPTS), expected(reference, spiece), atol=1e-6)
+
+
+def test_wrongly_shaped_tensor_is_named_with_its_shapes(weights, spiece, tmp_path):
+    path = tmp_path / "misshapen.safetensors"
+    key = "encoder.block.1.layer.1.DenseReluDense.wi_1.weight"
+    save_file({**weights, key: weights[key][:, :16].contiguous(), "spiece_model": spiece_tensor(spiece)}, str(path))
+    with pytest.raises(CheckpointError, match=rf"{key.replace('.', '[.]')}: file \[64, 16\], model \[64, 32\]"):
         TextEncoder.load(path)
 
 

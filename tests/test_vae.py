@@ -334,9 +334,8 @@ def test_wrong_files_say_what_they_are(vae, tmp_path):
     del sd["decoder.upsamples.4.shortcut.weight"]
     sd["encoder.extra.weight"] = torch.zeros(2)
     save_file(sd, str(tmp_path / "broken.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing 1 keys: decoder.up_blocks.1.resnets.0.conv_shortcut.weight"
-                                              r".*unexpected 1 keys: encoder.extra.weight"):
-        WanVAE.load(tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 1 keys: decoder.up_blocks.1.resnets.0.conv_shortcut.weight"):
+        WanVAE.load(tmp_path / "broken.safetensors")  # the unknown extra alone would only be warned about
 
 
 def test_cli_inspect_recognises_the_original_layout(vae, tmp_path, capsys):

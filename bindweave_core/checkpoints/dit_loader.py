@@ -7,6 +7,9 @@ Layouts (detected from the keys):
 * ``wan-original``: the original Wan single file (``blocks.N.self_attn.q.weight``, ...), connector as
   ``text_projection.0/.2``, optionally fp8 (e4m3fn) with per-tensor ``scale_weight`` entries (the
   repacked ``*_fp8_scaled*.safetensors`` files ComfyUI users download);
+* GGUF single files (ComfyUI-GGUF's Wan repacks, ``models/unet/`` or ``models/diffusion_models/``):
+  original Wan names, quantised linear weights kept quantised and dequantised layer by layer as the
+  model runs (``dit.gguf_linear``); see ``checkpoints/gguf_io.py``;
 * ``sat``: SAT training checkpoints (Kaleido-14B-S2V's ``model/`` folder or its
   ``mp_rank_00_model_states.pt``), mapped by ``checkpoints/sat_layout.py``; read as family ``kaleido``.
 
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,11 +61,19 @@ class DiTCheckpoint(ScannedCheckpoint):
     ignored: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
         return self.config.family
+
+    @property
+    def gguf_types(self) -> dict[str, int]:
+        """``{GGUF type: tensor count}`` for GGUF files (float tensors under their dtype), else empty."""
+        if self.metadata.get("format") != "gguf":
+            return {}
+        return dict(Counter(i.quant or str(i.dtype).replace("torch.", "") for i in self.tensors.values()))
 
 
 # ---------------------------------------------------------------------------------------- keys
@@ -71,7 +83,8 @@ def _original_to_diffusers(keys: list[str], prefix: str) -> tuple[dict[str, str]
 
     placeable, foreign = [], []
     for k in keys:
-        (foreign if ("motion_encoder" in k or "face_adapter" in k) else placeable).append(k)
+        unplaceable = not k.startswith(prefix) or "motion_encoder" in k or "face_adapter" in k
+        (foreign if unplaceable else placeable).append(k)
     stripped = {k[len(prefix):]: k for k in placeable}
     # diffusers' converter only renames keys: feed it key -> key and read the renaming back.
     renamed = convert_wan_transformer_to_diffusers({k: k for k in stripped})
@@ -173,11 +186,10 @@ def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTChe
     if config is None and layout == "sat" and cfg.family == "wan-t2v":
         cfg = cfg.replace(family="kaleido")  # the released SAT-layout T2V weights are Kaleido's R-RoPE model
     with torch.device("meta"):
-        expected = set(BindWeaveTransformer(cfg).state_dict())
+        expected = {k: tuple(v.shape) for k, v in BindWeaveTransformer(cfg).state_dict().items()}
     ckpt = DiTCheckpoint(path=path, layout=layout, config=cfg, tensors=tensors, scales=scales,
                          ignored=sorted(ignored), metadata=metadata)
-    ckpt.missing = sorted(expected - set(tensors))
-    ckpt.unexpected = sorted(set(foreign) | {tensors[k].key for k in set(tensors) - expected})
+    ckpt.compare_keys(expected, foreign)
     return ckpt
 
 
@@ -193,7 +205,8 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
             weights kept as fp8 e4m3 storage with per-tensor scales; high-precision files quantised),
             or ``fp8_fast`` (alias ``fp8_scaled_mm``): fp8 storage multiplied in fp8 with per-tensor
             activation scales on GPUs of compute capability >= 8.9, upcast elsewhere (logged once).
-        strict: raise on missing or unexpected keys (listed by name); otherwise warn and zero-fill.
+        strict: raise on missing or wrongly shaped tensors (listed by name); otherwise warn and zero-fill
+            the missing ones. Unknown extra tensors are listed in a warning and skipped either way.
     """
     weight_format = WEIGHT_FORMAT_ALIASES.get(weight_format, weight_format)
     if weight_format not in WEIGHT_FORMATS:
@@ -203,21 +216,36 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
         ckpt.require_matching_keys(f"a {ckpt.family} DiT", "dit")
     with torch.device("meta"):
         model = BindWeaveTransformer(ckpt.config)
+    tensors = ckpt.tensors
+    gguf_linears = {k[: -len(".weight")]: i.quant for k, i in tensors.items() if i.quant and k.endswith(".weight")}
+    if gguf_linears:
+        from ..dit.gguf_linear import swap_in_gguf_linears
+
+        if weight_format != "default":
+            log.warning("%s is a GGUF file: its weights stay GGUF-quantised; weight_format=%s does not apply",
+                        ckpt.path, weight_format)
+            weight_format = "default"
+        kept = set(swap_in_gguf_linears(model, gguf_linears))
+        tensors = {(k[: -len(".weight")] + ".qweight" if k[: -len(".weight")] in kept and k.endswith(".weight")
+                    else k): i for k, i in tensors.items()}
     fp8_modules = set(fp8_candidate_modules(model)) if weight_format in ("fp8", "fp8_fast") else set()
     swap_in_fp8_linears(model, sorted(fp8_modules))
-    materialize(model, ckpt.tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
+    materialize(model, tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
                 keep_fp32=_KEEP_FP32, strict=strict, source=ckpt.path)
     if weight_format == "fp8_fast":
         set_fp8_matmul(model, "scaled_mm")
     model.set_attention_backend(attention_backend)
     model.checkpoint_info = ckpt
     log.info("loaded %s DiT (%s layout, %s) from %s", ckpt.family, ckpt.layout,
-             "fp8 storage" if fp8_modules else str(dtype).replace("torch.", ""), ckpt.path)
+             "fp8 storage" if fp8_modules else "GGUF " + ", ".join(sorted(set(gguf_linears.values())))
+             if gguf_linears else str(dtype).replace("torch.", ""), ckpt.path)
     return model.eval().requires_grad_(False)
 
 
 def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
     """The DiT part of ``python -m bindweave_core inspect``."""
     ckpt = scan_dit(path)
-    return {"family": ckpt.family, "layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled,
-            "parameters": ckpt.parameter_count, "config": ckpt.config.to_dict(), "problems": ckpt.problems()}
+    return {"family": ckpt.family, "layout": ckpt.layout + (" (GGUF)" if ckpt.gguf_types else ""),
+            "gguf_types": ckpt.gguf_types, "fp8_scaled": ckpt.fp8_scaled,
+            "fp8_scales": ckpt.fp8_scale_kinds, "parameters": ckpt.parameter_count,
+            "config": ckpt.config.to_dict(), "problems": ckpt.problems(), "extras": ckpt.extras()}

@@ -27,7 +27,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     infos, metadata = read_header(path)
     sig = identify(infos)
-    dtypes = Counter(str(i.dtype).replace("torch.", "") for i in infos.values())
+    dtypes = Counter(i.quant or str(i.dtype).replace("torch.", "") for i in infos.values())
     params = 0
     for info in infos.values():
         n = 1
@@ -38,13 +38,21 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "path": str(path),
         "kind": sig.kind if sig else "unknown",
         "layout": sig.layout if sig else None,
-        "description": sig.description if sig else "unrecognised: no known key pattern",
+        "description": sig.description if sig else "not recognised: no known key pattern",
         "tensors": len(infos),
         "dtypes": dict(dtypes),
         "parameters": params,
         "bytes": sum(f.stat().st_size for f in {i.file for i in infos.values()}),
         "problems": [],
+        "format": "gguf" if metadata.get("format") == "gguf" else
+                  "pickle" if any(i.file.suffix.lower() in (".pt", ".pth") for i in infos.values()) else "safetensors",
     }
+    if sig is None:
+        sample = ", ".join(sorted(infos)[:5])
+        report["problems"].append(f"not recognised: {len(infos)} tensors ({sample}{' ...' if len(infos) > 5 else ''})"
+                                  " match no model BindWeave loads (DiT, VAE, UMT5, CLIP vision, Qwen2.5-VL)")
+    elif sig.kind not in INSPECTOR_MODULES:
+        report["problems"].append(f"not recognised as a BindWeave model file: this is {sig.description}")
     if sig is not None and sig.kind in INSPECTOR_MODULES:
         try:
             module = importlib.import_module(INSPECTOR_MODULES[sig.kind])
@@ -64,9 +72,9 @@ def format_report(report: dict[str, Any]) -> str:
     for key in ("layout", "family"):
         if report.get(key):
             lines.append(f"{key + ':':<13}{report[key]}")
+    lines.append(f"format:      {report.get('format', 'safetensors')}")
     lines.append(f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(report['dtypes'].items()))}")
-    if report.get("fp8_scaled"):
-        lines.append("fp8:         scaled fp8 weights (per-tensor scale_weight)")
+    lines.append(f"quantised:   {quantisation(report)}")
     lines.append(f"parameters:  {report['parameters']:,}")
     lines.append(f"tensors:     {report['tensors']:,} in {report['bytes']:,} bytes")
     if report.get("config"):
@@ -75,8 +83,21 @@ def format_report(report: dict[str, Any]) -> str:
     for key in ("tokenizer", "lm_head"):
         if key in report:
             lines.append(f"{key + ':':<13}{report[key]}")
+    lines += [f"extra:       {e} (skipped on load)" for e in report.get("extras", [])]
     if report["problems"]:
         lines += [f"problem:     {p}" for p in report["problems"]]
     else:
         lines.append("problems:    none")
     return "\n".join(lines)
+
+
+def quantisation(report: dict[str, Any]) -> str:
+    """One line: GGUF types, fp8 scale kinds, or ``no``."""
+    if report.get("gguf_types"):
+        return "GGUF " + ", ".join(f"{k} x{v}" for k, v in sorted(report["gguf_types"].items()))
+    if report.get("fp8_scaled"):
+        kinds = "/".join(report.get("fp8_scales") or ["per-tensor"])
+        return f"fp8 weights with {kinds} scales (dequantised on load)"
+    if any(k.startswith("float8") for k in report["dtypes"]):
+        return "fp8 weights without scales"
+    return "no"

@@ -22,9 +22,21 @@ from .safetensors_io import TensorInfo, iter_tensors
 
 log = logging.getLogger("BindWeave")
 
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # per-tensor fp8 scales ("fp8_scaled" files)
+# fp8 weight scales: per tensor (ComfyUI's "fp8_scaled" files: ``scale_weight``; its mixed files:
+# ``weight_scale``), per output channel, or per block (``weight_scale_inv``, 128 x 128 blocks); see
+# ``dequantize``.
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".weight_scale_inv")
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, quant tags
 IGNORED_KEYS = ("scaled_fp8",)  # ComfyUI's marker tensor
+# Stored keys that real files carry and no loader needs: skipped silently by every key check
+# (anything else left over is listed in one warning). Matched against the last dotted parts.
+HARMLESS_SUFFIXES = (
+    "scaled_fp8", ".scale_input", ".input_scale", ".comfy_quant",  # ComfyUI fp8 markers / activation scales
+    "position_ids", "num_batches_tracked", "_extra_state",  # persisted buffers, framework state
+    "logit_scale", "logit_bias",  # full CLIP models: the contrastive head
+)
+HARMLESS_PREFIXES = ("lm_head.", "text_model.", "visual_projection.", "text_projection")
+BLOCK_SIZE = 128  # the usual fp8 block size when a block scale's grid does not divide the weight
 FP8_STORED = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Tensors kept in their stored dtype stay views of the memory-mapped file, unless more than this
 # fraction of the file gets converted (a view keeps the converted tensors' source pages resident).
@@ -70,9 +82,38 @@ def target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: t
     return dtype
 
 
-def dequantize(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def is_harmless_extra(key: str, prefix: str = "") -> bool:
+    """Keys real files carry that no loader needs (fp8 markers, activation scales, buffers, heads)."""
+    short = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    return short.endswith(HARMLESS_SUFFIXES) or short.startswith(HARMLESS_PREFIXES)
+
+
+def _block_size(n: int, blocks: int, key: str) -> int:
+    if math.ceil(n / BLOCK_SIZE) == blocks:  # the usual 128 (the last block may be partial)
+        return BLOCK_SIZE
+    if n % blocks == 0:
+        return n // blocks
+    raise CheckpointError(f"{key}: cannot tell the fp8 block size ({blocks} scale blocks for {n} rows/columns)")
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], key: str = "weight") -> torch.Tensor:
+    """An fp8 scale broadcastable to a weight of ``shape``: per tensor (one value), per output channel
+    (``[out]`` or ``[out, 1]``) or per block (``[out / bo, in / bi]``, expanded to every element)."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    out = shape[0]
+    if scale.numel() == out and (scale.ndim == 1 or scale.shape[1:].numel() == 1):
+        return scale.reshape(out, *([1] * (len(shape) - 1)))
+    if scale.ndim == 2 and len(shape) == 2:
+        bo, bi = _block_size(shape[0], scale.shape[0], key), _block_size(shape[1], scale.shape[1], key)
+        return scale.repeat_interleave(bo, 0)[: shape[0]].repeat_interleave(bi, 1)[:, : shape[1]]
+    raise CheckpointError(f"{key}: fp8 scale of shape {list(scale.shape)} does not fit a weight of shape "
+                          f"{list(shape)} (per-tensor, per-output-channel and 2-D block scales are read)")
+
+
+def dequantize(stored: torch.Tensor, scale: torch.Tensor | None, key: str = "weight") -> torch.Tensor:
     if scale is not None or stored.dtype in FP8_STORED:
-        return stored.float() * (scale if scale is not None else 1.0)
+        return stored.float() * (expand_scale(scale, tuple(stored.shape), key) if scale is not None else 1.0)
     return stored
 
 
@@ -105,9 +146,15 @@ def materialize(model: nn.Module, tensors: dict[str, TensorInfo], *, scales: dic
     def own(value: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         return value.clone() if not zero_copy and value.data_ptr() == stored.data_ptr() else value
 
-    scale_values = {info.key: t.float().reshape(()).clone() for info, t in iter_tensors(list(scales.values()))}
+    scale_values = {info.key: t.float().clone() for info, t in iter_tensors(list(scales.values()))}
     for info, stored in iter_tensors(list(wanted)):
         for key in wanted[info]:
+            if info.quant is not None and not key.endswith(".qweight"):  # GGUF tensor outside a GGUFLinear
+                from .gguf_io import dequantize as gguf_dequantize
+
+                stored = gguf_dequantize(stored, info.quant, info.shape)
+            elif key in scales and stored.dtype == torch.uint8:
+                stored = stored.view(FP8_DTYPE)  # ComfyUI's mixed files may store e4m3fn weights as raw bytes
             _load_one(model, key, stored, scale_values, scales, fp8_modules, dtype, device, keep_fp32, own)
 
     leftover = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
@@ -124,22 +171,23 @@ def _load_one(model, key, stored, scale_values, scales, fp8_modules, dtype, devi
     scale = scale_values[scales[key].key] if key in scales else None
     module_name = key.rpartition(".")[0]
     if module_name in fp8_modules and key.endswith(".weight"):
-        if stored.dtype == FP8_DTYPE:
-            weight, scale = stored.to(device), (scale if scale is not None else torch.ones(()))
+        # fp8 storage keeps one scale per tensor: finer scales are applied here and requantised
+        if stored.dtype == FP8_DTYPE and (scale is None or scale.numel() == 1):
+            weight, scale = stored.to(device), (scale.reshape(()) if scale is not None else torch.ones(()))
         elif scale is None and stored.dtype not in FP8_STORED:
             weight, scale = quantize_weight(stored.to(device))
         else:
-            weight, scale = quantize_weight(dequantize(stored, scale).to(device))
+            weight, scale = quantize_weight(dequantize(stored, scale, key).to(device))
         _assign(model, key, own(weight, stored))
         _assign(model, module_name + ".scale_weight", scale.to(device))
     else:
-        value = dequantize(stored, scale)
+        value = dequantize(stored, scale, key)
         value = value.to(device=device, dtype=target_dtype(key, value.dtype, dtype, keep_fp32))
         _assign(model, key, own(value, stored))
 
 
 
-def format_key_problems(missing: list[str], unexpected: list[str], limit: int = 8,
+def format_key_problems(missing: list[str], unexpected: list[str] = (), limit: int = 8,
                         mismatched: list[str] = ()) -> list[str]:
     out = []
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -155,12 +203,45 @@ class ScannedCheckpoint:
     """What every loader's header scan (``DiTCheckpoint``, ``VAECheckpoint``, ...) reports the same way.
 
     For dataclasses with ``tensors`` (model key -> :class:`TensorInfo`), ``missing`` and ``unexpected``,
-    and optionally ``scales`` (fp8 scale tensors) and ``mismatched`` (wrong shapes).
+    and optionally ``scales`` (fp8 scale tensors), ``mismatched`` (wrong shapes) and ``ignored``.
+    A missing or wrongly shaped tensor stops a load; unknown extra tensors are listed in one warning.
     """
+
+    def compare_keys(self, expected: dict[str, tuple[int, ...]], foreign: list[str] = (),
+                     optional: tuple[str, ...] = ()) -> None:
+        """Fill ``missing``, ``mismatched`` and ``unexpected`` from the model's ``{key: shape}``.
+
+        ``foreign``: stored keys the loader could not place. Known harmless extras (see
+        :func:`is_harmless_extra`) go to ``ignored`` instead of ``unexpected``.
+        """
+        tensors = self.tensors
+        self.missing = sorted(set(expected) - set(tensors) - set(optional))
+        self.mismatched = sorted(f"{tensors[k].key}: file {list(tensors[k].shape)}, model {list(s)}"
+                                 for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(s))
+        extras = set(foreign) | {tensors[k].key for k in set(tensors) - set(expected)}
+        harmless = {k for k in extras if is_harmless_extra(k, getattr(self, "prefix", ""))}
+        if hasattr(self, "ignored"):
+            self.ignored = sorted(set(self.ignored) | harmless)
+        self.unexpected = sorted(extras - harmless)
 
     @property
     def fp8_scaled(self) -> bool:
         return bool(getattr(self, "scales", None))
+
+    @property
+    def fp8_scale_kinds(self) -> list[str]:
+        """``per-tensor`` / ``per-channel`` / ``block``: how the fp8 scales of the file are laid out."""
+        kinds = set()
+        for key, info in (getattr(self, "scales", None) or {}).items():
+            n = math.prod(info.shape)
+            weight = self.tensors.get(key)
+            if n == 1:
+                kinds.add("per-tensor")
+            elif weight is not None and n == weight.shape[0] and math.prod(info.shape[1:]) == 1:
+                kinds.add("per-channel")
+            else:
+                kinds.add("block")
+        return sorted(kinds)
 
     @property
     def parameter_count(self) -> int:
@@ -179,10 +260,19 @@ class ScannedCheckpoint:
         return sum(f.stat().st_size for f in self.files)
 
     def problems(self) -> list[str]:
-        return format_key_problems(self.missing, self.unexpected, mismatched=getattr(self, "mismatched", ()))
+        """What stops a load: missing and wrongly shaped tensors."""
+        return format_key_problems(self.missing, mismatched=getattr(self, "mismatched", ()))
+
+    def extras(self) -> list[str]:
+        """Unknown extra tensors (a warning: the load goes on)."""
+        return format_key_problems([], self.unexpected)
 
     def require_matching_keys(self, model: str, component: str, hint: str = "") -> None:
-        """Raise :class:`CheckpointError` naming the key problems and where the right file comes from."""
+        """Raise :class:`CheckpointError` naming the missing / misshapen tensors and where the right file
+        comes from; warn once about unknown extras."""
+        if self.unexpected:
+            log.warning("%s: %s; they are not part of %s and are skipped", self.path,
+                        "; ".join(self.extras()), model)
         problems = self.problems()
         if not problems:
             return

@@ -23,15 +23,12 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from . import pickle_io
+from .file_type import GGUF, PICKLE, SAFETENSORS, sniff, what_it_is
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-_OTHER_FORMATS = {
-    ".ckpt": "a pickled PyTorch checkpoint", ".bin": "a pickled PyTorch checkpoint",
-    ".gguf": "a GGUF file", ".onnx": "an ONNX graph",
 }
 
 
@@ -44,8 +41,11 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     # Rows [start, stop) of the stored tensor's first dimension, for fused tensors stored as one
-    # (SAT's query_key_value); ``shape`` is then the part's shape.
+    # (SAT's query_key_value, open_clip's in_proj); ``shape`` is then the part's shape.
     part: tuple[int, int] | None = None
+    # GGUF block-quantised types (``Q8_0``, ``Q4_K`` ...): ``dtype`` is uint8 and ``shape`` the real one.
+    quant: str | None = None
+    stored_bytes: int | None = None
 
     def rows(self, start: int, stop: int) -> TensorInfo:
         """The same stored tensor, restricted to rows ``start:stop`` of its first dimension."""
@@ -55,6 +55,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         n = 1
         for s in self.shape:
             n *= s
@@ -100,10 +102,19 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
             raise CheckpointError(f"{p}: directory holds no .safetensors files. Point at the model's weight "
                                   "file or at the directory with its diffusion_pytorch_model-*.safetensors shards.")
         return files
-    if p.suffix.lower() in _OTHER_FORMATS:
-        raise CheckpointError(f"{p}: this is {_OTHER_FORMATS[p.suffix.lower()]}, not safetensors. "
-                              "Use the .safetensors release of the model (or a .pt/.pth state dict).")
-    return [p]
+    kind = sniff(p)  # by content: a file's name says little (random bytes named .bin are not a pickle)
+    if kind in (SAFETENSORS, GGUF) or (kind == PICKLE and pickle_io.is_pickle(p)):
+        return [p]
+    if kind == PICKLE:
+        raise CheckpointError(f"{p}: this is a pickled PyTorch checkpoint, not safetensors. "
+                              "Use the .safetensors release of the model (or save it as a .pt/.pth state dict).")
+    raise CheckpointError(
+        f"{p}: not recognised: not a readable safetensors file, GGUF file or PyTorch checkpoint ({what_it_is(p)}). "
+        "It is probably truncated or not a model file: download it again.")
+
+
+def is_gguf(file: Path) -> bool:
+    return file.is_file() and sniff(file) == GGUF
 
 
 def _open(file: Path):
@@ -121,6 +132,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in checkpoint_files(path):
+        if is_gguf(file):
+            from .gguf_io import read_gguf_header
+
+            gguf_infos, gguf_metadata = read_gguf_header(file)
+            infos.update(gguf_infos)
+            metadata.update(gguf_metadata)
+            continue
         if pickle_io.is_pickle(file):
             for key, t in pickle_io.read_state_dict(file).items():
                 infos[key] = TensorInfo(file, key, t.dtype, tuple(t.shape))
@@ -131,6 +149,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                 sl = f.get_slice(key)
                 infos[key] = TensorInfo(file, key, _DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
     _check_sizes(infos)
+    from .quant_formats import check_quantisation
+
+    check_quantisation(path, infos, metadata)
     return infos, metadata
 
 
@@ -142,6 +163,8 @@ def _check_sizes(infos: dict[str, TensorInfo]) -> None:
             continue  # torch.load already checked the archive
         ends[info.file] = ends.get(info.file, 0) + info.nbytes
     for file, data_bytes in ends.items():
+        if is_gguf(file):
+            continue  # GGUFReader maps every tensor and fails on a short file
         with open(file, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
         if file.stat().st_size < 8 + header_len + data_bytes:
@@ -160,6 +183,11 @@ def iter_tensors(infos: list[TensorInfo], release_bytes: int = 256 << 20) -> Ite
     for info in infos:
         by_file.setdefault(info.file, []).append(info)
     for file, items in by_file.items():
+        if is_gguf(file):
+            from .gguf_io import iter_gguf
+
+            yield from iter_gguf(file, items)
+            continue
         if pickle_io.is_pickle(file):
             stored = pickle_io.iter_state_dict(file, [i.key for i in items], release_bytes)
             for info, (_, tensor) in zip(items, stored):

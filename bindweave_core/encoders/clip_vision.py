@@ -5,6 +5,9 @@ Files it loads: the ``image_encoder/`` folder of ``Wan-AI/Wan2.1-I2V-14B-720P-Di
 (``vision_model.embeddings.patch_embedding.weight``, ``vision_model.encoder.layers.N.self_attn.q_proj.weight``,
 ``vision_model.pre_layrnorm.weight`` ...) and carry ``visual_projection.weight``, which the penultimate
 hidden states do not use and which is skipped. Full CLIP files (with ``text_model.*``) load their vision tower.
+open_clip files (``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj_weight`` ..., as
+ComfyUI's ``clip_vision.convert_to_transformers`` also reads) are renamed to those names on load, the
+packed ``in_proj`` q/k/v split by rows; their text tower and ``visual.proj`` are skipped.
 
 Each reference canvas is squashed to 224 x 224 (no crop; bilinear, by default without antialiasing as
 torchvision 0.16's ``v2.Resize`` did in the official environment, see ``docs/fidelity.md``), normalised with
@@ -72,6 +75,7 @@ class ClipCheckpoint(ScannedCheckpoint):
     ignored: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
 
     def size_differences(self) -> list[str]:
         return [f"{k} {self.config[k]} (ViT-H/14: {CLIP_VIT_H_CONFIG[k]})" for k in _SIZE_KEYS
@@ -83,8 +87,58 @@ def _not_clip(path: Path, keys: list[str]) -> CheckpointError:
                            + where_to_get("clip_vision"))
 
 
+# open_clip vision tower names -> Hugging Face names (top level, then per residual block).
+_OPEN_CLIP_TOP = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias",
+                  "ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
+_OPEN_CLIP_BLOCK = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+                    "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+_OPEN_CLIP_MARKER = "visual.transformer.resblocks.0."
+_OPEN_CLIP_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+
+
+def open_clip_tensors(infos: dict[str, TensorInfo], prefix: str) -> tuple[dict[str, TensorInfo], list[str], list[str]]:
+    """``({'vision_model.*' key: stored tensor (or rows of one)}, ignored, foreign)`` for an open_clip file.
+
+    ``prefix`` is what stands before ``visual.``; the text tower and ``visual.proj`` are ignored.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    ignored: list[str] = []
+    foreign: list[str] = []
+    vis = prefix + "visual."
+    for key, info in infos.items():
+        if not key.startswith(vis):
+            (ignored if key.startswith(prefix) else foreign).append(key)  # text tower, logit_scale
+            continue
+        short = key[len(vis):]
+        if short in _OPEN_CLIP_TOP:
+            tensors["vision_model." + _OPEN_CLIP_TOP[short]] = info
+            continue
+        if short == "proj" or short.rpartition(".")[2] == "scaled_fp8":
+            ignored.append(key)  # the projection to the joint embedding: not used by the penultimate states
+            continue
+        m = _OPEN_CLIP_BLOCK_KEY.fullmatch(short)
+        if m is None:
+            foreign.append(key)
+            continue
+        layer, rest = f"vision_model.encoder.layers.{m.group(1)}.", m.group(2)
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            leaf = rest.rpartition("_")[2]
+            width = info.shape[0] // 3
+            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                tensors[f"{layer}self_attn.{name}.{leaf}"] = info.rows(i * width, (i + 1) * width)
+            continue
+        old = next((o for o in _OPEN_CLIP_BLOCK if rest.startswith(o)), None)
+        if old is None:
+            foreign.append(key)
+        else:
+            tensors[layer + _OPEN_CLIP_BLOCK[old] + rest[len(old):]] = info
+    return tensors, ignored, foreign
+
+
 def map_keys(keys: list[str], path: Path) -> tuple[str, dict[str, str], list[str], list[str]]:
-    """``(layout, {'vision_model.*' key: stored key}, ignored, foreign)``."""
+    """``(layout, {'vision_model.*' key: stored key}, ignored, foreign)`` for the Hugging Face layout."""
     sig = identify(keys)
     if sig is None or sig.kind != "clip_vision":
         raise _not_clip(path, keys)
@@ -177,14 +231,22 @@ def scan_clip(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = Non
     path = Path(path)
     if infos is None:
         infos, _ = read_header(path)
-    layout, mapping, ignored, foreign = map_keys(list(infos), path)
-    tensors, scales, markers = split_scales(mapping, infos)
+    sig = identify(infos)
+    if sig is not None and sig.kind == "clip_vision" and sig.layout == "open-clip":
+        prefix = next(k[: k.index(_OPEN_CLIP_MARKER)] for k in infos if _OPEN_CLIP_MARKER in k)
+        layout, scales, markers = sig.layout, {}, []
+        tensors, ignored, foreign = open_clip_tensors(infos, prefix)
+    else:
+        layout, mapping, ignored, foreign = map_keys(list(infos), path)
+        tensors, scales, markers = split_scales(mapping, infos)
     config = infer_config(tensors, path)
     model = build_model(config)
-    expected = {k if hasattr(model, "vision_model") else "vision_model." + k for k in model.state_dict()}
-    return ClipCheckpoint(path=path, layout=layout, config=config, tensors=tensors, scales=scales,
-                          ignored=sorted(ignored + markers), missing=sorted(expected - set(tensors)),
-                          unexpected=sorted(set(foreign) | {tensors[k].key for k in set(tensors) - expected}))
+    expected = {(k if hasattr(model, "vision_model") else "vision_model." + k): tuple(v.shape)
+                for k, v in model.state_dict().items()}
+    ckpt = ClipCheckpoint(path=path, layout=layout, config=config, tensors=tensors, scales=scales,
+                          ignored=sorted(ignored + markers))
+    ckpt.compare_keys(expected, foreign)
+    return ckpt
 
 
 def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
@@ -304,7 +366,8 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
     problems = ckpt.problems()
     if ckpt.size_differences():
         problems.append("not the CLIP ViT-H/14 BindWeave needs: " + ", ".join(ckpt.size_differences()))
-    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "parameters": ckpt.parameter_count,
+    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
+            "parameters": ckpt.parameter_count, "extras": ckpt.extras(),
             "config": {"num_layers": cfg["num_hidden_layers"], "num_heads": cfg["num_attention_heads"],
                        "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"],
                        "ffn_dim": cfg["intermediate_size"], "image_dim": cfg["hidden_size"],

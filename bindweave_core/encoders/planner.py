@@ -532,10 +532,7 @@ def scan_planner(path: str | os.PathLike, config: dict[str, Any] | None = None, 
         path=path, layout="hf-directory" if path.is_dir() else "single-file",
         key_style="transformers-v5" if any(k[len(prefix):].startswith("model.language_model.") for k in keys) else "hf",
         prefix=prefix, config=config, tensors=tensors, scales=scales, ignored=ignored, metadata=metadata)
-    ckpt.missing = sorted(set(expected) - set(tensors) - {LM_HEAD_KEY})
-    ckpt.unexpected = sorted(set(foreign) | {tensors[k].key for k in set(tensors) - set(expected)})
-    ckpt.mismatched = [f"{tensors[k].key}: file {list(tensors[k].shape)}, model {list(shape)}"
-                       for k, shape in sorted(expected.items()) if k in tensors and tensors[k].shape != shape]
+    ckpt.compare_keys(expected, foreign, optional=(LM_HEAD_KEY,))
     return ckpt
 
 
@@ -876,4 +873,4 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
             "layout": f"{ckpt.layout} ({ckpt.key_style} key names"
                       + (f", prefix {ckpt.prefix!r}" if ckpt.prefix else "") + ")",
             "fp8_scaled": ckpt.fp8_scaled, "lm_head": ckpt.has_lm_head, "parameters": ckpt.parameter_count,
-            "config": summary, "problems": problems}
+            "config": summary, "problems": problems, "extras": ckpt.extras()}

@@ -124,6 +124,7 @@ class UMT5Checkpoint(ScannedCheckpoint):
     ignored: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
 
     def size_differences(self) -> list[str]:
         """How this model's size differs from UMT5-XXL (empty for the real model)."""
@@ -247,12 +248,13 @@ def scan_umt5(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = Non
     layout, mapping, tokenizer_key, ignored, foreign = map_keys(list(infos), path)
     tensors, scales, markers = split_scales(mapping, infos)
     config = infer_config(tensors, path)
-    expected = _expected_keys(build_model(config))
-    return UMT5Checkpoint(
+    model = build_model(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in _expected_keys(model)}
+    ckpt = UMT5Checkpoint(
         path=path, layout=layout, config=config, tensors=tensors, scales=scales,
-        tokenizer=infos[tokenizer_key] if tokenizer_key else None, ignored=sorted(ignored + markers),
-        missing=sorted(expected - set(tensors)),
-        unexpected=sorted(set(foreign) | {tensors[k].key for k in set(tensors) - expected}))
+        tokenizer=infos[tokenizer_key] if tokenizer_key else None, ignored=sorted(ignored + markers))
+    ckpt.compare_keys(expected, foreign)
+    return ckpt
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
@@ -526,8 +528,8 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
         tokenizer = f"embedded sentencepiece model ({math.prod(ckpt.tokenizer.shape):,} bytes)"
     else:
         tokenizer = "not included: give the tokenizer folder (tokenizer_dir)"
-    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "parameters": ckpt.parameter_count,
-            "tokenizer": tokenizer,
+    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
+            "parameters": ckpt.parameter_count, "tokenizer": tokenizer, "extras": ckpt.extras(),
             "config": {"num_layers": cfg["num_layers"], "num_heads": cfg["num_heads"], "head_dim": cfg["d_kv"],
                        "ffn_dim": cfg["d_ff"], "text_dim": cfg["d_model"], "vocab_size": cfg["vocab_size"]},
             "problems": problems}

@@ -176,10 +176,7 @@ def _scan(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str],
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoencoderKLWan(**cfg).state_dict().items()}
     ckpt = VAECheckpoint(path=path, layout=sig.layout, config=cfg, tensors=tensors)
-    ckpt.missing = sorted(set(expected) - set(tensors))
-    ckpt.unexpected = sorted(set(foreign) | {tensors[k].key for k in set(tensors) - set(expected)})
-    ckpt.mismatched = sorted(f"{tensors[k].key} {list(tensors[k].shape)} (expected {list(s)})"
-                             for k, s in expected.items() if k in tensors and tensors[k].shape != s)
+    ckpt.compare_keys(expected, foreign)
     if [round(float(v), 4) for v in cfg["latents_mean"]] != WAN21_VAE_CONFIG["latents_mean"] or \
             [round(float(v), 4) for v in cfg["latents_std"]] != WAN21_VAE_CONFIG["latents_std"]:
         log.info("%s: latents mean/std differ from the Wan 2.1 values; using the file's own", path)
@@ -202,7 +199,8 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
     ckpt = _scan(Path(path), infos, metadata, config_json)
     summary = {k: ckpt.config.get(k) for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks",
                                                  "temperal_downsample")}
-    return {"family": _FAMILY, "layout": ckpt.layout, "config": summary, "problems": ckpt.problems()}
+    return {"family": _FAMILY, "layout": ckpt.layout, "config": summary, "problems": ckpt.problems(),
+            "extras": ckpt.extras()}
 
 
 # ---------------------------------------------------------------------------------------- checks
