@@ -56,6 +56,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         help="the Kaleido-14B-S2V download (model/, Wan2.1_VAE.pth, umt5-xxl/): sets the DiT, VAE, "
                              "text encoder and tokenizer not given separately")
     models.add_argument("--smoke", action="store_true", help="use the built-in tiny random models")
+    models.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="apply a LoRA to the DiT (repeat for several; strength default 1.0)")
     models.add_argument("--family", choices=SMOKE_FAMILIES,
                         help="model family: picks the smoke model (default bindweave); with model files it "
                              "overrides the family read from the DiT checkpoint")
@@ -159,6 +161,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--out must end in .mp4, got {out.name}")
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text().strip()
     pipe, model_info = build_pipeline(args)
+    if args.lora:
+        from .lora_specs import add_loras
+
+        add_loras(pipe, args.lora)
+        model_info["loras"] = list(args.lora)
     smoke = model_info.get("smoke", False)
     family = pipe.dit_family
     defaults = {**defaults_for(family), **(SMOKE_DEFAULTS if smoke else {})}
