@@ -346,6 +346,11 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     entries = [cached.entries[s.name] for s in samples]
     repeated = [i for i, s in enumerate(samples) for _ in range(s.repeats)]  # per-dataset repeats
     order = BatchOrder([samples[i].group for i in repeated], t.batch_size, t.seed, rank, world)
+    if world > 1:
+        log.info("process %d of %d: %d batches of %d per epoch", rank, world, order.per_process,
+                 order.per_process * world)
+        log.debug("process %d, epoch 0 samples: %s", rank,
+                  json.dumps(sorted(samples[repeated[j]].name for b in order.epoch_batches(0) for j in b)))
     video_conditions = {g: load_tensors(p)["condition"] for g, p in cached.video_conditions.items()}
     previewer = None
     if request is not None and fsdp:
