@@ -78,7 +78,8 @@ def _accelerate_launch_processes() -> int:
         args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return 0
-    if not any(a.endswith("accelerate") for a in args[:3]) or "launch" not in args:
+    head = args[:4]  # [python,] accelerate launch ... or python -m accelerate.commands.launch ...
+    if not any("accelerate" in a for a in head) or not any(a == "launch" or a.endswith(".launch") for a in head):
         return 0
     for i, a in enumerate(args):
         for flag in ("--num_processes", "--num-processes"):
