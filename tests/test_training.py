@@ -64,12 +64,13 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data, cache_dir):
     """One run of 30 steps with an easy, fixed target (one noise level, the same noise), connector trained,
-    a preview every 15 steps."""
+    previews of two prompts every 15 steps."""
     out = tmp_path_factory.mktemp("run")
     torch.set_num_threads(1)  # module fixtures run before the autouse one
     cfg = config(out, data, cache_dir, objective={"fixed_sigma": 0.5, "fixed_noise": True},
                  lora={"train_connector": True}, train={"max_steps": 30},
-                 validation={"every": 15, "steps": 2})
+                 validation={"every": 15, "steps": 2, "prompts": [
+                     {"prompt": "a blue square", "references": [str(data.parent / "sample_000" / "ref1.png")]}]})
     return cfg, run(cfg)
 
 
@@ -314,6 +315,8 @@ def test_preview_videos_and_logs(trained):
     for step in (15, 30):
         frames, fps = read_video(out / "samples" / f"step-{step:06d}.mp4")
         assert frames.shape == (FRAMES, SIZE, SIZE, 3) and fps == 16
+        second, _ = read_video(out / "samples" / f"step-{step:06d}-2.mp4")  # validation.prompts
+        assert second.shape == frames.shape and (second.astype(int) - frames).any()
     rows = read_losses(out / "loss.csv")
     assert [r[0] for r in rows] == list(range(1, 31)) and [r[1] for r in rows] == result.losses
     assert (out / "checkpoints" / "step-000030" / "trainable.safetensors").exists()

@@ -147,11 +147,19 @@ def lora_metadata(cfg: TrainConfig, family: str, step: int) -> dict[str, str]:
             "ss_network_dim": str(lc.rank), "ss_network_alpha": str(lc.alpha)}
 
 
+def _extra_requests(cfg: TrainConfig, first: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``validation.prompts``: more preview prompts at the first preview's size and length."""
+    if first is None:
+        return []
+    return [{**first, "prompt": p["prompt"], "references": [str(Path(r)) for r in p["references"]]}
+            for p in cfg.validation.prompts]
+
+
 class Previewer:
     """Preview videos through the core pipeline with the training DiT (LoRA active)."""
 
     def __init__(self, cfg: TrainConfig, request: dict[str, Any], entry: Path, vae: Any, builder, dit_config,
-                 device: torch.device):
+                 device: torch.device, suffix: str = ""):
         from bindweave_core.pipeline import BindWeavePipeline
 
         t = load_tensors(entry)
@@ -163,6 +171,7 @@ class Previewer:
                               t.get("video_condition"), dit_config)
         self.cfg = cfg
         self.request = request
+        self.suffix = suffix  # "" for the first preview prompt, "-2", "-3", ... for validation.prompts
         self.family = dit_config.family
         self.device = device
         self.decoder = BindWeavePipeline(dit=None, vae=vae, text_encoder=None, device=device, offload="model")
@@ -186,7 +195,8 @@ class Previewer:
             frames = self.decoder.decode(latents)
         finally:
             dit.train(was_training)
-        path = write_mp4(frames, self.cfg.output_dir / "samples" / f"step-{step:06d}.mp4", fps=settings.fps)
+        path = write_mp4(frames, self.cfg.output_dir / "samples" / f"step-{step:06d}{self.suffix}.mp4",
+                         fps=settings.fps)
         log.info("preview written: %s", path)
         return path
 
@@ -282,6 +292,12 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     cache.ensure(report.good, accelerator.device, rank, world, request)
     accelerator.wait_for_everyone()
     cached = cache.collect(report.good, request)
+    extra = _extra_requests(cfg, request)
+    extra_entries = []
+    for req in extra:  # more preview prompts: only their conditioning is encoded
+        cache.ensure([], accelerator.device, rank, world, req)
+        extra_entries.append(cache.collect([], req).validation)
+    accelerator.wait_for_everyone()
     report.bad += cached.bad
     report.good = [s for s in report.good if s.name in cached.entries]
     _finish_report(accelerator, report, out)
@@ -356,8 +372,14 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     if request is not None and fsdp:
         log.warning("validation previews are skipped under FSDP (the sharded DiT cannot run on one process)")
     elif request is not None and accelerator.is_main_process:
-        previewer = Previewer(cfg, request, cached.validation, cache.encoders["vae"], builder, dit_config_,
-                              accelerator.device)
+        previewers = [Previewer(cfg, req, entry, cache.encoders["vae"], builder, dit_config_, accelerator.device,
+                                f"-{k + 2}" if k >= 0 else "")
+                      for k, (req, entry) in enumerate([(request, cached.validation), *zip(extra, extra_entries)],
+                                                       start=-1)]
+
+        def previewer(dit: torch.nn.Module, step: int) -> None:
+            for one in previewers:
+                one(dit, step)
     loss_log = LossLog(out / "loss.csv", state.step) if accelerator.is_main_process else None
     val_log = (LossLog(out / "val_loss.csv", state.step, ("step", "val_loss"))
                if accelerator.is_main_process and held_out else None)
