@@ -64,6 +64,3 @@ def estimate_training(cfg: TrainConfig, config: DiTConfig, width: int, height: i
     else:
         activations = int(n * one_block)
     return TrainingEstimate(other + on_device * block, lora, activations)
-
-
-__all__ = ["TrainingEstimate", "estimate_training"]

@@ -12,7 +12,6 @@ import os
 import uuid
 from pathlib import Path
 
-
 import torch
 
 from bindweave_core.errors import InputError
@@ -118,6 +117,3 @@ def preflight(cfg: TrainConfig, resume: str | None = None, *, main_process: bool
     if start is not None:
         check_checkpoint(start, run_identity(cfg, config.family))
     return start
-
-
-__all__ = ["check_launch", "check_packages", "check_writable", "preflight"]
