@@ -53,6 +53,8 @@ def test_flat_layout_images_and_sample_folders(tmp_path):
     _ref(tmp_path / "photo_ref1.png")
     _ref(tmp_path / "photo_ref2.png")
     _video(tmp_path / "nocaption.mp4", 17)
+    _video(tmp_path / "norefs.mp4", 17)
+    (tmp_path / "norefs.txt").write_text("a clip without references")
     make_example_dataset(tmp_path / "folders", samples=1, width=48, height=32, frames=17)
     (tmp_path / "folders" / "sample_000").rename(tmp_path / "sample_000")
     (tmp_path / "folders").rmdir()
@@ -62,7 +64,10 @@ def test_flat_layout_images_and_sample_folders(tmp_path):
     photo, walk = good[str(tmp_path / "photo.png")], good[str(tmp_path / "walk.mp4")]
     assert photo.is_image and photo.num_frames == 1 and photo.bucket == (64, 48) and len(photo.references) == 2
     assert walk.num_frames == 17 and walk.prompt == "a red disc walks" and walk.bucket == (48, 32)
-    assert [(b.path, b.reason) for b in report.bad] == [(str(tmp_path / "nocaption.mp4"), "no caption file nocaption.txt")]
+    assert [(b.path, b.reason) for b in report.bad] == [
+        (str(tmp_path / "nocaption.mp4"), "no caption file nocaption.txt"),
+        (str(tmp_path / "norefs.mp4"), "0 reference images; a sample takes 1 to 4 (none found: put them beside it as "
+                                       "norefs_ref1.png, norefs_ref2.png, ...)")]
     clip = load_clip(photo, 1, 16, (64, 48))
     assert clip.shape == (1, 3, 1, 48, 64)
     torch_green = clip[0, :, 0, 0, 0]

@@ -298,7 +298,12 @@ def _check_sample(s: Sample, num_frames: list[int], fps: float, buckets: list[li
     if not s.prompt.strip():
         return BadSample(s.name, "no prompt (empty or missing prompt.txt / 'prompt')")
     if not 1 <= len(s.references) <= C.MAX_REFERENCES:
-        return BadSample(s.name, f"{len(s.references)} reference images; a sample takes 1 to {C.MAX_REFERENCES}")
+        hint = ""
+        if not s.references:  # where this layout looks for them
+            hint = (f" (none found: put them beside it as {s.video.stem}_ref1.png, {s.video.stem}_ref2.png, ...)"
+                    if s.name == str(s.video) else " (none found: ref1.png, ref2.png, ... in the sample folder, or "
+                    "'references' in the JSONL line)")
+        return BadSample(s.name, f"{len(s.references)} reference images; a sample takes 1 to {C.MAX_REFERENCES}{hint}")
     if s.mask_mode not in (None, "rectangle", "alpha"):
         return BadSample(s.name, f"mask_mode must be rectangle or alpha, got {s.mask_mode!r}")
     video = str(s.video)
