@@ -92,20 +92,41 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_torchrun_is_one_data_parallel_run(tmp_path, data):
+def test_two_process_torchrun_is_one_data_parallel_run_and_stops_on_ctrl_c(tmp_path, data):
+    """torchrun on CPUs: one DDP run over gloo (each process half the batches, one loss log); Ctrl-C, which
+    torchrun forwards to its workers as SIGINT, stops both at the same step with one complete checkpoint."""
+    from training.checkpointing import check_checkpoint, run_identity
+
     path, cache = data
     out = tmp_path / "ddp"
-    config = _yaml(tmp_path, _raw(out, path, cache, max_steps=2))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), "-m", "training.train_lora", "--config", str(config),
-                           "--log-level", "DEBUG"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert sorted(re.findall(r"process (\d) of 2: 2 batches of 4 per epoch", log)) == ["0", "1"]
+    raw = _raw(out, path, cache, max_steps=1000)
+    config = _yaml(tmp_path, raw)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "training.train_lora", "--config", str(config),
+                             "--log-level", "DEBUG"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            csv = out / "loss.csv"
+            if csv.exists() and len(csv.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # to torchrun only, as a terminal's Ctrl-C reaches it
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert sorted(re.findall(r"process (\d) of 2: 2 batches of 4 per epoch", log)) == ["0", "1"], log[-3000:]
     shares = {int(r): json.loads(names) for r, names in re.findall(r"process (\d), epoch 0 samples: (\[.*\])", log)}
     assert len(shares[0]) == len(shares[1]) == 2 and not set(shares[0]) & set(shares[1])  # half each, disjoint
-    assert [step for step, _ in read_losses(out / "loss.csv")] == [1, 2]  # one run's log, not two
-    assert (out / "lora.safetensors").exists() or (out / "bindweave_lora.safetensors").exists()
+    found = re.search(r"interrupted at step (\d+): checkpoint \S+ saved", log)
+    assert found, log[-3000:]
+    step = int(found.group(1))
+    assert [s for s, _ in read_losses(out / "loss.csv")] == list(range(1, step + 1))  # one run's log, not two
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    check_checkpoint(folder, run_identity(TrainConfig.from_dict(raw), "bindweave"))
+    assert (folder / "random_states_0.pkl").exists() and (folder / "random_states_1.pkl").exists()
 
 
 def test_accelerate_launch_of_two_cpu_processes_says_how_to_launch(tmp_path, data):
