@@ -23,7 +23,7 @@ from .config import TrainConfig, torch_dtype
 GiB = 1 << 30
 CUDA_OVERHEAD = 2 * GiB  # context, cuBLAS/cuDNN workspaces, allocator slack
 BACKWARD_FACTOR = 1.5  # a recomputed block's saved tensors for backward vs. its no-grad peak
-STREAM_WINDOW = 2  # streamed blocks on the device at once (the running one + one prefetched)
+STREAM_WINDOW = 2  # streamed blocks on the device at once (the running one + the first one, uploaded early)
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,9 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
         # Before the LoRA goes in: only the frozen base weights stream; the adapters stay on the device.
         from bindweave_core.dit.offload import enable_block_offload
 
-        swap = enable_block_offload(dit, len(dit.blocks) - t.blocks_to_swap, accelerator.device)
+        # No prefetch: the backward pass recomputes the blocks in reverse order, where a prefetch of the
+        # next block in forward order would leave an unused upload on the device for every streamed block.
+        swap = enable_block_offload(dit, len(dit.blocks) - t.blocks_to_swap, accelerator.device, prefetch_blocks=0)
     set_seed(t.seed)  # here, so nothing done before (cache, other runs) changes the LoRA's start or dropout
     add_lora(dit, cfg)
     connector_base = train_connector(dit) if cfg.lora.train_connector else None
@@ -371,6 +373,9 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     previewer = None
     if request is not None and fsdp:
         log.warning("validation previews are skipped under FSDP (the sharded DiT cannot run on one process)")
+    elif request is not None and swap is not None:
+        log.warning("validation previews are skipped with train.blocks_to_swap (the core's sampler places the DiT "
+                    "itself, which would undo the swap); validation.holdout losses still run")
     elif request is not None and accelerator.is_main_process:
         previewers = [Previewer(cfg, req, entry, cache.encoders["vae"], builder, dit_config_, accelerator.device,
                                 f"-{k + 2}" if k >= 0 else "")
