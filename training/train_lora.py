@@ -213,13 +213,14 @@ def run(cfg: TrainConfig, *, cache_only: bool = False, stop_at_step: int | None 
     trackers = [] if cache_only else [name for name, on in (("tensorboard", t.tensorboard), ("wandb", t.wandb)) if on]
     # torchrun on CPUs: accelerate joins the processes (gloo) only when told to use the CPU
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    # before accelerate starts: a missing tracker package is our clear error, not accelerate's warning
+    start = preflight(cfg, resume, main_process=int(os.environ.get("RANK", "0") or 0) == 0)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         cpu=launched and not torch.cuda.is_available(), log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")))
     try:
         check_launch(accelerator.num_processes)
-        start = preflight(cfg, resume, main_process=accelerator.is_main_process)
         return _run(accelerator, cfg, cache_only, stop_at_step, start, trackers)
     finally:
         accelerator.end_training()
