@@ -8,6 +8,7 @@ cache pass.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -16,9 +17,11 @@ import torch
 
 from bindweave_core.errors import InputError
 
-from .checkpointing import check_checkpoint, resolve_resume, run_identity
+from .checkpointing import check_checkpoint, list_checkpoints, resolve_resume, run_identity
 from .config import TrainConfig
 from .model import check_targets, dit_config
+
+log = logging.getLogger("BindWeave")
 
 
 def _require(module: str, why: str, fix: str) -> None:
@@ -114,6 +117,10 @@ def preflight(cfg: TrainConfig, resume: str | None = None, *, main_process: bool
         check_writable(cfg.output_dir, "train.output_dir")
         check_writable(cfg.cache_dir, "cache.dir")
     start = resolve_resume(cfg.output_dir, resume if resume is not None else t.resume)
+    if start is None and main_process and list_checkpoints(cfg.output_dir):
+        log.warning("%s already holds checkpoints up to %s: this run starts again from step 0 (and replaces "
+                    "loss.csv and the LoRA file); stop it and add --resume latest to continue instead",
+                    cfg.output_dir, list_checkpoints(cfg.output_dir)[-1].name)
     if start is not None:
         check_checkpoint(start, run_identity(cfg, config.family))
     return start
