@@ -81,6 +81,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         help="the Kaleido-14B-S2V download (model/, Wan2.1_VAE.pth, umt5-xxl/): sets the DiT, VAE, "
                              "text encoder and tokenizer not given separately")
     models.add_argument("--smoke", action="store_true", help="use the built-in tiny random models")
+    models.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="apply a LoRA to the DiT (repeat for several; strength default 1.0)")
     models.add_argument("--family", choices=SMOKE_FAMILIES,
                         help="model family: picks the smoke model (default bindweave); with model files it "
                              "overrides the family read from the DiT checkpoint (default: the checkpoint's)")
@@ -200,9 +202,14 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the run reads: no output may land on one of them."""
     paths = [args.prompt_file, *args.ref, *(args.mask or [])]
     paths += [getattr(args, name, None) for name in PATH_ARGS]
-    lora = getattr(args, "lora", None)  # generate --lora (training issue) may give one path or several
-    paths += lora if isinstance(lora, (list, tuple)) else [lora]
+    paths += [str(path) for path in _lora_paths(args)]
     return [str(p) for p in paths if p and isinstance(p, (str, Path))]
+
+
+def _lora_paths(args: argparse.Namespace) -> list[Path]:
+    from .lora_specs import parse_lora_spec
+
+    return [parse_lora_spec(spec)[0] for spec in args.lora]
 
 
 class StageDisplay:
@@ -268,7 +275,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mask and len(args.mask) != len(args.ref):
         raise InputError(f"{len(args.mask)} masks for {len(args.ref)} references: give one --mask per --ref.")
     check_images(args.ref, args.mask)
-    check_model_paths({f"--{n.replace('_', '-')}": getattr(args, n) for n in PATH_ARGS})
+    check_model_paths({**{f"--{n.replace('_', '-')}": getattr(args, n) for n in PATH_ARGS},
+                       **{f"--lora {spec}": str(path) for spec, path in zip(args.lora, _lora_paths(args))}})
     check_device(args.device)
     smoke, family = resolve_model_args(args)
     settings = generation_settings(args, prompt, family, smoke)
@@ -284,6 +292,11 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         display.on_stage("loading")
         pipe, model_info = build_pipeline(args)
+        if args.lora:
+            from .lora_specs import add_loras
+
+            add_loras(pipe, args.lora)
+            model_info["loras"] = list(args.lora)
         from .dit.parallel import rank
 
         if rank() != 0:  # multi-GPU: every rank computes, rank 0 writes

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bindweave_core.errors import InputError
 from bindweave_core.lora import apply_lora, load_lora
 from bindweave_core.smoke import smoke_dit
 from training.augment import augment_reference
@@ -60,12 +64,13 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data, cache_dir):
     """One run of 30 steps with an easy, fixed target (one noise level, the same noise), connector trained,
-    a preview every 15 steps."""
+    previews of two prompts every 15 steps."""
     out = tmp_path_factory.mktemp("run")
     torch.set_num_threads(1)  # module fixtures run before the autouse one
     cfg = config(out, data, cache_dir, objective={"fixed_sigma": 0.5, "fixed_noise": True},
                  lora={"train_connector": True}, train={"max_steps": 30},
-                 validation={"every": 15, "steps": 2})
+                 validation={"every": 15, "steps": 2, "prompts": [
+                     {"prompt": "a blue square", "references": [str(data.parent / "sample_000" / "ref1.png")]}]})
     return cfg, run(cfg)
 
 
@@ -310,6 +315,8 @@ def test_preview_videos_and_logs(trained):
     for step in (15, 30):
         frames, fps = read_video(out / "samples" / f"step-{step:06d}.mp4")
         assert frames.shape == (FRAMES, SIZE, SIZE, 3) and fps == 16
+        second, _ = read_video(out / "samples" / f"step-{step:06d}-2.mp4")  # validation.prompts
+        assert second.shape == frames.shape and (second.astype(int) - frames).any()
     rows = read_losses(out / "loss.csv")
     assert [r[0] for r in rows] == list(range(1, 31)) and [r[1] for r in rows] == result.losses
     assert (out / "checkpoints" / "step-000030" / "trainable.safetensors").exists()
@@ -348,3 +355,128 @@ def test_export_matches_peft_state():
     assert layer.rank == 2 and layer.scale == 3.0
     assert torch.equal(layer.down, dit.blocks[1].ffn.net[2].lora_A["default"].weight)
     torch.testing.assert_close(lora.diffs["condition_embedder.text_projector.linear_1.bias"], torch.ones(32))
+
+
+# ------------------------------------------------------------------------------------------ checks before caching
+def _entries(cache) -> list:
+    return sorted(p.name for p in (cache / "samples").glob("*")) if (cache / "samples").exists() else []
+
+
+def test_mixed_precision_no_from_yaml(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{smoke: true}}\ndata: {{path: {data}}}\ntrain: {{mixed_precision: no}}\n")
+    assert TrainConfig.from_yaml(path).train.mixed_precision == "no"  # YAML reads `no` as False
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora": {"targets": ["attn1.to_qq"]}}, "'attn1.to_qq' is no linear layer"),
+    ({"train": {"optimizer": "adamw8bit"}}, "adamw8bit"),
+    ({"train": {"output_dir": "/proc/bindweave-test/out"}}, "train.output_dir /proc/bindweave-test/out is not writable"),
+    ({"train": {"blocks_to_swap": 2, "gradient_checkpointing": True}}, "the DiT has 2 blocks"),
+    ({"train": {"blocks_to_swap": 1}}, "blocks_to_swap needs train.gradient_checkpointing"),
+])
+def test_bad_config_fails_before_caching(tmp_path, data, change, message):
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match=re.escape(message)):
+        run(config(tmp_path / "out", data, cache, **change))
+    assert _entries(cache) == []
+
+
+def test_output_folder_that_is_a_file(tmp_path, data):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(InputError, match="train.output_dir .*/out is a file, not a folder"):
+        run(config(tmp_path / "out", data, tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("package, option, message", [
+    ("peft", {}, "the trainer needs the peft package"),
+    ("tensorboard", {"tensorboard": True}, "train.tensorboard: true needs the tensorboard package"),
+    ("wandb", {"wandb": True}, "train.wandb: true needs the wandb package"),
+])
+def test_missing_packages_are_named(tmp_path, data, monkeypatch, package, option, message):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(InputError, match=re.escape(message)):
+        run(config(tmp_path / "out", data, tmp_path / "cache", train=option))
+    assert _entries(tmp_path / "cache") == []
+
+
+def _checkpoint_copy(trained, tmp_path) -> Path:
+    cfg, _ = trained
+    out = tmp_path / "out"
+    shutil.copytree(cfg.output_dir / "checkpoints" / "step-000030", out / "checkpoints" / "step-000030")
+    return out / "checkpoints" / "step-000030"
+
+
+@pytest.mark.parametrize("damage, change, message", [
+    (None, {"lora": {"rank": 8, "train_connector": True}}, "rank: checkpoint 4, this config 8"),
+    (None, {"lora": {"targets": ["attn1.to_q"], "train_connector": True}}, "targets: checkpoint"),
+    (None, {"model": {"smoke_seed": 3}, "lora": {"train_connector": True}}, "base_model: checkpoint 'smoke (seed 0)'"),
+    ("truncate trainable.safetensors", {"lora": {"train_connector": True}}, "trainable.safetensors is damaged"),
+    ("truncate optimizer.bin", {"lora": {"train_connector": True}}, "optimizer.bin is damaged or truncated"),
+    ("delete scheduler.bin", {"lora": {"train_connector": True}}, "scheduler.bin is missing"),
+    ("delete run.json", {"lora": {"rank": 8, "train_connector": True}}, "its LoRA has rank [4], this config lora.rank 8"),
+])
+def test_bad_checkpoints_are_named_before_caching(trained, tmp_path, data, damage, change, message):
+    folder = _checkpoint_copy(trained, tmp_path)
+    if damage:
+        verb, name = damage.split()
+        if verb == "delete":
+            (folder / name).unlink()
+        else:
+            blob = (folder / name).read_bytes()
+            (folder / name).write_bytes(blob[: len(blob) // 2])
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match=re.escape(message)):
+        run(config(tmp_path / "out", data, cache, **change), resume="latest")
+    assert _entries(cache) == []
+
+
+# ------------------------------------------------------------------------------------------ memory options
+def test_block_swap_and_activation_offload_train_the_same_lora(tmp_path, data, cache_dir):
+    """Streaming a DiT block from CPU memory, or keeping the checkpointed activations there, changes where
+    tensors live, not the arithmetic: the same losses and LoRA as the plain run (<= 1e-5)."""
+    common = dict(lora={"dropout": 0.1}, train={"max_steps": 3, "gradient_checkpointing": True})
+    results = {}
+    for name, extra in (("plain", {}), ("swap", {"blocks_to_swap": 1}), ("offload", {"activation_offload": True})):
+        sections = {k: dict(v) for k, v in common.items()}
+        sections["train"].update(extra)
+        results[name] = run(config(tmp_path / name, data, cache_dir, **sections))
+    plain = load_file(str(tmp_path / "plain/checkpoints/step-000003/trainable.safetensors"))
+    for name in ("swap", "offload"):
+        assert results[name].losses == pytest.approx(results["plain"].losses, abs=1e-5)
+        other = load_file(str(tmp_path / name / "checkpoints/step-000003/trainable.safetensors"))
+        assert other.keys() == plain.keys()
+        assert max((other[k] - plain[k]).abs().max().item() for k in plain) <= 1e-5
+    assert getattr(results["swap"].model, "block_offload", None) is None  # handed back without hooks
+
+
+def test_training_memory_estimate_follows_the_options():
+    from bindweave_core.config import PRESETS
+    from bindweave_core.memory import weight_bytes
+    from training.memory_estimate import estimate_training
+    from training.model import lora_parameter_count
+
+    config14 = PRESETS["bindweave-14b"]
+    cfg = TrainConfig.from_dict({"model": {"smoke": True}, "data": {"path": "x"}, "lora": {"rank": 16}})
+    params = lora_parameter_count(config14, cfg.lora.targets, 16)
+    # rank 16 on the 12 default linears of 40 blocks: 16 * (in + out) each
+    d, f = config14.dim, config14.ffn_dim
+    assert params == 40 * 16 * (10 * 2 * d + (d + f) * 2)
+    base = estimate_training(cfg, config14, 480, 272, 33, params)
+    cfg.train.blocks_to_swap = 10
+    swapped = estimate_training(cfg, config14, 480, 272, 33, params)
+    block = weight_bytes(config14, torch.bfloat16, "default")[1]
+    assert base.weights - swapped.weights == 8 * block  # 10 swapped, a window of 2 on the device
+    cfg.train.activation_offload = True
+    offloaded = estimate_training(cfg, config14, 480, 272, 33, params)
+    assert offloaded.activations < swapped.activations and offloaded.lora == base.lora
+
+
+def test_held_out_validation_loss(tmp_path, data, cache_dir):
+    result = run(config(tmp_path, data, cache_dir, train={"max_steps": 2}, validation={"holdout": 1}))
+    assert [step for step, _ in result.val_losses] == [2] and result.val_losses[0][1] > 0
+    rows = (tmp_path / "val_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,val_loss" and rows[1].startswith("2,")

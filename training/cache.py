@@ -8,7 +8,7 @@ missing first. Files (under ``cache.dir``, default ``<output_dir>/cache``):
   (see :mod:`training.augment`) ``v{k}.planner`` (Qwen states, when a planner is configured),
   ``v{k}.clip`` (``[1, 1028, 1280]``) and ``v{k}.slots`` (``[1, 20, 4, h, w]``); for R-RoPE
   (Kaleido) DiTs ``v{k}.ref_latents`` (``[1, n, 16, h, w]``) instead of planner, CLIP and slots;
-* ``video_condition/<key>.safetensors``: the all-zero video's condition, one per bucket;
+* ``video_condition/<key>.safetensors``: the all-zero video's condition, one per bucket and frame count;
 * ``validation/<key>.safetensors``: the preview prompt's positive and negative branches;
 * ``failures/<key>.json``: why a sample could not be encoded (retried on the next run).
 
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.errors import BindWeaveError
@@ -46,7 +47,7 @@ from .objective import conditioning_mode
 
 log = logging.getLogger("BindWeave")
 
-CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
+CACHE_VERSION = 2  # bump when what is stored (or how it is computed) changes
 
 
 def _hash(obj: Any) -> str:
@@ -68,7 +69,7 @@ def file_identity(path: Path, contents: bool = False) -> Any:
 class CacheResult:
     entries: dict[str, Path] = field(default_factory=dict)  # sample name -> entry file
     bad: list[BadSample] = field(default_factory=list)
-    video_conditions: dict[tuple[int, int], Path] = field(default_factory=dict)  # bucket -> file
+    video_conditions: dict[tuple[int, int, int], Path] = field(default_factory=dict)  # (w, h, frames) -> file
     validation: Path | None = None
     encoded: int = 0  # entries written by this process
 
@@ -76,8 +77,10 @@ class CacheResult:
 class FeatureCache:
     """Keys, paths and the encoding pass of one training config."""
 
-    def __init__(self, cfg: TrainConfig, encoders: dict[str, Any] | None = None):
+    def __init__(self, cfg: TrainConfig, encoders: dict[str, Any] | None = None, progress: bool = False):
         self.cfg = cfg
+        self.progress = progress  # progress bars (the main process of a run)
+        self._bar = tqdm(disable=True)
         self.dir = cfg.cache_dir
         self.encoders = encoders if encoders is not None else build_encoders(cfg)
         self.model_ids = encoder_identities(cfg, self.encoders)
@@ -96,11 +99,12 @@ class FeatureCache:
         files = [file_identity(p, self.cfg.cache.hash_contents) for p in s.files()]
         masks = [r.mask is not None for r in s.references]
         return _hash({**self._settings(), "files": files, "masks": masks, "prompt": s.prompt,
-                      "mask_mode": s.mask_mode or self.cfg.data.mask_mode, "bucket": list(s.bucket)})
+                      "mask_mode": s.mask_mode or self.cfg.data.mask_mode, "bucket": list(s.bucket),
+                      "frames": s.num_frames, "start": s.start})
 
-    def video_condition_key(self, bucket: tuple[int, int]) -> str:
+    def video_condition_key(self, group: tuple[int, int, int]) -> str:
         return _hash({"v": CACHE_VERSION, "vae": self.model_ids["vae"], "dtype": self.cfg.model.dtype,
-                      "num_frames": self.cfg.data.num_frames, "bucket": list(bucket)})
+                      "group": list(group)})
 
     def path(self, kind: str, key: str, suffix: str = ".safetensors") -> Path:
         return self.dir / kind / f"{key[:40]}{suffix}"
@@ -128,8 +132,8 @@ class FeatureCache:
         # Shares come from the sample list, not from what is missing: another process may be writing already.
         mine = [s for i, s in enumerate(samples) if i % world == rank
                 and not self._valid(self.path("samples", keys[s.name]), keys[s.name])]
-        buckets = sorted({s.bucket for s in samples}) if self.mode == "slots" else []  # R-RoPE has no condition
-        todo_vc = [b for b in buckets if rank == 0 and not self._valid(
+        groups = sorted({s.group for s in samples}) if self.mode == "slots" else []  # R-RoPE has no condition
+        todo_vc = [b for b in groups if rank == 0 and not self._valid(
             self.path("video_condition", self.video_condition_key(b)), self.video_condition_key(b))]
         val_key = self.validation_key(validation) if validation else None
         todo_val = rank == 0 and val_key is not None and not self._valid(self.path("validation", val_key), val_key)
@@ -138,13 +142,20 @@ class FeatureCache:
             log.info("feature cache: encoding %d of %d samples in %s", len(mine), len(samples), self.dir)
             pipe = BindWeavePipeline(dit=None, **self.encoders, device=device, offload=self.cfg.cache.offload)
             size = max(1, self.cfg.cache.chunk_size)
-            for start in range(0, len(mine), size):
-                chunk = mine[start:start + size]
-                result.encoded += self._encode_chunk(pipe, chunk, keys)
+            slots = self.mode == "slots"
+            stages = 2 + sum(slots and self.encoders.get(n) is not None for n in ("planner", "clip_vision"))
+            self._bar = tqdm(total=len(mine) * stages, desc="feature cache",
+                             unit="encoding", disable=not self.progress or not mine, dynamic_ncols=True)
+            try:
+                for start in range(0, len(mine), size):
+                    chunk = mine[start:start + size]
+                    result.encoded += self._encode_chunk(pipe, chunk, keys)
+            finally:
+                self._bar.close()
             if todo_vc:
                 with pipe.on_device("vae") as vae:
                     for b in todo_vc:
-                        vc = vae.video_condition(self.cfg.data.num_frames, b[1], b[0]).cpu()
+                        vc = vae.video_condition(b[2], b[1], b[0]).cpu()
                         key = self.video_condition_key(b)
                         atomic_save_file({"condition": vc}, self.path("video_condition", key), metadata={"key": key})
             if todo_val:
@@ -167,8 +178,8 @@ class FeatureCache:
                 reason = (json.loads(failure.read_text())["reason"] if failure.exists()
                           else "not in the feature cache (its encoding failed in another process)")
                 result.bad.append(BadSample(str(s.video), reason))
-        for b in sorted({s.bucket for s in samples}) if self.mode == "slots" else []:
-            result.video_conditions[b] = self.path("video_condition", self.video_condition_key(b))
+        for g in sorted({s.group for s in samples}) if self.mode == "slots" else []:
+            result.video_conditions[g] = self.path("video_condition", self.video_condition_key(g))
         if validation:
             result.validation = self.path("validation", self.validation_key(validation))
         return result
@@ -196,12 +207,14 @@ class FeatureCache:
                 self._fail(s, keys[s.name], e)
 
         def each(stage: str, fn) -> None:
+            self._bar.set_postfix_str(stage)
             for item in list(items):
                 try:
                     fn(item)
                 except BindWeaveError as e:
                     self._fail(item["sample"], keys[item["sample"].name], e)
                     items.remove(item)
+                self._bar.update(1)
             log.debug("cache: %s done for %d samples", stage, len(items))
 
         slots = self.mode == "slots"  # R-RoPE (Kaleido) conditions on UMT5 and clean reference latents only
@@ -219,7 +232,7 @@ class FeatureCache:
         with pipe.on_device("vae") as vae:
             def encode_vae(it: dict[str, Any]) -> None:
                 s = it["sample"]
-                video = load_clip(s, cfg.data.num_frames, cfg.data.fps, s.bucket)
+                video = load_clip(s, s.num_frames, cfg.data.fps, s.bucket)
                 it["latents"] = vae.encode(video).cpu()
                 for v in it["variants"]:
                     if slots:

@@ -29,6 +29,8 @@ from .model import trainable_state
 log = logging.getLogger("BindWeave")
 
 TRAINABLE_FILE = "trainable.safetensors"
+RUN_FILE = "run.json"  # what the checkpoint was trained with (compared before resuming)
+RUN_KEYS = ("base_model", "family", "rank", "alpha", "targets", "train_connector")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -68,11 +70,20 @@ def register_hooks(accelerator: Any, model: nn.Module) -> None:
         path = Path(input_dir) / TRAINABLE_FILE
         if not path.exists():
             raise InputError(f"{input_dir} is not a checkpoint of this trainer: {TRAINABLE_FILE} is missing.")
-        state = load_file(str(path))
-        expected = set(trainable_state(model))
-        if set(state) != expected:
-            raise InputError(f"{path} does not match this run's LoRA (missing {sorted(expected - set(state))[:4]}, "
-                             f"extra {sorted(set(state) - expected)[:4]}): resume with the config it was made with.")
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for damaged files
+            raise InputError(f"cannot resume: {path} is damaged or truncated ({e}). Resume from an earlier "
+                             "checkpoint folder, or delete this one.") from e
+        expected = trainable_state(model)
+        if set(state) != set(expected):
+            raise InputError(f"{path} does not match this run's LoRA targets (missing "
+                             f"{sorted(set(expected) - set(state))[:4]}, extra {sorted(set(state) - set(expected))[:4]}): "
+                             "resume with the lora.targets / lora.train_connector it was made with.")
+        for name, value in state.items():
+            if value.shape != expected[name].shape:
+                raise InputError(f"{path}: {name} is {list(value.shape)} but this run's is "
+                                 f"{list(expected[name].shape)}: the checkpoint has another lora.rank or base model.")
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state.items():
@@ -120,6 +131,10 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, ex
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra and extra.get("run") is not None:
+            import json
+
+            (tmp / RUN_FILE).write_text(json.dumps(extra["run"], indent=1, sort_keys=True))
         if extra and extra.get("lora") is not None:
             from bindweave_core.lora import save_lora
 
@@ -132,3 +147,61 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, ex
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+# ------------------------------------------------------------------------------------------ checks before resuming
+def run_identity(cfg: Any, family: str) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it (stored as ``run.json``)."""
+    m, lc = cfg.model, cfg.lora
+    if m.smoke:
+        base = f"smoke (seed {m.smoke_seed})"
+    else:
+        p = Path(m.dit)
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        base = f"{p.name} ({size} bytes)"  # the name and size: a moved file still matches
+    return {"base_model": base, "family": family, "rank": lc.rank, "alpha": lc.alpha, "targets": sorted(lc.targets),
+            "train_connector": lc.train_connector}
+
+
+def check_checkpoint(folder: Path, identity: dict[str, Any]) -> None:
+    """Everything about a checkpoint folder that can be checked without the models: its files are
+    complete and readable, and it was made with this run's base model and LoRA settings."""
+    import json
+    import zipfile
+
+    from safetensors import safe_open
+
+    def broken(name: str, why: str) -> InputError:
+        return InputError(f"cannot resume from {folder}: {name} {why}. Resume from an earlier checkpoint "
+                          f"({', '.join(p.name for p in list_checkpoints(folder.parent.parent)) or 'none'}) "
+                          "or delete this folder.")
+
+    run_file = folder / RUN_FILE
+    if run_file.exists():
+        try:
+            saved = json.loads(run_file.read_text())
+        except ValueError as e:
+            raise broken(RUN_FILE, f"is damaged ({e})") from e
+        differ = [k for k in RUN_KEYS if k in saved and saved[k] != identity[k]]
+        if differ:
+            detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, this config {identity[k]!r}" for k in differ)
+            raise InputError(f"cannot resume from {folder}: it was trained with other settings ({detail}). Resume "
+                             "with the config it was made with, or start a new train.output_dir.")
+    path = folder / TRAINABLE_FILE
+    if not path.exists():
+        raise broken(TRAINABLE_FILE, "is missing (not a checkpoint of this trainer, or an incomplete one)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:  # safetensors' own error type for a damaged header or a short file
+        raise broken(TRAINABLE_FILE, f"is damaged or truncated ({e})") from e
+    ranks = {shape[0] for k, shape in shapes.items() if ".lora_A." in k}
+    if ranks and ranks != {identity["rank"]}:
+        raise InputError(f"cannot resume from {folder}: its LoRA has rank {sorted(ranks)}, this config "
+                         f"lora.rank {identity['rank']}. Resume with the rank it was made with.")
+    for name in ("optimizer.bin", "scheduler.bin"):
+        file = folder / name
+        if not file.exists():
+            raise broken(name, "is missing")
+        if not zipfile.is_zipfile(file):  # torch.save's format: a truncated file loses its central directory
+            raise broken(name, "is damaged or truncated")

@@ -39,11 +39,23 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = ""  # a folder of sample folders, or a JSONL file (see dataset.py)
-    num_frames: int = 81  # 4k+1
+    path: str = ""  # a folder (sample folders, or videos/images with same-name .txt captions) or a JSONL file
+    # several datasets, each {path: ..., repeats: N} (N: how often each sample counts per epoch); instead of path
+    datasets: list[dict] = field(default_factory=list)
+    # 4k+1 frame counts (frame buckets): each clip takes the longest one it can supply; images are 1-frame clips
+    num_frames: list[int] = field(default_factory=lambda: [81])
     fps: float = C.DEFAULT_FPS  # frames are sampled at this rate from each video
+    frame_sampling: str = "head"  # head (from the start) | uniform (frame_windows windows spread) | chunk (all)
+    frame_windows: int = 1  # uniform: windows per clip
     buckets: list[list[int]] = field(default_factory=lambda: [[832, 480], [480, 832], [624, 624]])
+    upscale: bool = False  # allow buckets larger than the clip (upscaling it); false: such clips are reported
     mask_mode: str = "rectangle"  # rectangle (official) | alpha (RGBA cut-outs); per sample overridable
+
+    def dataset_list(self) -> list[tuple[str, int]]:
+        """``[(path, repeats)]`` of ``datasets`` or of the single ``path``."""
+        if self.datasets:
+            return [(str(d["path"]), int(d.get("repeats", 1))) for d in self.datasets]
+        return [(self.path, 1)]
 
 
 @dataclass
@@ -98,11 +110,16 @@ class TrainSection:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "bf16"  # no | fp16 | bf16 (accelerate)
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes, CUDA only: about 1/4 of the states)
     gradient_checkpointing: bool = True
+    activation_offload: bool = False  # keep the checkpointed block inputs in CPU memory (save_on_cpu)
+    blocks_to_swap: int = 0  # DiT blocks whose frozen weights stay in CPU memory, streamed per step
     checkpoint_every: int = 250  # 0 = only at the end
     keep_checkpoints: int = 3
     save_dtype: str = "bfloat16"  # dtype of the exported LoRA file
-    tensorboard: bool = True  # also log to tensorboard when installed (loss.csv always)
+    tensorboard: bool = False  # also log to tensorboard (needs the tensorboard package; loss.csv always)
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package and a login)
+    wandb_project: str = "bindweave-lora"
     resume: str | None = None  # null | latest | a checkpoint folder
 
 
@@ -111,6 +128,9 @@ class ValidationSection:
     every: int = 0  # steps between preview videos; 0 = none
     prompt: str | None = None  # default: the first training sample's prompt and references
     references: list[str] = field(default_factory=list)
+    prompts: list[dict] = field(default_factory=list)  # more previews: each {prompt: ..., references: [...]}
+    holdout: int = 0  # samples kept out of training for a validation loss (the last ones, in name order)
+    loss_every: int = 0  # steps between validation losses (0: at checkpoints when holdout > 0)
     width: int | None = None  # default: the first bucket
     height: int | None = None
     num_frames: int | None = None  # default: data.num_frames
@@ -192,10 +212,25 @@ class TrainConfig:
             raise bad(f"train.save_dtype must be one of {sorted(DTYPES)}, got {t.save_dtype!r}.")
         if m.weight_format not in ("default", "fp8"):
             raise bad(f"model.weight_format must be default or fp8, got {m.weight_format!r}.")
-        if not d.path:
-            raise bad("data.path is required: a folder of samples or a JSONL file.")
-        if d.num_frames < 1 or (d.num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
-            raise bad(f"data.num_frames must be 4k+1 (e.g. 49 or 81), got {d.num_frames}.")
+        if not d.path and not d.datasets:
+            raise bad("data.path is required: a folder of samples or a JSONL file (or data.datasets).")
+        if d.path and d.datasets:
+            raise bad("give data.path or data.datasets, not both.")
+        for i, ds in enumerate(d.datasets):
+            if not isinstance(ds, dict) or not isinstance(ds.get("path"), str) or set(ds) - {"path", "repeats"}:
+                raise bad(f"data.datasets[{i}] must be {{path: FOLDER_OR_JSONL, repeats: N}}, got {ds!r}.")
+            if not isinstance(ds.get("repeats", 1), int) or isinstance(ds.get("repeats"), bool) \
+                    or ds.get("repeats", 1) < 1:
+                raise bad(f"data.datasets[{i}].repeats must be a whole number >= 1, got {ds.get('repeats')!r}.")
+        if not d.num_frames:
+            raise bad("data.num_frames needs at least one frame count (4k+1, e.g. 49 or 81).")
+        for n in d.num_frames:
+            if n < 1 or (n - 1) % C.VAE_TEMPORAL_FACTOR:
+                raise bad(f"data.num_frames must be 4k+1 (e.g. 17, 49 or 81), got {n}.")
+        if d.frame_sampling not in FRAME_SAMPLING:
+            raise bad(f"data.frame_sampling must be one of {', '.join(FRAME_SAMPLING)}, got {d.frame_sampling!r}.")
+        if d.frame_windows < 1:
+            raise bad(f"data.frame_windows must be at least 1, got {d.frame_windows}.")
         if d.fps <= 0:
             raise bad(f"data.fps must be positive, got {d.fps}.")
         if not d.buckets:
@@ -225,12 +260,30 @@ class TrainConfig:
             raise bad("lora.rank must be at least 1 and lora.targets non-empty.")
         if t.mixed_precision not in ("no", "fp16", "bf16"):
             raise bad(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}.")
+        if t.optimizer not in OPTIMIZERS:
+            raise bad(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}.")
+        if t.blocks_to_swap < 0:
+            raise bad(f"train.blocks_to_swap must be >= 0, got {t.blocks_to_swap}.")
+        if t.activation_offload and not t.gradient_checkpointing:
+            raise bad("train.activation_offload moves the checkpointed block inputs: it needs "
+                      "train.gradient_checkpointing: true.")
+        v = self.validation
+        for i, p in enumerate(v.prompts):
+            if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or set(p) - {"prompt", "references"}:
+                raise bad(f"validation.prompts[{i}] must be {{prompt: TEXT, references: [IMAGES]}}, got {p!r}.")
+            if not isinstance(p.get("references", []), list) or not p.get("references"):
+                raise bad(f"validation.prompts[{i}].references needs 1-4 image paths.")
+        if v.holdout < 0 or v.loss_every < 0:
+            raise bad("validation.holdout and validation.loss_every must be >= 0.")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             if getattr(t, name) < 1:
                 raise bad(f"train.{name} must be at least 1, got {getattr(t, name)}.")
         if t.learning_rate <= 0:
             raise bad(f"train.learning_rate must be positive, got {t.learning_rate}.")
 
+
+FRAME_SAMPLING = ("head", "uniform", "chunk")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16",
           "fp16": "float16"}
@@ -277,10 +330,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is float:
             return float(value)
         if hint is str:
+            if isinstance(value, bool):  # YAML 1.1 reads no/off as False and yes/on as True
+                return "no" if value is False else "yes"
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
         if origin is list:
+            if args and args[0] is int and isinstance(value, int) and not isinstance(value, bool):
+                value = [value]  # one number where a list of numbers is allowed (data.num_frames: 81)
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return [_coerce(v, args[0], where) for v in value] if args else list(value)

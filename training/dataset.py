@@ -1,7 +1,7 @@
 """Training samples: finding them, checking every one up front, frames and resolution buckets.
 
-A sample is a video, 1-4 reference images (each optionally with a mask; RGBA cut-outs work with
-``mask_mode: alpha``) and a prompt. Two layouts:
+A sample is a video (or an image: a 1-frame clip), 1-4 reference images (each optionally with a
+mask; RGBA cut-outs work with ``mask_mode: alpha``) and a prompt. Three layouts:
 
 * a JSONL file (or a folder holding ``samples.jsonl``), one sample per line, paths relative to
   the file::
@@ -12,13 +12,23 @@ A sample is a video, 1-4 reference images (each optionally with a mask; RGBA cut
 
 * a folder of sample folders, each with one video file, ``prompt.txt`` and reference images whose
   names start with ``ref`` (``ref1.png``, ``ref2.jpg``, ...; taken in name order); the mask of
-  ``ref1.png`` is ``ref1_mask.png``.
+  ``ref1.png`` is ``ref1_mask.png``;
+
+* a flat folder of videos and/or images, each with a same-name ``.txt`` caption and its references
+  beside it as ``<name>_ref1.png``, ``<name>_ref2.png`` (masks ``<name>_ref1_mask.png``)::
+
+      clip1.mp4  clip1.txt  clip1_ref1.png   photo.jpg  photo.txt  photo_ref1.png
+
+  (a folder may mix sample folders and flat samples).
 
 Every sample is checked before training (files present and decodable, enough frames at the target
-fps, 1-4 references, masks of the right size, a prompt); the bad ones are reported by path and
-reason and left out. Frames are sampled at ``data.fps`` (nearest source frame) from the start of
-the clip; each video goes to the bucket of the nearest aspect ratio and is resized to cover it,
-then centre-cropped.
+fps, 1-4 references, masks of the right size, a prompt, a bucket no larger than the clip); the bad
+ones are reported by path and reason and left out. Frames are sampled at ``data.fps`` (nearest
+source frame); each clip takes the longest of ``data.num_frames`` it can supply (frame buckets) and
+``data.frame_sampling`` picks where: ``head`` (from the start), ``uniform`` (``frame_windows``
+windows spread over the clip) or ``chunk`` (every whole window, one after another). Each clip goes
+to the bucket of the nearest aspect ratio among those it covers (never upscaled unless
+``data.upscale``), is resized to cover it, then centre-cropped.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ from PIL import Image
 
 from bindweave_core import constants as C
 from bindweave_core.errors import InputError
+from bindweave_core.images import load_rgb
 from bindweave_core.references import load_image, placement_for
 
 log = logging.getLogger("BindWeave")
@@ -59,12 +70,24 @@ class Sample:
     references: list[Reference]
     prompt: str
     mask_mode: str | None = None  # None: data.mask_mode
+    repeats: int = 1  # how often the sample counts per epoch (its dataset's repeats)
     # filled in by validation
     source_frames: int = 0
     source_fps: float = 0.0
     width: int = 0
     height: int = 0
     bucket: tuple[int, int] = (0, 0)
+    num_frames: int = 0  # frames of the training clip (its frame bucket)
+    start: int = 0  # first source frame of the clip's window
+
+    @property
+    def is_image(self) -> bool:
+        return self.video.suffix.lower() in IMAGE_EXTENSIONS
+
+    @property
+    def group(self) -> tuple[int, int, int]:
+        """What a batch must share: ``(width, height, frames)``."""
+        return (*self.bucket, self.num_frames)
 
     def files(self) -> list[Path]:
         out = [self.video]
@@ -131,9 +154,9 @@ def _from_jsonl(path: Path) -> tuple[list[Sample], list[BadSample]]:
             entry = json.loads(line)
             if not isinstance(entry, dict):
                 raise ValueError("each line must be a JSON object")
-            video = entry.get("video")
+            video = entry.get("video", entry.get("image"))  # an image: a 1-frame clip
             if not isinstance(video, str):
-                raise ValueError("no 'video' path")
+                raise ValueError("no 'video' (or 'image') path")
             refs = entry.get("references", entry.get("refs"))
             if isinstance(refs, (str, dict)):
                 refs = [refs]
@@ -147,12 +170,32 @@ def _from_jsonl(path: Path) -> tuple[list[Sample], list[BadSample]]:
     return samples, bad
 
 
-def _from_folders(root: Path) -> tuple[list[Sample], list[BadSample]]:
+def _from_flat(root: Path) -> tuple[list[Sample], list[BadSample]]:
+    """Videos / images with a same-name ``.txt`` caption, references ``<name>_ref*.png`` beside them."""
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = {p.stem: p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
     samples, bad = [], []
+    for media in files:
+        if media.suffix.lower() not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
+            continue
+        caption = media.with_suffix(".txt")
+        if not caption.is_file():
+            if media.suffix.lower() in VIDEO_EXTENSIONS:
+                bad.append(BadSample(str(media), f"no caption file {caption.name}"))
+            continue  # an image without a caption is a reference or a mask
+        prefix = media.stem + "_ref"
+        refs = [Reference(p, images.get(stem + "_mask")) for stem, p in sorted(images.items())
+                if stem.startswith(prefix) and not stem.endswith("_mask")]
+        samples.append(Sample(str(media), media, refs, caption.read_text(encoding="utf-8").strip()))
+    return samples, bad
+
+
+def _from_folders(root: Path) -> tuple[list[Sample], list[BadSample]]:
+    samples, bad = _from_flat(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise InputError(f"{root} holds no sample folders (and no {' / '.join(JSONL_NAMES)}); see the training "
-                         "section of the README for the data layout.")
+    if not folders and not samples and not bad:
+        raise InputError(f"{root} holds no sample folders, no captioned videos/images (<name>.mp4 + <name>.txt) "
+                         f"and no {' / '.join(JSONL_NAMES)}; see the training section of the README for the layouts.")
     for folder in folders:
         files = sorted(p for p in folder.iterdir() if p.is_file())
         videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
@@ -191,18 +234,57 @@ def probe_video(path: Path) -> tuple[int, float, int, int]:
     return frames, fps, width, height
 
 
-def frame_indices(available: int, source_fps: float, num_frames: int, fps: float) -> list[int] | None:
-    """Source frame of each of ``num_frames`` frames sampled at ``fps`` from the start (nearest frame);
-    None when the video is too short. An unknown source rate is taken as ``fps``."""
+def frame_indices(available: int, source_fps: float, num_frames: int, fps: float, start: int = 0) -> list[int] | None:
+    """Source frame of each of ``num_frames`` frames sampled at ``fps`` from source frame ``start``
+    (nearest frame); None when the video is too short. An unknown source rate is taken as ``fps``."""
     step = source_fps / fps if source_fps > 0 else 1.0
-    idx = [int(math.floor(i * step + 0.5)) for i in range(num_frames)]
+    idx = [start + int(math.floor(i * step + 0.5)) for i in range(num_frames)]
     return idx if idx[-1] < available else None
 
 
-def choose_bucket(width: int, height: int, buckets: list[list[int]] | list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is nearest (in log scale) to ``width / height``."""
+def window_starts(available: int, source_fps: float, num_frames: int, fps: float, sampling: str = "head",
+                  windows: int = 1) -> list[int]:
+    """First source frame of each training window of a clip (empty when even one does not fit).
+
+    ``head``: one window from the start; ``uniform``: ``windows`` windows with evenly spread starts
+    (fewer when the clip is too short to give them distinct starts); ``chunk``: consecutive windows
+    without overlap, as many as fit.
+    """
+    idx = frame_indices(available, source_fps, num_frames, fps)
+    if idx is None:
+        return []
+    slack = available - 1 - idx[-1]  # how far the window can move
+    if sampling == "head" or slack == 0:
+        return [0]
+    if sampling == "uniform":
+        n = min(windows, slack + 1)
+        return [0] if n == 1 else sorted({round(k * slack / (n - 1)) for k in range(n)})
+    if sampling == "chunk":
+        step = source_fps / fps if source_fps > 0 else 1.0
+        length = max(1, int(math.floor(num_frames * step + 0.5)))  # source frames one window spans
+        return list(range(0, slack + 1, length))
+    raise ValueError(f"frame sampling must be head, uniform or chunk, got {sampling!r}")
+
+
+def choose_frames(available: int, source_fps: float, counts: list[int], fps: float) -> int | None:
+    """The longest frame count of ``counts`` the clip can supply at ``fps`` (None: not even the shortest)."""
+    fitting = [n for n in counts if frame_indices(available, source_fps, n, fps) is not None]
+    return max(fitting) if fitting else None
+
+
+def choose_bucket(width: int, height: int, buckets: list[list[int]] | list[tuple[int, int]],
+                  upscale: bool = True) -> tuple[int, int] | None:
+    """The bucket whose aspect ratio is nearest (in log scale) to ``width / height`` (ties: the larger).
+
+    ``upscale=False`` considers only the buckets the clip covers (no side larger than the clip's):
+    None when there is none.
+    """
+    if not upscale:
+        buckets = [b for b in buckets if b[0] <= width and b[1] <= height]
+        if not buckets:
+            return None
     ratio = math.log(width / height)
-    best = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+    best = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
     return int(best[0]), int(best[1])
 
 
@@ -211,28 +293,49 @@ def _strip(path: Path, message: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def _check_sample(s: Sample, num_frames: int, fps: float, buckets: list[list[int]],
-                  mask_mode: str) -> BadSample | None:
+def _check_sample(s: Sample, num_frames: list[int], fps: float, buckets: list[list[int]],
+                  mask_mode: str, upscale: bool = False) -> BadSample | None:
     """Fills the probe fields of ``s``; returns its first problem (the file at fault and why)."""
     if not s.prompt.strip():
         return BadSample(s.name, "no prompt (empty or missing prompt.txt / 'prompt')")
     if not 1 <= len(s.references) <= C.MAX_REFERENCES:
-        return BadSample(s.name, f"{len(s.references)} reference images; a sample takes 1 to {C.MAX_REFERENCES}")
+        hint = ""
+        if not s.references:  # where this layout looks for them
+            hint = (f" (none found: put them beside it as {s.video.stem}_ref1.png, {s.video.stem}_ref2.png, ...)"
+                    if s.name == str(s.video) else " (none found: ref1.png, ref2.png, ... in the sample folder, or "
+                    "'references' in the JSONL line)")
+        return BadSample(s.name, f"{len(s.references)} reference images; a sample takes 1 to {C.MAX_REFERENCES}{hint}")
     if s.mask_mode not in (None, "rectangle", "alpha"):
         return BadSample(s.name, f"mask_mode must be rectangle or alpha, got {s.mask_mode!r}")
     video = str(s.video)
     if not s.video.is_file():
-        return BadSample(video, "video file not found")
-    try:
-        s.source_frames, s.source_fps, s.width, s.height = probe_video(s.video)
-    except InputError as e:
-        return BadSample(video, str(e))
-    if frame_indices(s.source_frames, s.source_fps, num_frames, fps) is None:
-        need = (num_frames - 1) / fps
-        have = s.source_frames / s.source_fps if s.source_fps else s.source_frames / fps
-        return BadSample(video, f"too few frames: {s.source_frames} at {s.source_fps:g} fps ({have:.2f} s); "
-                                f"{num_frames} frames at {fps:g} fps need {need:.2f} s")
-    s.bucket = choose_bucket(s.width, s.height, buckets)
+        return BadSample(video, "image file not found" if s.is_image else "video file not found")
+    if s.is_image:  # an image sample is a 1-frame clip
+        try:
+            s.width, s.height = load_image(s.video).size
+        except InputError as e:
+            return BadSample(video, _strip(s.video, str(e)))
+        s.source_frames, s.source_fps, s.num_frames = 1, 0.0, 1
+    else:
+        try:
+            s.source_frames, s.source_fps, s.width, s.height = probe_video(s.video)
+        except InputError as e:
+            return BadSample(video, str(e))
+        chosen = choose_frames(s.source_frames, s.source_fps, num_frames, fps)
+        if chosen is None:
+            shortest = min(num_frames)
+            need = (shortest - 1) / fps
+            have = s.source_frames / s.source_fps if s.source_fps else s.source_frames / fps
+            return BadSample(video, f"too few frames: {s.source_frames} at {s.source_fps:g} fps ({have:.2f} s); "
+                                    f"{shortest} frames at {fps:g} fps need {need:.2f} s (add a shorter count to "
+                                    "data.num_frames, e.g. 17, or lower data.fps)")
+        s.num_frames = chosen
+    bucket = choose_bucket(s.width, s.height, buckets, upscale)
+    if bucket is None:
+        return BadSample(video, f"{s.width}x{s.height} is smaller than every bucket "
+                                f"({', '.join(f'{w}x{h}' for w, h in buckets)}); add a bucket no larger than the "
+                                "clip to data.buckets, or set data.upscale: true to upscale it")
+    s.bucket = bucket
     for ref in s.references:
         try:
             image = load_image(ref.image)
@@ -257,37 +360,62 @@ def _check_sample(s: Sample, num_frames: int, fps: float, buckets: list[list[int
     return None
 
 
-def validate(samples: list[Sample], num_frames: int, fps: float, buckets: list[list[int]],
-             mask_mode: str = "rectangle") -> DatasetReport:
-    """Check every sample; the report holds the usable ones and the others with their reason."""
+def validate(samples: list[Sample], num_frames: int | list[int], fps: float, buckets: list[list[int]],
+             mask_mode: str = "rectangle", *, sampling: str = "head", windows: int = 1, upscale: bool = False,
+             progress: bool = False) -> DatasetReport:
+    """Check every sample; the report holds the usable ones (one per training window) and the others
+    with their reason."""
+    from tqdm.auto import tqdm
+
+    counts = [num_frames] if isinstance(num_frames, int) else list(num_frames)
     report = DatasetReport()
-    for s in samples:
-        problem = _check_sample(s, num_frames, fps, buckets, mask_mode)
-        if problem is None:
-            report.good.append(s)
-        else:
+    for s in tqdm(samples, desc="checking samples", unit="sample", disable=not progress or len(samples) < 2):
+        problem = _check_sample(s, counts, fps, buckets, mask_mode, upscale)
+        if problem is not None:
             report.bad.append(problem)
+            continue
+        starts = [0] if s.is_image else window_starts(s.source_frames, s.source_fps, s.num_frames, fps, sampling,
+                                                      windows)
+        if len(starts) == 1 and sampling == "head":
+            report.good.append(s)
+            continue
+        for start in starts:  # one training sample per window, named by its first source frame
+            report.good.append(replace(s, name=f"{s.name}@{start}", start=start))
     return report
 
 
-def load_dataset(path: str | Path, num_frames: int, fps: float, buckets: list[list[int]],
-                 mask_mode: str = "rectangle") -> DatasetReport:
-    """Discover and validate: what the trainer calls."""
-    samples, bad = discover(path)
-    report = validate(samples, num_frames, fps, buckets, mask_mode)
+def load_dataset(path: str | Path | list[tuple[str, int]], num_frames: int | list[int], fps: float,
+                 buckets: list[list[int]], mask_mode: str = "rectangle", **options: Any) -> DatasetReport:
+    """Discover and validate: what the trainer calls. ``path`` may be a list of ``(path, repeats)``;
+    ``options`` go to :func:`validate`."""
+    datasets = [(path, 1)] if isinstance(path, (str, Path)) else list(path)
+    samples, bad = [], []
+    for one, repeats in datasets:
+        found, wrong = discover(one)
+        for s in found:
+            s.repeats = repeats
+        samples += found
+        bad += wrong
+    report = validate(samples, num_frames, fps, buckets, mask_mode, **options)
     report.bad[:0] = bad
     return report
 
 
 # ------------------------------------------------------------------------------------------ loading
 def load_clip(sample: Sample, num_frames: int, fps: float, size: tuple[int, int]) -> torch.Tensor:
-    """The training clip as ``[1, 3, N, H, W]`` in [-1, 1] for a bucket ``size = (W, H)``."""
-    from bindweave_core.video_io import read_video
+    """The training clip as ``[1, 3, N, H, W]`` in [-1, 1] for a bucket ``size = (W, H)``, from source
+    frame ``sample.start`` (an image sample: its one frame)."""
+    if sample.is_image:
+        frames = np.asarray(load_rgb(sample.video))[None]
+        idx = [0]
+    else:
+        from bindweave_core.video_io import read_video
 
-    frames, source_fps = read_video(sample.video)
-    idx = frame_indices(len(frames), source_fps, num_frames, fps)
-    if idx is None:
-        raise InputError(f"{sample.video}: too few frames ({len(frames)} decoded) for {num_frames} at {fps:g} fps")
+        frames, source_fps = read_video(sample.video)
+        idx = frame_indices(len(frames), source_fps, num_frames, fps, sample.start)
+        if idx is None:
+            raise InputError(f"{sample.video}: too few frames ({len(frames)} decoded) for {num_frames} at "
+                             f"{fps:g} fps from frame {sample.start}")
     clip = torch.from_numpy(np.ascontiguousarray(frames[idx])).permute(0, 3, 1, 2).float() / 255.0
     clip = resize_cover(clip, *size)
     return (clip * 2.0 - 1.0).permute(1, 0, 2, 3)[None].contiguous()

@@ -157,6 +157,31 @@ def to_fp8(dit: nn.Module) -> nn.Module:
     return dit
 
 
+def check_targets(targets: list[str]) -> None:
+    """``lora.targets`` against the linears any Wan/BindWeave block has (no model needed: run before caching)."""
+    table = _name_table(1)
+    known = sorted({ours[len("blocks.0."):] for kind, ours in table.values() if ours.startswith("blocks.0.")})
+    wrong = [t for t in targets if f"blocks.0.{t}" not in table and t not in known]
+    if wrong:
+        raise InputError(f"lora.targets: {', '.join(map(repr, wrong))} is no linear layer of a DiT block; choose from "
+                         f"{', '.join(known)} (or the original names such as self_attn.q, ffn.0).")
+
+
+def lora_parameter_count(config: DiTConfig, targets: list[str], rank: int) -> int:
+    """Trainable LoRA parameters of ``targets`` at ``rank`` over all blocks (counted on a meta model)."""
+    table = _name_table(1)
+    with torch.device("meta"):
+        block = BindWeaveTransformer(config.replace(num_layers=1)).blocks[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    total = 0
+    for t in set(targets):
+        hit = table.get(f"blocks.0.{t}")
+        m = linears.get(hit[1][len("blocks.0."):] if hit else t)
+        if m is not None:
+            total += rank * (m.in_features + m.out_features)
+    return total * config.num_layers
+
+
 def target_pattern(dit: nn.Module, targets: list[str]) -> str:
     """peft ``target_modules`` regex for the named linears of every block.
 

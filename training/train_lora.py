@@ -1,24 +1,31 @@
 """Train a LoRA for the BindWeave DiT.
 
-    python -m training.train_lora --config training/configs/example.yaml
+    python -m training.train_lora --config training/configs/smoke.yaml   # CPU try-out (tiny model)
     python -m training.train_lora --config C.yaml --cache-only          # encode the dataset only
-    accelerate launch -m training.train_lora --config C.yaml            # several GPUs / machines
+    accelerate launch --multi_gpu --num_processes 2 -m training.train_lora --config C.yaml   # several GPUs
+    torchrun --nproc_per_node 2 -m training.train_lora --config C.yaml  # the same, also on CPUs (gloo)
     python -m training.train_lora --config C.yaml --resume latest       # continue exactly
 
-Order of work: check every sample (bad ones are reported in ``<output_dir>/dataset_report.json``
-and left out) -> fill the feature cache (planner, UMT5, CLIP, VAE; then freed) -> load the DiT,
+Order of work: check the config (targets, packages, output folder, the checkpoint to resume) ->
+check every sample (bad ones are reported in ``<output_dir>/dataset_report.json`` and left out)
+-> print the memory estimate -> fill the feature cache (planner, UMT5, CLIP, VAE; then freed) -> load the DiT,
 inject the LoRA with peft -> train with accelerate (mixed precision, gradient accumulation,
 gradient checkpointing, DDP/FSDP) -> ``<output_dir>/<name>.safetensors``. Along the way:
-``loss.csv`` (and tensorboard), checkpoints, preview videos in ``samples/``.
+``loss.csv`` (and tensorboard / wandb), ``val_loss.csv`` (held-out samples), checkpoints, preview
+videos in ``samples/``. Ctrl-C saves a checkpoint after the current step and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +37,12 @@ from bindweave_core.errors import BindWeaveError, InputError
 from bindweave_core.lora import CONFIG_KEY, save_lora
 
 from .cache import FeatureCache, load_entry, load_tensors
-from .checkpointing import TrainState, register_hooks, resolve_resume, save_checkpoint
+from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
 from .config import TrainConfig, torch_dtype
 from .dataset import BadSample, BatchOrder, DatasetReport, load_dataset
-from .model import add_lora, export_lora, load_training_dit, train_connector, trainable_state
+from .model import add_lora, dit_config, export_lora, lora_parameter_count, load_training_dit, train_connector, \
+    trainable_state
+from .preflight import check_launch, preflight
 from .objective import (
     CONDITIONING,
     conditioning_mode,
@@ -45,6 +54,7 @@ from .objective import (
 
 log = logging.getLogger("BindWeave")
 
+INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "sigma", "seconds")
 
 
@@ -56,7 +66,9 @@ class RunResult:
     checkpoint: Path | None = None
     report: DatasetReport | None = None
     interrupted: bool = False
+    stopped_by_signal: bool = False  # Ctrl-C (SIGINT): a checkpoint was saved, continue with --resume latest
     model: torch.nn.Module | None = None  # the trained DiT (peft LoRA injected, unwrapped)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -64,7 +76,7 @@ class LossLog:
     """``loss.csv`` (one row per optimizer step, full precision); on resume, rows after the
     checkpoint's step are dropped so the file matches an uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, fields: tuple[str, ...] = CSV_FIELDS):
         self.path = path
         rows = []
         if resume_step and path.exists():
@@ -72,7 +84,7 @@ class LossLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=fields)
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.file.flush()
@@ -90,6 +102,31 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) during training asks for a stop after the current optimizer step (with a
+    checkpoint); a second Ctrl-C stops at once. Only the main thread can own the handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to stop at once, "
+                    "losing the steps since the last checkpoint)")
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def _validation_request(cfg: TrainConfig, report: DatasetReport) -> dict[str, Any] | None:
     v = cfg.validation
@@ -99,7 +136,7 @@ def _validation_request(cfg: TrainConfig, report: DatasetReport) -> dict[str, An
     references = [str(Path(p)) for p in v.references] or [str(r.image) for r in first.references]
     width, height = v.width or first.bucket[0], v.height or first.bucket[1]
     return {"prompt": v.prompt or first.prompt, "references": references, "width": width, "height": height,
-            "num_frames": v.num_frames or cfg.data.num_frames, "mask_mode": cfg.data.mask_mode}
+            "num_frames": v.num_frames or first.num_frames, "mask_mode": cfg.data.mask_mode}
 
 
 def lora_metadata(cfg: TrainConfig, family: str, step: int) -> dict[str, str]:
@@ -110,11 +147,19 @@ def lora_metadata(cfg: TrainConfig, family: str, step: int) -> dict[str, str]:
             "ss_network_dim": str(lc.rank), "ss_network_alpha": str(lc.alpha)}
 
 
+def _extra_requests(cfg: TrainConfig, first: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``validation.prompts``: more preview prompts at the first preview's size and length."""
+    if first is None:
+        return []
+    return [{**first, "prompt": p["prompt"], "references": [str(Path(r)) for r in p["references"]]}
+            for p in cfg.validation.prompts]
+
+
 class Previewer:
     """Preview videos through the core pipeline with the training DiT (LoRA active)."""
 
     def __init__(self, cfg: TrainConfig, request: dict[str, Any], entry: Path, vae: Any, builder, dit_config,
-                 device: torch.device):
+                 device: torch.device, suffix: str = ""):
         from bindweave_core.pipeline import BindWeavePipeline
 
         t = load_tensors(entry)
@@ -126,6 +171,7 @@ class Previewer:
                               t.get("video_condition"), dit_config)
         self.cfg = cfg
         self.request = request
+        self.suffix = suffix  # "" for the first preview prompt, "-2", "-3", ... for validation.prompts
         self.family = dit_config.family
         self.device = device
         self.decoder = BindWeavePipeline(dit=None, vae=vae, text_encoder=None, device=device, offload="model")
@@ -149,7 +195,8 @@ class Previewer:
             frames = self.decoder.decode(latents)
         finally:
             dit.train(was_training)
-        path = write_mp4(frames, self.cfg.output_dir / "samples" / f"step-{step:06d}.mp4", fps=settings.fps)
+        path = write_mp4(frames, self.cfg.output_dir / "samples" / f"step-{step:06d}{self.suffix}.mp4",
+                         fps=settings.fps)
         log.info("preview written: %s", path)
         return path
 
@@ -157,50 +204,101 @@ class Previewer:
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: TrainConfig, *, cache_only: bool = False, stop_at_step: int | None = None,
         resume: str | None = None) -> RunResult:
-    """Cache, train, export. ``stop_at_step`` saves a checkpoint at that step and returns (for
+    """Check, cache, train, export. ``stop_at_step`` saves a checkpoint at that step and returns (for
     time-limited jobs; continue with ``resume="latest"``)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     t = cfg.train
-    tensorboard = t.tensorboard and not cache_only and _has_tensorboard()
+    trackers = [] if cache_only else [name for name, on in (("tensorboard", t.tensorboard), ("wandb", t.wandb)) if on]
+    # torchrun on CPUs: accelerate joins the processes (gloo) only when told to use the CPU
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    # before accelerate starts: a missing tracker package is our clear error, not accelerate's warning
+    start = preflight(cfg, resume, main_process=int(os.environ.get("RANK", "0") or 0) == 0)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with="tensorboard" if tensorboard else None,
+        cpu=launched and not torch.cuda.is_available(), log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")))
     try:
-        return _run(accelerator, cfg, cache_only, stop_at_step, resume, tensorboard)
+        check_launch(accelerator.num_processes)
+        return _run(accelerator, cfg, cache_only, stop_at_step, start, trackers)
     finally:
         accelerator.end_training()
         _reset_accelerate(accelerator)
 
 
-def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int | None, resume: str | None,
-         tensorboard: bool) -> RunResult:
+def _holdout(cfg: TrainConfig, samples: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``(training, held out)``: the last ``validation.holdout`` samples in name order are held out."""
+    n = cfg.validation.holdout
+    if n <= 0:
+        return samples, []
+    if n >= len(samples):
+        raise InputError(f"validation.holdout {n}: only {len(samples)} usable samples; hold out fewer.")
+    held = {s.name for s in sorted(samples, key=lambda s: s.name)[-n:]}
+    return [s for s in samples if s.name not in held], [s for s in samples if s.name in held]
+
+
+def _print_estimate(cfg: TrainConfig, samples: list[Any]) -> None:
+    from .memory_estimate import estimate_training
+
+    config = dit_config(cfg)
+    w, h, n = max((s.group for s in samples), key=lambda g: g[0] * g[1] * g[2])
+    params = lora_parameter_count(config, cfg.lora.targets, cfg.lora.rank)
+    est = estimate_training(cfg, config, w, h, n, params)
+    log.info("memory estimate for %dx%d, %d frames, batch %d: %s", w, h, n, cfg.train.batch_size, est.describe())
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                  weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":  # checked in preflight: bitsandbytes and CUDA present
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int | None, start: Path | None,
+         trackers: list[str]) -> RunResult:
     from accelerate.utils import DistributedType, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    t = cfg.train
+    t, d = cfg.train, cfg.data
     out = cfg.output_dir
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if t.blocks_to_swap and world > 1:
+        raise InputError("train.blocks_to_swap is for one GPU (the DiT's blocks move between CPU and GPU, which "
+                         "data-parallel training cannot follow); use it with one process, or FSDP on several GPUs.")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        log.info("data-parallel run: process %d of %d (%s)", rank, world, accelerator.distributed_type)
 
     # -- data
-    report = load_dataset(cfg.data.path, cfg.data.num_frames, cfg.data.fps, cfg.data.buckets, cfg.data.mask_mode)
+    report = load_dataset(d.dataset_list(), d.num_frames, d.fps, d.buckets, d.mask_mode, sampling=d.frame_sampling,
+                          windows=d.frame_windows, upscale=d.upscale, progress=accelerator.is_local_main_process)
     if not report.good:
         _finish_report(accelerator, report, out)
-        raise InputError(f"no usable training samples in {cfg.data.path}: " +
+        raise InputError(f"no usable training samples in {d.path or [p for p, _ in d.dataset_list()]}: " +
                          "; ".join(f"{b.path}: {b.reason}" for b in report.bad[:5]))
+    if accelerator.is_main_process:
+        _print_estimate(cfg, report.good)
 
     # -- feature cache (each process encodes its share)
-    cache = FeatureCache(cfg)
+    cache = FeatureCache(cfg, progress=accelerator.is_local_main_process)
     request = _validation_request(cfg, report)
     cache.ensure(report.good, accelerator.device, rank, world, request)
     accelerator.wait_for_everyone()
     cached = cache.collect(report.good, request)
+    extra = _extra_requests(cfg, request)
+    extra_entries = []
+    for req in extra:  # more preview prompts: only their conditioning is encoded
+        cache.ensure([], accelerator.device, rank, world, req)
+        extra_entries.append(cache.collect([], req).validation)
+    accelerator.wait_for_everyone()
     report.bad += cached.bad
     report.good = [s for s in report.good if s.name in cached.entries]
     _finish_report(accelerator, report, out)
@@ -211,15 +309,23 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
 
     # -- model
     dit = load_training_dit(cfg)
-    dit_config = dit.dit_config
-    mode = conditioning_mode(cfg.objective.conditioning, dit_config)
+    dit_config_ = dit.dit_config
+    mode = conditioning_mode(cfg.objective.conditioning, dit_config_)
     builder = CONDITIONING[mode]
-    too_many = [s for s in report.good if len(s.references) > dit_config.max_references]
+    too_many = [s for s in report.good if len(s.references) > dit_config_.max_references]
     if too_many:
-        report.bad += [BadSample(s.name, f"{len(s.references)} references; a {dit_config.family} model takes at most "
-                                         f"{dit_config.max_references}") for s in too_many]
+        report.bad += [BadSample(s.name, f"{len(s.references)} references; a {dit_config_.family} model takes at "
+                                         f"most {dit_config_.max_references}") for s in too_many]
         report.good = [s for s in report.good if s not in too_many]
         _finish_report(accelerator, report, out)
+    swap = None
+    if t.blocks_to_swap:
+        # Before the LoRA goes in: only the frozen base weights stream; the adapters stay on the device.
+        from bindweave_core.dit.offload import enable_block_offload
+
+        # No prefetch: the backward pass recomputes the blocks in reverse order, where a prefetch of the
+        # next block in forward order would leave an unused upload on the device for every streamed block.
+        swap = enable_block_offload(dit, len(dit.blocks) - t.blocks_to_swap, accelerator.device, prefetch_blocks=0)
     set_seed(t.seed)  # here, so nothing done before (cache, other runs) changes the LoRA's start or dropout
     add_lora(dit, cfg)
     connector_base = train_connector(dit) if cfg.lora.train_connector else None
@@ -228,39 +334,65 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     dit.train()
     compute_dtype = dit.patch_embedding.weight.dtype
     params = [p for p in dit.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    if swap is not None:
+        for p in params:
+            p.data = p.data.to(accelerator.device)
+    optimizer = _make_optimizer(cfg, params)
     # accelerate steps the scheduler once per process per optimizer step (diffusers' convention).
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * world,
                               num_training_steps=t.max_steps * world)
-    model, optimizer, scheduler = accelerator.prepare(dit, optimizer, scheduler)
+    placement = [swap is None, True, True]  # block swap placed the DiT itself
+    model, optimizer, scheduler = accelerator.prepare(dit, optimizer, scheduler, device_placement=placement)
     unwrapped = accelerator.unwrap_model(model)
     clip_params = list(model.parameters()) if fsdp else params  # FSDP clips through the wrapped model
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     register_hooks(accelerator, unwrapped)
-    start = resolve_resume(out, resume if resume is not None else t.resume)
     if start is not None:
-        accelerator.load_state(str(start))
+        try:
+            accelerator.load_state(str(start))
+        except BindWeaveError:
+            raise
+        except Exception as e:  # accelerate / torch errors of a damaged optimizer, scheduler or RNG file
+            raise InputError(f"cannot resume from {start}: {type(e).__name__}: {e}. The checkpoint is damaged or "
+                             "from another run; resume from an earlier one or delete it.") from e
         log.info("resumed from %s at step %d", start, state.step)
-    if tensorboard:
-        accelerator.init_trackers("bindweave_lora")
+    if trackers:
+        accelerator.init_trackers(t.wandb_project if t.wandb else "bindweave_lora", config=_flat_config(cfg))
 
     # -- data order, conditions, logs
-    samples = report.good
+    samples, held_out = _holdout(cfg, report.good)
     entries = [cached.entries[s.name] for s in samples]
-    order = BatchOrder([s.bucket for s in samples], t.batch_size, t.seed, rank, world)
-    video_conditions = {b: load_tensors(p)["condition"] for b, p in cached.video_conditions.items()}
+    repeated = [i for i, s in enumerate(samples) for _ in range(s.repeats)]  # per-dataset repeats
+    order = BatchOrder([samples[i].group for i in repeated], t.batch_size, t.seed, rank, world)
+    if world > 1:
+        log.info("process %d of %d: %d batches of %d per epoch", rank, world, order.per_process,
+                 order.per_process * world)
+        log.debug("process %d, epoch 0 samples: %s", rank,
+                  json.dumps(sorted(samples[repeated[j]].name for b in order.epoch_batches(0) for j in b)))
+    video_conditions = {g: load_tensors(p)["condition"] for g, p in cached.video_conditions.items()}
     previewer = None
     if request is not None and fsdp:
         log.warning("validation previews are skipped under FSDP (the sharded DiT cannot run on one process)")
+    elif request is not None and swap is not None:
+        log.warning("validation previews are skipped with train.blocks_to_swap (the core's sampler places the DiT "
+                    "itself, which would undo the swap); validation.holdout losses still run")
     elif request is not None and accelerator.is_main_process:
-        previewer = Previewer(cfg, request, cached.validation, cache.encoders["vae"], builder, dit_config,
-                              accelerator.device)
+        previewers = [Previewer(cfg, req, entry, cache.encoders["vae"], builder, dit_config_, accelerator.device,
+                                f"-{k + 2}" if k >= 0 else "")
+                      for k, (req, entry) in enumerate([(request, cached.validation), *zip(extra, extra_entries)],
+                                                       start=-1)]
+
+        def previewer(dit: torch.nn.Module, step: int) -> None:
+            for one in previewers:
+                one(dit, step)
     loss_log = LossLog(out / "loss.csv", state.step) if accelerator.is_main_process else None
+    val_log = (LossLog(out / "val_loss.csv", state.step, ("step", "val_loss"))
+               if accelerator.is_main_process and held_out else None)
     progress = tqdm(total=t.max_steps, initial=state.step, desc="training", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)
     result = RunResult(step=state.step, report=report, model=unwrapped)
+    identity = run_identity(cfg, dit_config_.family)
 
     def lora_now() -> Any:
         """The LoRA as it is now (on the main process; every process must call it under FSDP)."""
@@ -275,93 +407,146 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     def checkpoint() -> Path:
         lora = lora_now()
         return save_checkpoint(accelerator, out, state.step, t.keep_checkpoints,
-                               {"lora": lora, "metadata": lora_metadata(cfg, dit_config.family, state.step),
-                                "dtype": torch_dtype(t.save_dtype)})
+                               {"lora": lora, "metadata": lora_metadata(cfg, dit_config_.family, state.step),
+                                "dtype": torch_dtype(t.save_dtype), "run": identity})
+
+    def forward_loss(batch_items: list[dict[str, Any]], groups: list[Any], gen: torch.Generator,
+                     noise_gen: torch.Generator, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = torch.cat([it["latents"] for it in batch_items])
+        sigmas = sample_sigmas(len(batch_items), gen, o.shift, o.fixed_sigma, sigmas_by, latents.shape[-2:])
+        noise = torch.randn(latents.shape, generator=noise_gen)
+        branches = [builder(it, video_conditions.get(g), dit_config_) for it, g in zip(batch_items, groups)]
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=accelerator.device.type == "cuda")
+                   if t.activation_offload and torch.is_grad_enabled() else contextlib.nullcontext())
+        with offload:
+            loss = flow_matching_loss(net, latents, branches, sigmas, noise, device=accelerator.device,
+                                      dtype=compute_dtype)
+        return loss, sigmas
+
+    def validation_loss() -> float:
+        """Mean loss over the held-out samples: variant 0, a fixed sigma and noise per sample, no dropout."""
+        was_training = unwrapped.training
+        unwrapped.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for k, s in enumerate(held_out):
+                    gen = step_generator(t.seed, "holdout", k)
+                    item = load_entry(cached.entries[s.name], 0)
+                    total += float(forward_loss([item], [s.group], gen, gen, unwrapped)[0])
+        finally:
+            unwrapped.train(was_training)
+        return total / len(held_out)
+
+    def log_validation_loss() -> None:
+        value = validation_loss()
+        result.val_losses.append((state.step, value))
+        if val_log is not None:
+            val_log.write(step=state.step, val_loss=value)
+        if trackers:
+            accelerator.log({"val_loss": value}, step=state.step)
+        log.info("step %d: held-out loss %.5f (%d samples)", state.step, value, len(held_out))
 
     o = cfg.objective
     sigmas_by = sigma_method(o.sigma_sampling, mode)
     loss_sum, micro, started = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     saved_at = -1
+    stop = StopRequest()
     try:
-        while state.step < t.max_steps:
-            with accelerator.accumulate(model):
-                batch = order.batch(state.micro_step)
-                gen = step_generator(t.seed, "step", state.micro_step, rank)
-                variants = torch.randint(cfg.augment.variants, (len(batch),), generator=gen).tolist()
-                items = [load_entry(entries[i], v) for i, v in zip(batch, variants)]
-                latents = torch.cat([it["latents"] for it in items])
-                sigmas = sample_sigmas(len(items), gen, o.shift, o.fixed_sigma, sigmas_by, latents.shape[-2:])
-                noise_gen = step_generator(t.seed, "fixed-noise") if o.fixed_noise else gen
-                noise = torch.randn(latents.shape, generator=noise_gen)
-                branches = [builder(it, video_conditions.get(samples[i].bucket), dit_config) for i, it in zip(batch, items)]
-                loss = flow_matching_loss(model, latents, branches, sigmas, noise, device=accelerator.device,
-                                          dtype=compute_dtype)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(clip_params, t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.micro_step += 1
-            loss_sum += loss.detach()
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            step_loss = accelerator.reduce(loss_sum / micro, reduction="mean").item()
-            loss_sum.zero_()
-            micro = 0
-            result.losses.append(step_loss)
-            lr = scheduler.get_last_lr()[0]
-            norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if loss_log is not None:
-                loss_log.write(step=state.step, loss=step_loss, lr=float(lr), grad_norm=norm,
-                               sigma=float(sigmas.mean()), seconds=round(time.perf_counter() - started, 3))
-            if tensorboard:
-                accelerator.log({"loss": step_loss, "lr": lr, "grad_norm": norm}, step=state.step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}")
-            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == stop_at_step:
-                result.checkpoint = checkpoint()
-                saved_at = state.step
-            if request is not None and state.step % cfg.validation.every == 0:
-                if previewer is not None:
-                    previewer(unwrapped, state.step)
-                accelerator.wait_for_everyone()  # the other processes wait for the preview
-            if stop_at_step is not None and state.step >= stop_at_step and state.step < t.max_steps:
-                result.interrupted = True
-                break
+        with stop:
+            while state.step < t.max_steps:
+                with accelerator.accumulate(model):
+                    batch = [repeated[j] for j in order.batch(state.micro_step)]
+                    gen = step_generator(t.seed, "step", state.micro_step, rank)
+                    variants = torch.randint(cfg.augment.variants, (len(batch),), generator=gen).tolist()
+                    items = [load_entry(entries[i], v) for i, v in zip(batch, variants)]
+                    noise_gen = step_generator(t.seed, "fixed-noise") if o.fixed_noise else gen
+                    loss, sigmas = forward_loss(items, [samples[i].group for i in batch], gen, noise_gen, model)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and t.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(clip_params, t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.micro_step += 1
+                loss_sum += loss.detach()
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                step_loss = accelerator.reduce(loss_sum / micro, reduction="mean").item()
+                loss_sum.zero_()
+                micro = 0
+                result.losses.append(step_loss)
+                lr = scheduler.get_last_lr()[0]
+                norm = float(grad_norm) if grad_norm is not None else float("nan")
+                if loss_log is not None:
+                    loss_log.write(step=state.step, loss=step_loss, lr=float(lr), grad_norm=norm,
+                                   sigma=float(sigmas.mean()), seconds=round(time.perf_counter() - started, 3))
+                if trackers:
+                    accelerator.log({"loss": step_loss, "lr": lr, "grad_norm": norm}, step=state.step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+                stopping = stop.requested
+                if world > 1:  # every process stops at the same step (Ctrl-C may reach only some)
+                    flag = torch.tensor(float(stopping), device=accelerator.device)
+                    stopping = accelerator.reduce(flag, reduction="sum").item() > 0
+                checkpoint_due = t.checkpoint_every and state.step % t.checkpoint_every == 0
+                if checkpoint_due or state.step == stop_at_step or (stopping and state.step < t.max_steps):
+                    result.checkpoint = checkpoint()
+                    saved_at = state.step
+                if held_out and ((t.checkpoint_every and state.step % t.checkpoint_every == 0
+                                  and not cfg.validation.loss_every)
+                                 or (cfg.validation.loss_every and state.step % cfg.validation.loss_every == 0)):
+                    log_validation_loss()
+                if request is not None and state.step % cfg.validation.every == 0:
+                    if previewer is not None:
+                        previewer(unwrapped, state.step)
+                    accelerator.wait_for_everyone()  # the other processes wait for the preview
+                if stopping and state.step < t.max_steps:
+                    result.interrupted = result.stopped_by_signal = True
+                    break
+                if stop_at_step is not None and state.step >= stop_at_step and state.step < t.max_steps:
+                    result.interrupted = True
+                    break
         result.step = state.step
         if not result.interrupted:
             if saved_at != state.step:
                 result.checkpoint = checkpoint()
+            if held_out and (not result.val_losses or result.val_losses[-1][0] != state.step):
+                log_validation_loss()
             if previewer is not None and state.step % cfg.validation.every:
                 previewer(unwrapped, state.step)
             lora = lora_now()
             if accelerator.is_main_process:
                 result.lora_path = save_lora(lora, out / f"{t.name}.safetensors",
-                                             metadata=lora_metadata(cfg, dit_config.family, state.step),
+                                             metadata=lora_metadata(cfg, dit_config_.family, state.step),
                                              dtype=torch_dtype(t.save_dtype))
                 log.info("LoRA saved: %s (%d layers, step %d)", result.lora_path, len(lora.layers), state.step)
             accelerator.wait_for_everyone()
     finally:
         progress.close()
-        if loss_log is not None:
-            loss_log.close()
+        for f in (loss_log, val_log):
+            if f is not None:
+                f.close()
+        if swap is not None:
+            from bindweave_core.dit.offload import disable_block_offload
+
+            disable_block_offload(unwrapped)
     return result
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``section.key: value`` with lists as strings (what the trackers' hyperparameter tables take)."""
+    return {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v))
+            for sec, values in cfg.to_dict().items() for k, v in values.items()}
 
 
 def _finish_report(accelerator: Any, report: DatasetReport, out: Path) -> None:
     if accelerator.is_main_process:
         report.log()
         report.write(out / "dataset_report.json")
-
-
-def _has_tensorboard() -> bool:
-    from accelerate.utils import is_tensorboard_available
-
-    return bool(is_tensorboard_available())
 
 
 def _reset_accelerate(accelerator: Any) -> None:
@@ -396,6 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     except BindWeaveError as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt:  # before training (the cache keeps what it finished) or a second Ctrl-C
+        log.error("interrupted: the feature cache keeps every finished entry; the last checkpoint is where "
+                  "--resume latest continues")
+        return INTERRUPTED
+    if result.stopped_by_signal:
+        log.error("interrupted at step %d: checkpoint %s saved; continue with --resume latest", result.step,
+                  result.checkpoint)
+        return INTERRUPTED
     if result.lora_path is not None:
         log.info("done: %s", result.lora_path)
     return 0
