@@ -55,6 +55,9 @@ DEFAULT_STEPS = 50
 DEFAULT_SHIFT = 3.0
 DEFAULT_GUIDANCE = 5.0
 NUM_TRAIN_TIMESTEPS = 1000
+# EasyCache's published threshold for Wan 2.1 (T2V and I2V 14B): the ``--thresh`` default of
+# H-EmbodVis/EasyCache EasyCache4Wan2.1/easycache_generate.py (commit 51278044). Off unless asked for.
+DEFAULT_STEP_CACHE = 0.05
 
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0

@@ -85,14 +85,18 @@ def guided_velocity(inputs: GuidanceInputs, latents: torch.Tensor, timestep: tor
 
 def denoise(inputs: GuidanceInputs, noise: torch.Tensor, *, steps: int = C.DEFAULT_STEPS,
             sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT,
-            callback: ProgressCallback | None = None) -> torch.Tensor:
-    """Run the sampler from ``noise`` (float32 latents) and return the final float32 latents."""
+            callback: ProgressCallback | None = None, step_cache=None) -> torch.Tensor:
+    """Run the sampler from ``noise`` (float32 latents) and return the final float32 latents.
+
+    ``step_cache``: an optional :class:`bindweave_core.step_cache.StepCache` (skips DiT evaluations)."""
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     scheduler = make_scheduler(sampler, shift)
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise.float()
     total = len(scheduler.timesteps)
+    if step_cache is not None:
+        inputs = step_cache.attach(inputs, total)
     try:
         for i, t in enumerate(scheduler.timesteps):
             timestep = t.expand(latents.shape[0]).float()
