@@ -291,7 +291,12 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
             unmatched.append(base)
             continue
         kind, ours = target
-        styles.add("kohya" if style == "kohya" else ("diffusers" if name == ours else "wan-original"))
+        if style == "kohya":
+            styles.add("kohya")
+        elif name != ours:
+            styles.add("wan-original")
+        elif name != original_name(ours):  # names both layouts share (patch_embedding) say nothing
+            styles.add("diffusers")
         if "down" in parts or "up" in parts:
             if not ("down" in parts and "up" in parts):
                 raise CheckpointError(f"{source}: {base} has only one half of its LoRA pair "
