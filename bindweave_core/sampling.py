@@ -5,8 +5,7 @@
 * ``euler``: ``FlowMatchEulerDiscreteScheduler`` with the same shift.
 * ``rf-euler``: Euler over ``sigma = shift*u / (1 + (shift-1)*u)``, ``u = linspace(1, 0, steps+1)``: the
   Kaleido/SAT sampler (shift 7 there; ``kaleido.RFEulerScheduler``).
-* few-step (step-distilled LoRAs): ``euler`` with a handful of steps and guidance 1.0, which skips
-  the unconditional branch entirely.
+* few-step (step-distilled LoRAs): :data:`FEW_STEP_PRESET`, guidance 1.0 skips the unconditional branch.
 
 Noise comes from a seeded CPU generator so a seed gives the same video on every device.
 Latents are kept in float32 between steps; the model runs in its own dtype.
@@ -27,8 +26,11 @@ from .errors import GenerationCancelled, InputError
 log = logging.getLogger("BindWeave")
 
 SAMPLERS = ("unipc", "euler", "rf-euler")
-# Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
-FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
+# The lightx2v step-distill LoRA's own recipe (ModelTC/LightX2V configs/distill/wan_i2v_distill_4step_cfg_lora.json:
+# infer_steps 4, sample_shift 5, enable_cfg false, denoising_step_list [1000, 750, 500, 250]; its
+# WanStepDistillScheduler steps Euler over sigma = 5u / (1 + 4u) at u = 1, .75, .5, .25, then to 0), which
+# is exactly our rf-euler grid for 4 steps and shift 5 (tests/test_step_cache.py checks it).
+FEW_STEP_PRESET = {"sampler": "rf-euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 
 # A progress callback gets (step done, total steps, current latents). Returning False cancels;
 # raising (e.g. GenerationCancelled, or ComfyUI's interrupt) cancels too.

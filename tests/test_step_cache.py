@@ -138,3 +138,36 @@ def test_bad_thresholds_are_refused():
     with pytest.raises(InputError, match="step_cache"):
         GenerationSettings(prompt="x", step_cache=-1.0).validate(1)
     assert C.DEFAULT_STEP_CACHE == 0.05  # the --thresh default of EasyCache4Wan2.1/easycache_generate.py
+
+
+def test_few_step_preset_is_the_lightx2v_step_distill_schedule():
+    """lightx2v (ModelTC/LightX2V, configs/distill/wan_i2v_distill_4step_cfg_lora.json and
+    lightx2v/models/schedulers/wan/step_distill/scheduler.py): sigmas = 5u / (1 + 4u) at the
+    denoising_step_list [1000, 750, 500, 250] / 1000, model timesteps 1000 * sigma, Euler steps and a
+    last step to sigma 0; no CFG."""
+    from bindweave_core.sampling import FEW_STEP_PRESET, make_scheduler
+
+    assert FEW_STEP_PRESET == {"sampler": "rf-euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
+    sched = make_scheduler(FEW_STEP_PRESET["sampler"], FEW_STEP_PRESET["shift"])
+    sched.set_timesteps(FEW_STEP_PRESET["steps"])
+    u = torch.tensor([1000, 750, 500, 250], dtype=torch.float64) / 1000
+    sigmas = 5 * u / (1 + 4 * u)
+    torch.testing.assert_close(sched.sigmas.double(), torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(sched.timesteps.double(), 1000 * sigmas, rtol=0, atol=1e-3)
+
+
+def test_fast_workflow_uses_the_few_step_preset():
+    import json
+
+    from helpers import REPO
+    from nodes.specs import SPECS
+
+    ui = json.loads((REPO / "workflows/bindweave_fast_few_step.json").read_text())
+    node = next(n for n in ui["nodes"] if n["type"] == "BindWeaveSampler")
+    values = list(node["widgets_values"])
+    del values[1]  # the seed's control_after_generate
+    widgets = dict(zip([w.name for w in SPECS["BindWeaveSampler"].widgets()], values))
+    from bindweave_core.sampling import FEW_STEP_PRESET
+
+    assert {k: widgets[k] for k in FEW_STEP_PRESET} == FEW_STEP_PRESET and widgets["step_cache"] == 0.0
