@@ -387,7 +387,8 @@ class WanVAE:
             zeros = torch.zeros(1, 3, num_frames, height, width, dtype=self.dtype, device=self.device)
             return {"video_condition": assemble_video_condition(self.encode(zeros))}
 
-        entry = (cache or shared_cache()).get("video", parts, encode_zero_video, persistent=persistent)
+        cache = cache if cache is not None else shared_cache()
+        entry = cache.get("video", parts, encode_zero_video, persistent=persistent)
         return entry["video_condition"].to(self.device)
 
     def condition(self, canvases: torch.Tensor, masks: torch.Tensor, num_frames: int) -> torch.Tensor:
