@@ -11,7 +11,8 @@ What is kept (each entry is a small dict of CPU tensors, exactly as the encoder 
 Keys are sha256 hashes of JSON of the inputs and of the *model identity*:
 
 * a model loaded from a file or folder: the resolved path(s), sizes and modification times (ns) of its
-  files, plus the dtypes its parameters are stored in (fp8 storage gives other numbers) -- stable
+  files, plus the dtypes its parameters are stored in (fp8 storage gives other numbers) and, for the text
+  encoder, its tokenizer and prompt options -- stable
   across processes and cheap (no hashing of gigabytes), so these entries may go to disk;
 * a model built in memory (the smoke models, a model handed over by a host): ``id()`` of the module
   plus a fingerprint of every parameter (name, shape, dtype and 64 evenly spaced elements) -- only valid
@@ -105,7 +106,11 @@ def model_identity(component: Any) -> tuple[str, bool]:
     info = getattr(component, "checkpoint_info", None) or getattr(module, "checkpoint_info", None)
     source = getattr(info, "path", None) or getattr(component, "source", None)
     if source and Path(str(source)).exists():
-        extra = {"class": type(component).__name__, "dtypes": _storage_dtypes(module)}
+        tokenizer = getattr(component, "tokenizer", None)  # the text encoder: the tokenizer changes the ids
+        extra = {"class": type(component).__name__, "dtypes": _storage_dtypes(module),
+                 "tokenizer": [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None),
+                               getattr(tokenizer, "vocab_size", None)] if tokenizer is not None else None,
+                 "options": {k: getattr(component, k, None) for k in ("text_len", "clean_prompts")}}
         return digest({"files": path_identity(source), **extra}), True
     if module is None:
         return f"object:{id(component)}", False

@@ -171,3 +171,22 @@ def test_fast_workflow_uses_the_few_step_preset():
     from bindweave_core.sampling import FEW_STEP_PRESET
 
     assert {k: widgets[k] for k in FEW_STEP_PRESET} == FEW_STEP_PRESET and widgets["step_cache"] == 0.0
+
+
+def test_generate_command_reports_the_step_cache_in_the_sidecar(tmp_path):
+    import json
+
+    from bindweave_core import cli
+    from helpers import REPO
+
+    out = tmp_path / "cached.mp4"
+    rc = cli.main(["generate", "--smoke", "--ref", str(REPO / "examples/singleface_1/man.png"), "--prompt", "a man",
+                   "--out", str(out), "--width", "32", "--height", "32", "--frames", "1", "--steps", "6",
+                   "--step-cache"])
+    assert rc == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["settings"]["step_cache"] == C.DEFAULT_STEP_CACHE
+    report = sidecar["step_cache"]
+    assert report["threshold"] == C.DEFAULT_STEP_CACHE and report["steps"] == 6
+    assert report["dit_calls"] + report["dit_calls_saved"] == 6  # batched guidance on the CPU: one pass a step
+    assert report["branch_evaluations"] + report["branch_evaluations_saved"] == 12
