@@ -201,6 +201,7 @@ class BindWeavePipeline:
             raise InputError(f"{dit} is a {scanned.family} DiT with {config.in_channels} input channels; the "
                              f"{family} family needs a text-to-video DiT ({C.LATENT_CHANNELS} channels). Leave out "
                              "the family to use the checkpoint's own.")
+
         def identity(path: str, **extra: Any) -> dict[str, Any]:  # cache identity without loading the model
             return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra})}
 
