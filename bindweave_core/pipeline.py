@@ -347,7 +347,7 @@ class BindWeavePipeline:
 
         out = self._cached("references", ("clip_vision", "vae"), {
             "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks), "frames": settings.num_frames,
-            "tiling": tiling}, encode)
+            "tiling": tiling, "clip": {k: v for k, v in settings.to_dict().items() if k.startswith("clip_")}}, encode)
         return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
                                   masks=pixel_masks, extra={"video_condition": out["video_condition"]})
 
