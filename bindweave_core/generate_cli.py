@@ -111,6 +111,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="run cond and uncond as one batch or one after the other; auto: batched when it fits")
     g.add_argument("--clip-antialias", action="store_true",
                    help="antialias the CLIP 224 resize (torchvision >= 0.17); default none, as the official run")
+    g.add_argument("--step-cache", type=float, nargs="?", const=C.DEFAULT_STEP_CACHE, default=0.0, metavar="THRESHOLD",
+                   help=f"skip DiT evaluations while the output barely changes (EasyCache; approximate). Alone: the "
+                        f"authors' Wan 2.1 threshold {C.DEFAULT_STEP_CACHE}; higher skips more. Default 0: off")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
@@ -122,7 +125,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         "auto: sage, else flash, else sdpa")
     r.add_argument("--offload", choices=("release", "model", "none"), default="release",
                    help="release: load each model when needed and free it after (least memory)")
-    r.add_argument("--planner-cache", help="directory caching planner states across runs (default: no cache)")
+    r.add_argument("--condition-cache", metavar="DIR",
+                   help="directory keeping the video condition, text, planner and reference states across runs "
+                        "(reused while the models and inputs are unchanged; exact)")
+    r.add_argument("--planner-cache", metavar="DIR", help="the same as --condition-cache (older name)")
     add_runtime_arguments(r)
     p.set_defaults(func=run_generate)
 
@@ -179,16 +185,15 @@ def build_pipeline(args: argparse.Namespace):
     missing = [f"--{n.replace('_', '-')}" for n in needed if not given[n]]
     if missing:
         raise InputError(f"missing model files: {', '.join(missing)} (or use --smoke for the tiny test model).")
-    cache = None
-    if args.planner_cache:
-        from .encoders.planner import PlannerCache
+    from .condition_cache import ConditionCache
 
-        cache = PlannerCache(args.planner_cache)
+    cache_dir = args.condition_cache or args.planner_cache
     pipe = BindWeavePipeline.from_files(
         dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
         planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
         dtype=torch_dtype(args.dtype) if args.dtype else None, device=device, weight_format=args.weight_format,
-        attention=args.attention, offload=args.offload, planner_cache=cache, family=family, runtime=runtime)
+        attention=args.attention, offload=args.offload, family=family, runtime=runtime,
+        condition_cache=ConditionCache(cache_dir) if cache_dir else None)
     return pipe, {name: file_fingerprint(path) for name, path in given.items() if path}
 
 
@@ -263,7 +268,8 @@ def generation_settings(args: argparse.Namespace, prompt: str, family: str, smok
     return GenerationSettings(
         prompt=prompt, **{k: defaults[k] if v is None else v for k, v in given.items()}, seed=args.seed,
         refine_prompt=args.refine_prompt, refine_seed=args.refine_seed, mask_mode=args.mask_mode,
-        cfg_batch=args.cfg_batch, clip_resize_antialias=args.clip_antialias)
+        cfg_batch=args.cfg_batch, clip_resize_antialias=args.clip_antialias,
+        step_cache=args.step_cache)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -335,7 +341,8 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
         write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
                     "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
                     "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-                    "memory_estimate_gib": _estimate_gib(pipe)}, tmp_json)
+                    "memory_estimate_gib": _estimate_gib(pipe),
+                    "step_cache": result.step_cache}, tmp_json)
         write_mp4(result.frames, out, fps=settings.fps)
     return result
 

@@ -15,7 +15,12 @@ Everything is keyed by our DiT's names (diffusers Wan names: ``blocks.0.attn1.to
   ``.lora_up``, with or without ``.alpha``;
 * kohya style: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` (step-distilled Wan LoRAs; also ``lora_unet__`` of Wan-Fun files);
-* ``.diff`` / ``.diff_b`` full differences on any weight or bias (norms, biases, modulation).
+* ``.diff`` / ``.diff_b`` full differences on any weight or bias (norms, biases, modulation);
+* lightx2v's step-distill LoRAs (``lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16``, made by
+  ModelTC/LightX2V ``tools/extract/lora_extractor.py``): original names, ``lora_down``/``lora_up``
+  without ``.alpha`` (scale 1) for the large linears, ``.diff`` for the norms, the patch embedding and
+  other small weights, ``.diff_b`` for biases, and ``blocks.N.diff_m`` / ``head.diff_m`` for the
+  ``modulation`` tables (read as ``blocks.N.modulation.diff``).
 
 The original <-> diffusers renaming is diffusers' own Wan converter (through
 ``dit_loader._original_to_diffusers``); the reverse direction is a short table whose every entry is
@@ -263,6 +268,8 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
     groups: dict[str, dict[str, torch.Tensor]] = {}
     skipped: list[str] = []
     for key, value in state_dict.items():
+        if key.endswith(".diff_m"):  # lightx2v: the modulation table of a block or of the head
+            key = key[: -len(".diff_m")] + ".modulation.diff"
         split = _split_key(key)
         if split is None:
             skipped.append(key)
@@ -284,7 +291,12 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
             unmatched.append(base)
             continue
         kind, ours = target
-        styles.add("kohya" if style == "kohya" else ("diffusers" if name == ours else "wan-original"))
+        if style == "kohya":
+            styles.add("kohya")
+        elif name != ours:
+            styles.add("wan-original")
+        elif name != original_name(ours):  # names both layouts share (patch_embedding) say nothing
+            styles.add("diffusers")
         if "down" in parts or "up" in parts:
             if not ("down" in parts and "up" in parts):
                 raise CheckpointError(f"{source}: {base} has only one half of its LoRA pair "

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import constants as C
+from .condition_cache import ConditionCache, digest, model_identity, path_identity, shared_cache, tensor_digest
 from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
@@ -34,6 +35,7 @@ from .errors import InputError
 from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, seeded_noise
+from .step_cache import StepCache
 
 log = logging.getLogger("BindWeave")
 
@@ -62,6 +64,7 @@ class GenerationSettings:
     mask_mode: str = "rectangle"
     clip_resize_antialias: bool = C.CLIP_RESIZE_ANTIALIAS  # True: torchvision >= 0.17's resize (docs/fidelity.md)
     cfg_batch: str = "auto"  # "auto" | "batched" | "separate"
+    step_cache: float = 0.0  # EasyCache threshold; 0 = off (every step computed); C.DEFAULT_STEP_CACHE = 0.05
 
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
         """Clear messages for the inputs the model cannot take (nothing is silently adjusted)."""
@@ -84,6 +87,9 @@ class GenerationSettings:
         if self.cfg_batch not in ("auto", "batched", "separate"):
             raise InputError(f"cfg_batch must be auto, batched or separate, got {self.cfg_batch!r}.")
         check_values(self)  # seed, fps, guidance, shift, steps and size ranges (bindweave_core.preflight)
+        if not 0 <= self.step_cache < float("inf"):
+            raise InputError(f"step_cache must be 0 (off) or a positive threshold (e.g. {C.DEFAULT_STEP_CACHE}), "
+                             f"got {self.step_cache}.")
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -120,6 +126,7 @@ class GenerationResult:
     prompt: str  # the prompt the models saw (the refined one when refinement was on)
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)
+    step_cache: dict[str, Any] | None = None  # what the step cache did (None when it was off)
 
 
 def default_device() -> torch.device:
@@ -141,19 +148,23 @@ class BindWeavePipeline:
 
     def __init__(self, *, dit: Any, vae: Any, text_encoder: Any, clip_vision: Any = None, planner: Any = None,
                  device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None,
-                 runtime: RuntimeOptions | None = None):
+                 runtime: RuntimeOptions | None = None, condition_cache: ConditionCache | None = None):
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         check_device(device)
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = offload
-        self.planner_cache = planner_cache
+        # Conditions reused while their inputs are unchanged (video condition, text, planner, references).
+        # ``planner_cache`` (a directory or an encoders.planner.PlannerCache) is the older name of a disk cache.
+        if condition_cache is None and planner_cache is not None:
+            condition_cache = ConditionCache(getattr(planner_cache, "directory", planner_cache))
+        self.condition_cache = condition_cache if condition_cache is not None else shared_cache()
+        self.last_step_cache = None  # StepCacheStats of the last sample() with the step cache on
         self.runtime = runtime or RuntimeOptions()  # block offload, compile, multi-GPU, VAE tiling, memory check
         self.last_estimate = None  # the memory estimate of the last generate()
         self._components: dict[str, Any] = dict(dit=dit, vae=vae, text_encoder=text_encoder,
                                                 clip_vision=clip_vision, planner=planner)
         self._loaded: dict[str, Any] = {}
-        self._video_condition_cache: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -173,7 +184,8 @@ class BindWeavePipeline:
                    text_tokenizer: str | None = None, dtype: torch.dtype | None = None,
                    device: str | torch.device | None = None, weight_format: str = "default",
                    attention: str = "sdpa", offload: str = "release", planner_cache: Any = None,
-                   family: str | None = None, runtime: RuntimeOptions | None = None) -> "BindWeavePipeline":
+                   family: str | None = None, runtime: RuntimeOptions | None = None,
+                   condition_cache: ConditionCache | None = None) -> "BindWeavePipeline":
         """Models from files/directories; each is loaded when first needed (see ``offload``).
 
         ``family`` overrides the family read from the DiT checkpoint (e.g. ``kaleido`` for Kaleido
@@ -193,20 +205,27 @@ class BindWeavePipeline:
             raise InputError(f"{dit} is a {scanned.family} DiT with {config.in_channels} input channels; the "
                              f"{family} family needs a text-to-video DiT ({C.LATENT_CHANNELS} channels). Leave out "
                              "the family to use the checkpoint's own.")
+
+        def identity(path: str, **extra: Any) -> dict[str, Any]:  # cache identity without loading the model
+            return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra})}
+
         loaders = dict(
             dit=Lazy(lambda: load_dit(dit, dtype=dtype, weight_format=weight_format, attention_backend=attention,
                                       config=config),
                      str(dit), family=family or scanned.family,
                      meta={"config": config or scanned.config, "dtype": dtype, "weight_format": weight_format}),
-            vae=Lazy(lambda: WanVAE.load(vae, dtype=dtype), str(vae)),
+            vae=Lazy(lambda: WanVAE.load(vae, dtype=dtype), str(vae), meta=identity(vae)),
             text_encoder=Lazy(lambda: TextEncoder.load(text_encoder, dtype=dtype, tokenizer_dir=text_tokenizer),
-                              str(text_encoder)),
-            clip_vision=Lazy(lambda: ClipVisionEncoder.load(clip_vision, dtype=dtype), str(clip_vision))
-            if clip_vision else None,
-            planner=Lazy(lambda: Planner.load(planner, dtype=dtype, tokenizer_dir=planner_tokenizer), str(planner))
+                              str(text_encoder), meta=identity(text_encoder, tokenizer=text_tokenizer and
+                                                               path_identity(text_tokenizer))),
+            clip_vision=Lazy(lambda: ClipVisionEncoder.load(clip_vision, dtype=dtype), str(clip_vision),
+                             meta=identity(clip_vision)) if clip_vision else None,
+            planner=Lazy(lambda: Planner.load(planner, dtype=dtype, tokenizer_dir=planner_tokenizer), str(planner),
+                         meta=identity(planner, tokenizer=planner_tokenizer and path_identity(planner_tokenizer)))
             if planner else None,
         )
-        return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache, runtime=runtime)
+        return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache, runtime=runtime,
+                   condition_cache=condition_cache)
 
     # ------------------------------------------------------------------------------- model placement
     def component(self, name: str) -> Any:
@@ -260,14 +279,40 @@ class BindWeavePipeline:
         with self.on_device("planner") as planner:
             return planner.refine_prompt(prompt, images, seed=seed, do_sample=seed is not None)
 
+    def model_identity(self, name: str) -> tuple[str, bool]:
+        """``(identity, persistent)`` of a component for the condition cache; a component given as a file
+        (``from_files``) is identified by its files without being loaded, another loader function by itself."""
+        value = self._loaded.get(name) or self._components[name]
+        if isinstance(value, Lazy):  # not loaded just to name it: its files, else this loader (this process only)
+            return (value.meta["identity"], True) if "identity" in value.meta else (f"lazy:{id(value)}", False)
+        return model_identity(value)
+
+    def _cached(self, kind: str, models: tuple[str, ...], parts: dict[str, Any], compute) -> dict[str, torch.Tensor]:
+        ids = [self.model_identity(m) for m in models]
+        key = {**parts, "models": [i for i, _ in ids], "device": str(self.device)}
+        return self.condition_cache.get(kind, key, compute, persistent=all(p for _, p in ids))
+
     def encode_planner(self, prompt: str, images: list, negative_prompt: str) -> PlannerStates:
-        with self.on_device("planner") as planner:
-            return planner.encode(prompt, images, negative_prompt=negative_prompt, cache=self.planner_cache)
+        from .encoders.planner import check_images, image_digest
+
+        def compute() -> dict[str, torch.Tensor]:
+            with self.on_device("planner") as planner:
+                states = planner.encode(prompt, images, negative_prompt=negative_prompt)
+            return {"positive": states.positive, "negative": states.negative}
+
+        digests = [image_digest(im) for im in check_images(images)]
+        out = self._cached("planner", ("planner",), {"prompt": prompt, "negative_prompt": negative_prompt,
+                                                     "images": digests}, compute)
+        return PlannerStates(positive=out["positive"], negative=out["negative"])
 
     def encode_text(self, prompt: str, negative_prompt: str) -> TextStates:
-        with self.on_device("text_encoder") as text:
-            states = text.encode([prompt, negative_prompt])
-        return TextStates(positive=states[:1], negative=states[1:])
+        def compute() -> dict[str, torch.Tensor]:
+            with self.on_device("text_encoder") as text:
+                states = text.encode([prompt, negative_prompt])
+            return {"positive": states[:1], "negative": states[1:]}
+
+        out = self._cached("text", ("text_encoder",), {"prompts": [prompt, negative_prompt]}, compute)
+        return TextStates(positive=out["positive"], negative=out["negative"])
 
     def encode_references(self, images: list, settings: GenerationSettings, masks: list | None = None,
                           family: str | None = None) -> ReferenceCondition:
@@ -276,29 +321,44 @@ class BindWeavePipeline:
         from .config import RROPE_FAMILIES
         from .references import prepare_references
 
+        tiling = self.runtime.vae_tiling or bool(getattr(self._loaded.get("vae"), "tiling", False))
         if (family or self.dit_family) in RROPE_FAMILIES:
-            from .kaleido import encode_kaleido_references
+            from .kaleido import FAMILY as KALEIDO, prepare_kaleido_references
 
-            with self.on_device("vae") as vae:
-                return encode_kaleido_references(vae, images, settings.width, settings.height, masks=masks,
-                                                 mask_mode=settings.mask_mode)
+            canvases, pixel_masks = prepare_kaleido_references(images, settings.width, settings.height, masks=masks,
+                                                               mask_mode=settings.mask_mode)
+
+            def encode_kaleido() -> dict[str, torch.Tensor]:
+                with self.on_device("vae") as vae:
+                    return {"latents": vae.reference_latents(canvases)}
+
+            out = self._cached("kaleido-references", ("vae",), {"canvases": tensor_digest(canvases),
+                                                                "masks": tensor_digest(pixel_masks),
+                                                                "tiling": tiling}, encode_kaleido)
+            return ReferenceCondition(clip_tokens=None, slots=None, canvases=canvases, masks=pixel_masks,
+                                      latents=out["latents"], extra={"family": KALEIDO})
 
         canvases, pixel_masks = prepare_references(images, settings.width, settings.height, masks=masks,
                                                    mask_mode=settings.mask_mode)
-        with self.on_device("clip_vision") as clip:
-            clip_tokens = clip.encode_references(canvases, settings.clip_resize_antialias)
-        with self.on_device("vae") as vae:
-            slots = vae.reference_slots(canvases, pixel_masks)
-            video = self.video_condition(vae, settings)
-        return ReferenceCondition(clip_tokens=clip_tokens, slots=slots, canvases=canvases, masks=pixel_masks,
-                                  extra={"video_condition": video})
+
+        def encode() -> dict[str, torch.Tensor]:
+            with self.on_device("clip_vision") as clip:
+                clip_tokens = clip.encode_references(canvases, settings.clip_resize_antialias)
+            with self.on_device("vae") as vae:
+                slots = vae.reference_slots(canvases, pixel_masks)
+                video = self.video_condition(vae, settings)
+            return {"clip_tokens": clip_tokens, "slots": slots, "video_condition": video}
+
+        out = self._cached("references", ("clip_vision", "vae"), {
+            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks), "frames": settings.num_frames,
+            "tiling": tiling, "clip": {k: v for k, v in settings.to_dict().items() if k.startswith("clip_")}}, encode)
+        return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
+                                  masks=pixel_masks, extra={"video_condition": out["video_condition"]})
 
     def video_condition(self, vae: Any, settings: GenerationSettings) -> torch.Tensor:
-        key = (settings.num_frames, settings.height, settings.width)
-        if key not in self._video_condition_cache:
-            self._video_condition_cache.clear()
-            self._video_condition_cache[key] = vae.video_condition(*key).cpu()
-        return self._video_condition_cache[key]
+        """The all-zero video's condition (kept in the condition cache per VAE, size, frames, dtype, device)."""
+        return vae.video_condition(settings.num_frames, settings.height, settings.width,
+                                   cache=self.condition_cache).cpu()
 
     def branches(self, text: TextStates, planner: PlannerStates | None, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
         if refs.latents is not None:  # R-RoPE (Kaleido): text-only guidance, same references in both branches
@@ -320,9 +380,14 @@ class BindWeavePipeline:
                                     batch_cfg=batch_cfg)
             noise = seeded_noise(settings.latent_shape, settings.seed).to(self.device)
             dit_batch = 2 if batch_cfg and settings.guidance != 1.0 and self.runtime.parallel != "cfg" else 1
+            step_cache = StepCache(settings.step_cache) if settings.step_cache > 0 else None
             with oom_guard(self, settings, dit_batch):
-                return denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
-                               callback=callback).cpu()
+                latents = denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler,
+                                  shift=settings.shift, callback=callback, step_cache=step_cache).cpu()
+            self.last_step_cache = step_cache.stats if step_cache is not None else None
+            if step_cache is not None:
+                log.info("%s", step_cache.stats.summary())
+            return latents
 
     def _batch_cfg(self, settings: GenerationSettings) -> bool:
         if settings.cfg_batch != "auto":
@@ -386,8 +451,9 @@ class BindWeavePipeline:
         stage("decoding")
         frames = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - t2
+        stats = self.last_step_cache.to_dict() if settings.step_cache > 0 and self.last_step_cache else None
         return GenerationResult(frames=frames, latents=latents, prompt=prompt,
-                                settings=replace(settings), timings=timings)
+                                settings=replace(settings), timings=timings, step_cache=stats)
 
     def _max_references(self) -> int:
         from .config import RROPE_FAMILIES

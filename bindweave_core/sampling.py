@@ -9,8 +9,7 @@
   (``schedules.flow_euler_grid``, computed here).
 * ``rf-euler``: Euler over ``sigma = shift*u / (1 + (shift-1)*u)``, ``u = linspace(1, 0, steps+1)``: the
   Kaleido/SAT sampler (shift 7 there; ``schedules.rf_euler_grid``).
-* few-step (step-distilled LoRAs): ``euler`` with a handful of steps and guidance 1.0, which skips
-  the unconditional branch entirely.
+* few-step (step-distilled LoRAs): :data:`FEW_STEP_PRESET`, guidance 1.0 skips the unconditional branch.
 
 Noise is drawn as the official run draws it: ``torch.randn`` in bfloat16 from a CPU generator seeded with
 the seed (default 1234), computed as torch 2.1's CPU kernel did (``noise.official_bf16_randn``: newer torch
@@ -34,8 +33,11 @@ from .errors import GenerationCancelled, InputError
 log = logging.getLogger("BindWeave")
 
 SAMPLERS = C.SAMPLERS
-# Preset for step-distilled ("lightning"/"lightx2v"-style) LoRAs: few Euler steps, no CFG.
-FEW_STEP_PRESET = {"sampler": "euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
+# The lightx2v step-distill LoRA's own recipe (ModelTC/LightX2V configs/distill/wan_i2v_distill_4step_cfg_lora.json:
+# infer_steps 4, sample_shift 5, enable_cfg false, denoising_step_list [1000, 750, 500, 250]; its
+# WanStepDistillScheduler steps Euler over sigma = 5u / (1 + 4u) at u = 1, .75, .5, .25, then to 0), which
+# is exactly our rf-euler grid for 4 steps and shift 5 (tests/test_step_cache.py checks it).
+FEW_STEP_PRESET = {"sampler": "rf-euler", "steps": 4, "guidance": 1.0, "shift": 5.0}
 
 # A progress callback gets (step done, total steps, current latents). Returning False cancels;
 # raising (e.g. GenerationCancelled, or ComfyUI's interrupt) cancels too.
@@ -95,14 +97,18 @@ def guided_velocity(inputs: GuidanceInputs, latents: torch.Tensor, timestep: tor
 
 def denoise(inputs: GuidanceInputs, noise: torch.Tensor, *, steps: int = C.DEFAULT_STEPS,
             sampler: str = "unipc", shift: float = C.DEFAULT_SHIFT,
-            callback: ProgressCallback | None = None) -> torch.Tensor:
-    """Run the sampler from ``noise`` (float32 latents) and return the final float32 latents."""
+            callback: ProgressCallback | None = None, step_cache=None) -> torch.Tensor:
+    """Run the sampler from ``noise`` (float32 latents) and return the final float32 latents.
+
+    ``step_cache``: an optional :class:`bindweave_core.step_cache.StepCache` (skips DiT evaluations)."""
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     scheduler = make_scheduler(sampler, shift)
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise.float()
     total = len(scheduler.timesteps)
+    if step_cache is not None:
+        inputs = step_cache.attach(inputs, total)
     try:
         for i, t in enumerate(scheduler.timesteps):
             timestep = t.expand(latents.shape[0]).float()

@@ -237,7 +237,7 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text_conditioning, references, seed, steps, guidance, shift, sampler, cfg_batch,
-                planner_conditioning=None) -> io.NodeOutput:
+                step_cache=0.0, planner_conditioning=None) -> io.NodeOutput:
         dit = model.component
         family = dit.dit_config.family
         refs: ReferenceCondition = references
@@ -249,7 +249,7 @@ class Sampler(io.ComfyNode):
                              "planner_conditioning.")
         settings = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
                                       num_frames=refs.extra["num_frames"], steps=steps, guidance=guidance, shift=shift,
-                                      sampler=sampler, seed=seed, cfg_batch=cfg_batch)
+                                      sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache)
         settings.validate(refs.num_references, dit.dit_config.max_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)

@@ -248,7 +248,7 @@ SAMPLER = NodeSpec(
     "BindWeaveSampler", "BindWeave Sampler", f"{CATEGORY}/sampling",
     "Denoises a video with the official sampler (UniPC, 50 steps, shift 3, guidance 5). The reference layout "
     "follows the loaded DiT: temporal slots for BindWeave, R-RoPE positions for Kaleido. Guidance 1.0 (e.g. with "
-    "a step-distilled LoRA, euler, 4 steps) skips the negative pass.",
+    "the lightx2v step-distill LoRA: rf-euler, 4 steps, shift 5) skips the negative pass.",
     (
         In("model", "socket", "The DiT (optionally with LoRAs).", type=DIT),
         In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
@@ -264,12 +264,19 @@ SAMPLER = NodeSpec(
            max=20.0, step=0.1),
         In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver on the "
                                "official grid. unipc-diffusers: the same on the installed diffusers' grid (differs "
-                               "from 0.37 on). euler: flow-matching Euler (use "
-                               "with few-step LoRAs). rf-euler: Kaleido's official Euler schedule (shift 7).",
+                               "from 0.37 on). euler: flow-matching Euler. rf-euler: Euler on an evenly spaced, "
+                               "shifted grid: Kaleido's official sampler (shift 7) and the lightx2v step-distill "
+                               "LoRA's (4 steps, shift 5).",
            options=SAMPLERS, default="unipc"),
         In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "
                                  "separate: two calls per step (less memory).",
            options=("auto", "batched", "separate"), default="auto"),
+        In("step_cache", "float", "Step caching (EasyCache): skip a DiT evaluation while the model's output is "
+                                  "predicted to change less than this (accumulated relative change), reusing the "
+                                  f"last one. 0 (default): off, exact. {C.DEFAULT_STEP_CACHE}: the authors' value "
+                                  "for Wan 2.1 (about 2x faster there); higher is faster and less faithful. The "
+                                  "number of evaluations saved is logged.",
+           default=0.0, min=0.0, max=1.0, step=0.01),
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),

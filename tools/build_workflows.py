@@ -23,6 +23,7 @@ from comfy_browser import comfy_page  # noqa: E402
 
 from bindweave_core import constants as C  # noqa: E402
 from bindweave_core.model_files import MODEL_FILES  # noqa: E402
+from bindweave_core.sampling import FEW_STEP_PRESET  # noqa: E402
 from nodes.specs import MODEL_FOLDER, SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE  # noqa: E402
 
 DIT = "Wan2_1-I2V-14B-Bindweave_fp8_scaled_KJ.safetensors"
@@ -77,7 +78,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
     g["30"] = node("BindWeaveSampler", model=model, text_conditioning=["21", 0], references=["22", 0],
                    planner_conditioning=["20", 0], seed=seed, steps=steps, guidance=guidance, shift=shift,
-                   sampler=sampler, cfg_batch="auto")
+                   sampler=sampler, cfg_batch="auto", step_cache=0.0)
     g["31"] = node("BindWeaveDecode", vae=["2", 0], samples=["30", 0], tiled=False, fps=float(C.DEFAULT_FPS))
     g["40"] = node("CreateVideo", images=["31", 0], fps=["31", 1])
     g["41"] = node("SaveVideo", video=["40", 0], filename_prefix=prefix, format="mp4", codec="auto",
@@ -110,7 +111,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
     g["30"] = node("BindWeaveSampler", model=["1", 0], text_conditioning=["21", 0], references=["22", 0], seed=seed,
                    steps=steps, guidance=C.KALEIDO_GUIDANCE, shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER,
-                   cfg_batch="auto")
+                   cfg_batch="auto", step_cache=0.0)
     g["31"] = node("BindWeaveDecode", vae=["2", 0], samples=["30", 0], tiled=False, fps=float(C.KALEIDO_FPS))
     g["40"] = node("CreateVideo", images=["31", 0], fps=["31", 1])
     g["41"] = node("SaveVideo", video=["40", 0], filename_prefix=prefix, format="mp4", codec="auto",
@@ -153,12 +154,12 @@ def _cases() -> dict:
                                   prefix="BindWeave/subject_background")),
         "bindweave_fast_few_step": dict(
             title="BindWeave: fast few-step (step-distilled LoRA)", files=real + [FAST_LORA],
-            text="A Wan2.1-I2V step-distill LoRA with euler, 4 steps, guidance 1.0 (the negative pass is skipped) "
-                 "and shift 5 at 832x480: about 20x fewer DiT calls than the official 50 steps with guidance. "
+            text="The lightx2v Wan2.1-I2V step-distill LoRA with its authors' recipe (LightX2V "
+                 "wan_i2v_distill_4step_cfg_lora.json): rf-euler, 4 steps, shift 5, guidance 1.0 (the negative pass "
+                 "is skipped), 832x480: about 20x fewer DiT calls than the official 50 steps with guidance. "
                  "Experimental: the LoRA was distilled from Wan2.1-I2V, not from BindWeave. " + swap,
             graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
-                                  steps=4, guidance=1.0, shift=5.0, sampler="euler", lora=FAST_LORA,
-                                  prefix="BindWeave/fast")),
+                                  lora=FAST_LORA, prefix="BindWeave/fast", **FEW_STEP_PRESET)),
         "kaleido_two_subjects": dict(
             title="Kaleido-14B-S2V: two subjects (R-RoPE references)", files=[VAE, T5, "Kaleido-14B-S2V (directory)"],
             text="Kaleido's references go, un-noised, in front of the video at shifted rotary positions (1-3 "

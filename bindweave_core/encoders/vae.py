@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,6 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 CONFIG_METADATA_KEY = "bindweave_vae_config"  # our own single files carry their config as JSON
 DEFAULT_TILE_SIZE = 256  # pixels, diffusers' defaults
 DEFAULT_TILE_STRIDE = 192
-_VIDEO_CONDITION_CACHE_SIZE = 2
 _FAMILY = "wan2.1-vae"
 
 
@@ -225,7 +223,6 @@ class WanVAE:
         self.model = model.eval().requires_grad_(False)  # diffusers AutoencoderKLWan
         self.source = source
         self.checkpoint_info: VAECheckpoint | None = None  # set by load()
-        self._video_conditions: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
@@ -367,21 +364,30 @@ class WanVAE:
         slots = [reference_slot(self._encode_canvas(c), m.to(self.device)) for c, m in zip(canvases, masks)]
         return pad_slots(slots)
 
-    def video_condition(self, num_frames: int, height: int, width: int) -> torch.Tensor:
+    def video_condition(self, num_frames: int, height: int, width: int, cache: Any = None) -> torch.Tensor:
         """Spec section 8: 4 zero mask channels + the normalised latent of an all-zero video, ``[1, 20, T, h, w]``.
 
-        Independent of the references, so kept per (frames, size, dtype, device) (on the CPU).
+        Independent of the references, so kept in ``cache`` (a :class:`~bindweave_core.condition_cache.
+        ConditionCache`; default the process-wide one) per (this VAE, frames, size, dtype, device, tiling).
         """
+        from ..condition_cache import model_identity, shared_cache
+
         _check_frames(num_frames)
         check_size(width, height)
-        key = (num_frames, height, width, self.dtype, self.device)
-        if key not in self._video_conditions:
+        identity, persistent = model_identity(self)
+        tiling = ([self.model.tile_sample_min_height, self.model.tile_sample_min_width,
+                   self.model.tile_sample_stride_height, self.model.tile_sample_stride_width]
+                  if self.tiling else None)
+        parts = {"vae": identity, "frames": num_frames, "height": height, "width": width, "dtype": str(self.dtype),
+                 "device": str(self.device), "tiling": tiling}
+
+        def encode_zero_video() -> dict[str, torch.Tensor]:
             zeros = torch.zeros(1, 3, num_frames, height, width, dtype=self.dtype, device=self.device)
-            self._video_conditions[key] = assemble_video_condition(self.encode(zeros)).cpu()
-            while len(self._video_conditions) > _VIDEO_CONDITION_CACHE_SIZE:
-                self._video_conditions.popitem(last=False)
-        self._video_conditions.move_to_end(key)
-        return self._video_conditions[key].to(self.device)
+            return {"video_condition": assemble_video_condition(self.encode(zeros))}
+
+        cache = cache if cache is not None else shared_cache()
+        entry = cache.get("video", parts, encode_zero_video, persistent=persistent)
+        return entry["video_condition"].to(self.device)
 
     def condition(self, canvases: torch.Tensor, masks: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``[1, 20, 4 + T, h, w]``: reference slots then the video condition, in time."""
