@@ -127,8 +127,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="release: load each model when needed and free it after (least memory)")
     r.add_argument("--condition-cache", metavar="DIR",
                    help="directory keeping the video condition, text, planner and reference states across runs "
-                        "(reused while the models and inputs are unchanged; exact)")
-    r.add_argument("--planner-cache", metavar="DIR", help="the same as --condition-cache (older name)")
+                        "(reused while the models and inputs are unchanged; exact); default: none (memory only)")
+    r.add_argument("--planner-cache", metavar="DIR", help="the same as --condition-cache (older name); default none")
     add_runtime_arguments(r)
     p.set_defaults(func=run_generate)
 
