@@ -219,8 +219,13 @@ class ReferenceEncode(io.ComfyNode):
             raise InputError("bindweave mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
         host.load_to_device(*models)
         pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
-        refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
-                else pipe.encode_references(images, settings, masks, family=family))
+        # VAE chunks: one per reference, then the video condition's (a cached condition skips those)
+        chunks = len(images) + (C.latent_frames(length) if family == "bindweave" else 0)
+        report = host.ChunkProgress(chunks)
+        with vae.component.chunk_progress(report):
+            refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
+                    else pipe.encode_references(images, settings, masks, family=family))
+        report.finish()
         refs = ReferenceCondition(
             clip_tokens=_to_intermediate(refs.clip_tokens), slots=_to_intermediate(refs.slots),
             canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents),
@@ -252,7 +257,7 @@ class Sampler(io.ComfyNode):
         settings.validate(refs.num_references, dit.dit_config.max_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
-        latents = pipe.sample(cond, uncond, settings, host.progress(steps))
+        latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
         return io.NodeOutput(latent_output(latents))
 
 

@@ -174,15 +174,45 @@ def load_to_device(*models: Loaded, memory_required: int = 0) -> None:
             "width/height/length, cfg_batch separate, or close other workflows' models (Unload Models).") from e
 
 
-def progress(total: int) -> ProgressCallback:
-    """A sampler callback that drives ComfyUI's progress bar and honours its cancel button."""
+def progress(total: int, preview: bool = False) -> ProgressCallback:
+    """A sampler callback that drives ComfyUI's progress bar and honours its cancel button.
+
+    With ``preview`` it also sends a live preview of the current latents (first latent frame) through
+    ComfyUI's own previewer for the Wan 2.1 latent format, when the user's preview method is not "none".
+    Our latents are the DiT's normalised ones, the space ComfyUI's Wan 2.1 RGB factors are made for.
+    """
     bar = comfy.utils.ProgressBar(total)
+    previewer = _wan_previewer() if preview else None
 
     def callback(step: int, steps: int, latents: torch.Tensor) -> None:
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, steps)
+        image = previewer.decode_latent_to_preview_image("JPEG", latents.float()) if previewer else None
+        bar.update_absolute(step, steps, image)
 
     return callback
+
+
+def _wan_previewer() -> Any:
+    import comfy.latent_formats
+    import latent_preview
+
+    return latent_preview.get_previewer(mm.get_torch_device(), comfy.latent_formats.Wan21())
+
+
+class ChunkProgress:
+    """A callback for the core's VAE chunk hook: ComfyUI's progress bar, and its cancel button honoured
+    before each chunk (so Reference Encode stops within one chunk)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, done: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(min(done, self.total), self.total)
+
+    def finish(self) -> None:
+        self.bar.update_absolute(self.total, self.total)
 
 
 def qwen_tokenizer_dir() -> str | None:

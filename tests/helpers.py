@@ -36,6 +36,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
 CORE_NODES = {
     "LoadImage": ["image", "upload"],
     "PreviewImage": [],
+    "MaskPreview": [],
     "EmptyImage": ["width", "height", "batch_size", "color"],
     "CreateVideo": ["fps", "bit_depth"],
     "SaveVideo": ["filename_prefix", "format", "format.codec", "codec"],

@@ -24,7 +24,7 @@ import pytest
 from bindweave_core.model_files import MODEL_FILES
 from bindweave_core.video_io import read_video
 from helpers import CORE_NODES, FRONTEND_ONLY_NODES, FRONTEND_WIDGETS, REPO
-from nodes.specs import MODEL_FOLDER, SPECS
+from nodes.specs import MODEL_FOLDER, SMOKE_CHOICE, SPECS
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -332,3 +332,92 @@ def test_comfyui_native_lora_loader_reads_our_lora_files(tmp_path):
         torch.testing.assert_close(deltas[f"diffusion_model.{original_name(name)}.weight"], expected,
                                    rtol=1e-5, atol=1e-5)
     assert len(not_loaded) == 1 and "text_projection.0.diff" in not_loaded[0]
+
+
+def _watch(server, prompt: dict, extra_data: dict | None = None, interrupt=None, timeout: float = 300) -> list:
+    """Queue ``prompt`` and record its websocket traffic until it ends: ``(time, kind, data)`` with kind a
+    JSON message type or "binary" (preview frames). ``interrupt(events)`` returning True posts /interrupt."""
+    import uuid
+
+    import aiohttp
+
+    from comfy_browser import post_json
+
+    client = uuid.uuid4().hex
+    ws_url = server["url"].replace("http://", "ws://") + f"/ws?clientId={client}"
+
+    async def run() -> list:
+        events, interrupted = [], False
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            body = {"prompt": prompt, "client_id": client, **({"extra_data": extra_data} if extra_data else {})}
+            reply = post_json(server["url"] + "/prompt", body)
+            assert reply["node_errors"] == {}, reply
+            pid = reply["prompt_id"]
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                msg = await ws.receive(timeout=deadline - time.time())
+                now = time.time()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    events.append((now, "binary", None))
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(msg.data)
+                kind, payload = data["type"], data.get("data", {})
+                if payload.get("prompt_id", pid) != pid:
+                    continue
+                events.append((now, kind, payload))
+                if interrupt is not None and not interrupted and interrupt(events):
+                    post_json(server["url"] + "/interrupt", {})
+                    interrupted = True
+                    events.append((time.time(), "interrupt_sent", None))
+                if kind in ("execution_success", "execution_error", "execution_interrupted"):
+                    return events
+        raise AssertionError(f"prompt did not end in {timeout} s: {events[-5:]}")
+
+    return asyncio.run(run())
+
+
+def test_sampler_sends_live_latent_previews(server):
+    """Our Sampler sends a preview frame per step through ComfyUI's previewer (Wan 2.1 latent format)."""
+    import copy
+
+    from build_workflows import _cases
+
+    prompt = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    prompt["30"]["inputs"].update(steps=4, seed=777)  # a seed of its own: not served from the cache
+    events = _watch(server, prompt, extra_data={"preview_method": "latent2rgb"})
+    assert events[-1][1] == "execution_success", events[-3:]
+    sampling = [e for e in events if e[1] == "progress" and e[2].get("node") == "30"]
+    previews = [e for e in events if e[1] == "binary"]
+    print(f"previews: {len(previews)} frames over {len(sampling)} sampler progress messages")
+    assert len(sampling) >= 4 and len(previews) >= 4, (len(sampling), len(previews))
+
+
+def test_cancel_during_reference_encode_stops_within_a_chunk(server):
+    """Reference Encode reports its VAE chunks as progress and stops at the next chunk after Cancel."""
+    from build_workflows import node
+
+    smoke = SMOKE_CHOICE
+    prompt = {
+        "2": node("BindWeaveVAELoader", vae_name=smoke, dtype="auto"),
+        "4": node("BindWeaveCLIPVisionLoader", clip_name=smoke, dtype="auto"),
+        "10": node("EmptyImage", width=96, height=128, batch_size=1, color=0x2080C0),
+        "22": node("BindWeaveReferenceEncode", vae=["2", 0], clip_vision=["4", 0], image_1=["10", 0], width=192,
+                   height=144, length=33, mode="bindweave", mask_mode="rectangle", invert_masks=True),
+        "23": node("PreviewImage", images=["22", 1]),
+    }
+    progress = lambda events: [e for e in events if e[1] == "progress" and e[2].get("node") == "22"]  # noqa: E731
+    # cancel once the video condition's chunks are under way (chunk 0 is the reference itself)
+    events = _watch(server, prompt, interrupt=lambda ev: any(e[2]["value"] >= 3 for e in progress(ev)))
+    assert events[-1][1] == "execution_interrupted", events[-3:]
+    sent = next(t for t, kind, _ in events if kind == "interrupt_sent")
+    ticks = [t for t, _, p in progress(events)]
+    before = [t for t in ticks if t <= sent]
+    after = [t for t in ticks if t > sent]
+    chunk = max(b - a for a, b in zip(before[1:], before[2:]))  # the slowest video chunk seen before Cancel
+    stopped = events[-1][0] - sent
+    total = 1 + (33 - 1) // 4 + 1  # the reference, then the video condition's chunks
+    assert max(p["value"] for _, _, p in progress(events)) < total - 1, "it ran to the end"
+    print(f"cancel: stopped {stopped:.2f} s after Cancel; slowest chunk {chunk:.2f} s; {len(after)} tick(s) after")
+    assert len(after) <= 1 and stopped <= chunk + 1.0, (stopped, chunk, len(after))

@@ -75,6 +75,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     g["22"] = node("BindWeaveReferenceEncode", vae=["2", 0], clip_vision=["4", 0], width=width, height=height,
                    length=length, mode="bindweave", mask_mode="rectangle", invert_masks=True, **images)
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
+    g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=model, text_conditioning=["21", 0], references=["22", 0],
                    planner_conditioning=["20", 0], seed=seed, steps=steps, guidance=guidance, shift=shift,
                    sampler=sampler, cfg_batch="auto")
@@ -108,6 +109,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
     g["22"] = node("BindWeaveReferenceEncode", vae=["2", 0], width=width, height=height, length=length,
                    mode="kaleido", mask_mode="rectangle", invert_masks=True, **images)
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
+    g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=["1", 0], text_conditioning=["21", 0], references=["22", 0], seed=seed,
                    steps=steps, guidance=C.KALEIDO_GUIDANCE, shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER,
                    cfg_batch="auto")
