@@ -21,7 +21,7 @@ from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 
 from . import host
-from .convert import collect_references, latent_output, latents_from
+from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
 from .specs import (
     DECODE,
     LOAD_CLIP_VISION,
@@ -30,9 +30,12 @@ from .specs import (
     LOAD_TEXT_ENCODER,
     LOAD_VAE,
     LORA,
+    NATIVE_CONDITIONING,
+    NATIVE_MODEL,
     PLANNER_ENCODE,
     REFERENCE_ENCODE,
     SAMPLER,
+    SIGMAS,
     SMOKE_CHOICE,
     SMOKE_KALEIDO_CHOICE,
     TEXT_ENCODE,
@@ -40,7 +43,8 @@ from .specs import (
     NodeSpec,
 )
 
-_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float}
+_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
+            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas}
 
 
 @lru_cache(maxsize=None)
@@ -229,7 +233,10 @@ class ReferenceEncode(io.ComfyNode):
         refs = ReferenceCondition(
             clip_tokens=_to_intermediate(refs.clip_tokens), slots=_to_intermediate(refs.slots),
             canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents),
-            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length})
+            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length,
+                   # the VAE's statistics: the Sampler's LATENT is in this VAE's raw space
+                   "latents_mean": vae.component.latents_mean.tolist(),
+                   "latents_std": vae.component.latents_std.tolist()})
         return io.NodeOutput(refs, refs.canvases.to(mm.intermediate_device()), refs.masks.to(mm.intermediate_device()))
 
 
@@ -258,7 +265,7 @@ class Sampler(io.ComfyNode):
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
         latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
-        return io.NodeOutput(latent_output(latents))
+        return io.NodeOutput(latent_output(latents, *latent_stats(refs.extra)))
 
 
 def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWeavePipeline:
@@ -287,9 +294,9 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiled, fps) -> io.NodeOutput:
-        latents = latents_from(samples)
         host.load_to_device(vae)
         component = vae.component
+        latents = normalise(latents_from(samples), component.latents_mean.tolist(), component.latents_std.tolist())
         if tiled:
             component.enable_tiling()
         try:
@@ -313,8 +320,56 @@ class LoraLoader(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
+# ------------------------------------------------------------------------------------------ native route
+class NativeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(NATIVE_MODEL)
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        if model.resident_blocks is not None:
+            raise InputError("DiT block offload (resident_blocks) is the BindWeave Sampler's: for native samplers set "
+                             "resident_blocks to -1 on Load BindWeave DiT and let ComfyUI manage the memory.")
+        return io.NodeOutput(model.patcher.clone())  # a clone: ComfyUI swaps the weight patches of its family
+
+
+class NativeConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(NATIVE_CONDITIONING)
+
+    @classmethod
+    def execute(cls, text_conditioning, references, planner_conditioning=None) -> io.NodeOutput:
+        from .native import conditioning
+
+        refs: ReferenceCondition = references
+        if refs.extra.get("family", "bindweave") == "bindweave" and planner_conditioning is None:
+            raise InputError("BindWeave models need the planner: connect BindWeave Planner Encode to "
+                             "planner_conditioning (Kaleido references need none).")
+        cond, uncond = _stage(mm.intermediate_device()).branches(text_conditioning, planner_conditioning, refs)
+        shape = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
+                                   num_frames=refs.extra["num_frames"]).latent_shape
+        return io.NodeOutput(conditioning(cond), conditioning(uncond), {"samples": torch.zeros(shape)})
+
+
+class Sigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(SIGMAS)
+
+    @classmethod
+    def execute(cls, steps, shift, schedule) -> io.NodeOutput:
+        from bindweave_core.sampling import make_scheduler
+
+        scheduler = make_scheduler(schedule, shift)
+        scheduler.set_timesteps(steps, device="cpu")
+        return io.NodeOutput(scheduler.sigmas.float().cpu())
+
+
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
-                                   TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader]
+                                   TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
+                                   NativeConditioning, Sigmas]
 
 
 class BindWeaveExtension(ComfyExtension):

@@ -148,7 +148,18 @@ def wrap(component: Any, kind: str, resident_blocks: int | None = None) -> Loade
         load, offload = mm.vae_device(), mm.vae_offload_device()
     else:
         load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
-    patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
+    if kind == "dit":
+        # the native ComfyUI model class over the DiT: the same ModelPatcher serves our Sampler and the
+        # native samplers (MODEL). In-place weight updates: the original-name view shares the DiT's tensors.
+        from bindweave_core.pipeline import defaults_for
+
+        from .native import BindWeaveNativeModel
+
+        native = BindWeaveNativeModel(module, defaults_for(component.dit_config.family)["shift"])
+        patcher = comfy.model_patcher.ModelPatcher(native, load_device=load, offload_device=offload,
+                                                   weight_inplace_update=True)
+    else:
+        patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
     return Loaded(component, patcher, kind, resident_blocks)
 
 
@@ -239,9 +250,11 @@ def lora_patches(path: str, dit: torch.nn.Module) -> dict:
     except ImportError:  # older ComfyUI: tuple patches
         def LoRAAdapter(keys, weights):  # noqa: N802
             return ("lora", weights)
+    from .native import patch_key
+
     patches = {}
     for key, layer in lora.weight_patches().items():
-        patches[Hosted.PREFIX + key] = LoRAAdapter(set(), (layer.up, layer.down, layer.alpha, None, None, None))
+        patches[patch_key(key)] = LoRAAdapter(set(), (layer.up, layer.down, layer.alpha, None, None, None))
     for key, diff in lora.diffs.items():
-        patches[Hosted.PREFIX + key] = ("diff", (diff,))
+        patches[patch_key(key)] = ("diff", (diff,))
     return patches

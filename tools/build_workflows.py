@@ -86,6 +86,32 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     return g
 
 
+def native_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
+                 guidance: float, shift: float, sampler: str = "uni_pc_bh2", scheduler: str = "simple",
+                 seed: int = 42, loras: tuple[tuple[str, float], ...] = (), smoke: bool = False,
+                 vae: str = VAE, prefix: str = "BindWeave/native") -> dict:
+    """BindWeave in a native graph: our loaders and encoders, then BindWeave to MODEL / BindWeave Conditioning
+    -> (LoraLoaderModelOnly ...) -> ModelSamplingSD3 -> KSampler -> ComfyUI's VAE Decode."""
+    g = bindweave_graph(refs=refs, prompt=prompt, width=width, height=height, length=length, steps=steps,
+                        guidance=guidance, shift=shift, seed=seed, smoke=smoke, prefix=prefix)
+    for key in ("30", "31"):  # our Sampler and Decode make way for the native ones
+        del g[key]
+    g["25"] = node("BindWeaveNativeModel", model=["1", 0])
+    model = ["25", 0]
+    for k, (name, strength) in enumerate(loras):
+        g[str(26 + k)] = node("LoraLoaderModelOnly", lora_name=name, strength_model=strength, model=model)
+        model = [str(26 + k), 0]
+    g["29"] = node("ModelSamplingSD3", model=model, shift=shift)
+    g["32"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
+                   planner_conditioning=["20", 0])
+    g["33"] = node("KSampler", model=["29", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
+                   seed=seed, steps=steps, cfg=guidance, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+    g["34"] = node("VAELoader", vae_name=vae)
+    g["35"] = node("VAEDecode", samples=["33", 0], vae=["34", 0])
+    g["40"] = node("CreateVideo", images=["35", 0], fps=float(C.DEFAULT_FPS))
+    return g
+
+
 def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
                   smoke: bool = False, seed: int = 42, prefix: str = "Kaleido/video") -> dict:
     """Kaleido-14B-S2V: R-RoPE references, UMT5 only (no planner, no CLIP), its own sampler defaults."""
