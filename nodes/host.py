@@ -153,11 +153,14 @@ def wrap(component: Any, kind: str, resident_blocks: int | None = None) -> Loade
         # native samplers (MODEL). In-place weight updates: the original-name view shares the DiT's tensors.
         from bindweave_core.pipeline import defaults_for
 
-        from .native import BindWeaveNativeModel
+        from comfy.patcher_extension import CallbacksMP
+
+        from .native import BindWeaveNativeModel, patch_bare_parameters
 
         native = BindWeaveNativeModel(module, defaults_for(component.dit_config.family)["shift"])
         patcher = comfy.model_patcher.ModelPatcher(native, load_device=load, offload_device=offload,
                                                    weight_inplace_update=True)
+        patcher.add_callback(CallbacksMP.ON_LOAD, patch_bare_parameters)
     else:
         patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
     return Loaded(component, patcher, kind, resident_blocks)

@@ -55,6 +55,7 @@ class OriginalLayout(nn.Module):
 
     def __init__(self, dit: nn.Module) -> None:
         super().__init__()
+        self.bare_keys: list[str] = []  # tensors of containers (ComfyUI's loader patches only leaf modules' tensors)
         for path, module in dit.named_modules():
             own = [(n, t) for n, t in list(module._parameters.items()) + list(module._buffers.items())
                    if t is not None]
@@ -67,6 +68,7 @@ class OriginalLayout(nn.Module):
             for name, tensor in own:  # bare tensors of a container (e.g. a block's scale_shift_table)
                 parts = original_name(f"{path}.{name}" if path else name).split(".")
                 parent = _container(self, parts[:-1])
+                self.bare_keys.append(".".join(parts))
                 if isinstance(tensor, nn.Parameter):
                     parent.register_parameter(parts[-1], tensor)
                 else:
@@ -135,6 +137,17 @@ class BindWeaveNativeModel(comfy.model_base.BaseModel):
         per_item = dit_activation_bytes(dit.dit_config, w * C.VAE_SPATIAL_FACTOR, h * C.VAE_SPATIAL_FACTOR,
                                         (frames - 1) * C.VAE_TEMPORAL_FACTOR + 1, 1, element)
         return per_item * math.ceil(batch)
+
+
+def patch_bare_parameters(patcher, device_to=None, *args) -> None:
+    """ModelPatcher ON_LOAD callback: apply the weight patches of container tensors (the blocks'
+    ``modulation`` / ``scale_shift_table``), which ComfyUI's loader skips (it patches the tensors of
+    leaf modules only), so a ``.diff`` on them counts as in the core's ``apply_lora``. The backup that
+    ``patch_weight_to_device`` takes restores them on unpatch; a key already backed up is patched."""
+    for name in patcher.model.diffusion_model.bare_keys:
+        key = PREFIX + name
+        if key in patcher.patches and key not in patcher.backup:
+            patcher.patch_weight_to_device(key, device_to=device_to)
 
 
 def patch_key(name: str) -> str:
