@@ -316,7 +316,11 @@ class LoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         path = host.resolve(lora_name, ("loras",))
         patched = model.clone()
-        patched.patcher.add_patches(host.lora_patches(path, model.component), strength)
+        patches = host.lora_patches(path, model.component)
+        missed = set(patches) - set(patched.patcher.add_patches(patches, strength))
+        if missed:  # a name mapping gap: say so rather than sample without part of the LoRA
+            raise InputError(f"{lora_name}: {len(missed)} LoRA weights found no DiT weight to patch "
+                             f"({', '.join(sorted(missed)[:4])}); please report this with the LoRA file's source.")
         return io.NodeOutput(patched)
 
 

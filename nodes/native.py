@@ -151,7 +151,11 @@ def patch_bare_parameters(patcher, device_to=None, *args) -> None:
 
 
 def patch_key(name: str) -> str:
-    """The ModelPatcher key of one of our DiT's parameters (diffusers name)."""
+    """The ModelPatcher key of one of our DiT's parameters (diffusers name): the module's original name
+    plus the tensor's (``proj_out.weight`` -> ``head.head.weight``; bare tensors by their whole name)."""
+    module, _, leaf = name.rpartition(".")
+    if module and leaf in ("weight", "bias"):
+        return f"{PREFIX}{original_name(module)}.{leaf}"
     return PREFIX + original_name(name)
 
 
