@@ -34,7 +34,8 @@ FAST_LORA = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
 KALEIDO_DIR = f"{MODEL_FOLDER}/Kaleido-14B-S2V/"
 LOADER_FOLDERS = {"BindWeaveDiTLoader": "model_name", "BindWeaveVAELoader": "vae_name",
                   "BindWeaveTextEncoderLoader": "text_encoder_name", "BindWeaveCLIPVisionLoader": "clip_name",
-                  "BindWeavePlannerLoader": "planner_name", "BindWeaveLoraLoader": "lora_name"}
+                  "BindWeavePlannerLoader": "planner_name", "BindWeaveLoraLoader": "lora_name",
+                  "VAELoader": "vae_name", "LoraLoaderModelOnly": "lora_name"}
 
 
 def node(class_type: str, title: str | None = None, **inputs) -> dict:
@@ -187,6 +188,23 @@ def _cases() -> dict:
             graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
                                   steps=4, guidance=1.0, shift=5.0, sampler="euler", lora=FAST_LORA,
                                   prefix="BindWeave/fast")),
+        "bindweave_native_ksampler": dict(
+            title="BindWeave in a native graph: KSampler", files=real,
+            text="The DiT as a native MODEL (BindWeave to MODEL) and the conditioning as native CONDITIONING "
+                 "(BindWeave Conditioning), sampled by ComfyUI's KSampler and decoded by its VAE Decode, so native "
+                 "model patches (LoRA stacks, ModelSamplingSD3, TorchCompileModel, EasyCache) attach. uni_pc_bh2 "
+                 "with the simple scheduler is close to the official UniPC; for the official schedule exactly use "
+                 "SamplerCustomAdvanced with BindWeave Sigmas. " + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=1280, height=720, length=81,
+                               steps=50, guidance=5.0, shift=3.0, prefix="BindWeave/native")),
+        "bindweave_native_lora_stack": dict(
+            title="BindWeave in a native graph: LoRA stack", files=real + [FAST_LORA],
+            text="LoraLoaderModelOnly nodes on the native MODEL, chained as with any ComfyUI model: original-layout "
+                 "Wan 2.1 LoRAs, kohya-style ones and files from the bundled trainer. Here the step-distill LoRA "
+                 "(euler, 4 steps, guidance 1, shift 5); add your own LoRAs to the chain. " + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
+                               steps=4, guidance=1.0, shift=5.0, sampler="euler", loras=((FAST_LORA, 1.0),),
+                               prefix="BindWeave/native_lora")),
         "kaleido_two_subjects": dict(
             title="Kaleido-14B-S2V: two subjects (R-RoPE references)", files=[VAE, T5, "Kaleido-14B-S2V (directory)"],
             text="Kaleido's references go, un-noised, in front of the video at shifted rotary positions (1-3 "
@@ -216,7 +234,7 @@ def _cases() -> dict:
 def _finish(ui: dict, title: str, files: list[str], text: str) -> dict:
     by_name = {f.filename: f for f in MODEL_FILES}
     for n in ui["nodes"]:
-        if n["type"] == "BindWeaveSampler":
+        if n["type"] in ("BindWeaveSampler", "KSampler"):
             n["widgets_values"][1] = "fixed"  # keep the seed between runs: reproducible examples
         field = LOADER_FOLDERS.get(n["type"])
         chosen = n.get("widgets_values", [None])[0] if field else None
