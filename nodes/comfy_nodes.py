@@ -44,7 +44,7 @@ from .specs import (
 )
 
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
-            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas}
+            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae}
 
 
 @lru_cache(maxsize=None)
@@ -67,6 +67,8 @@ def _input(i: In):
         return io.String.Input(i.name, default=i.default, multiline=i.multiline, **common)
     if i.kind == "boolean":
         return io.Boolean.Input(i.name, default=i.default, **common)
+    if "," in i.type:  # one of several socket types (e.g. our VAE or ComfyUI's)
+        return io.MultiType.Input(i.name, types=[_io_type(t) for t in i.type.split(",")], **common)
     return _io_type(i.type).Input(i.name, **common)
 
 
@@ -211,6 +213,10 @@ class ReferenceEncode(io.ComfyNode):
     def execute(cls, vae, image_1, width, height, length, mode, mask_mode, image_2=None, image_3=None, image_4=None,
                 clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
                 invert_masks=True) -> io.NodeOutput:
+        from .native_inputs import is_native_vae, wan_vae_from_native
+
+        if is_native_vae(vae):  # ComfyUI's own VAE: our WanVAE over its tensors
+            vae = host.wrap(wan_vae_from_native(vae), "vae")
         max_refs = C.KALEIDO_MAX_REFERENCES if mode == "kaleido" else C.MAX_REFERENCES
         images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
                                            invert_masks=invert_masks, max_references=max_refs)

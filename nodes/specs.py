@@ -212,7 +212,8 @@ REFERENCE_ENCODE = NodeSpec(
     "all-zero video condition is encoded for the chosen length. Also outputs the letterboxed images and masks "
     "so you can see what the model sees. Kaleido mode letterboxes on white and keeps clean reference latents.",
     (
-        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
+                            "by this pack's code on the same weights: the same numbers).", type=f"{VAE},VAE"),
         *_images("references"),
         In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
            max=MAX_RESOLUTION, step=16),

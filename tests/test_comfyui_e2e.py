@@ -130,7 +130,7 @@ def test_workflow_validates_against_server_schemas(server, path):
         if node["type"] not in SPECS:
             continue
         names = widget_names(info[node["type"]])
-        values = node["widgets_values"]
+        values = node.get("widgets_values", [])  # a node without widgets has none
         assert len(values) == len(names), (node["type"], names, values)
         inputs = {**info[node["type"]]["input"].get("required", {}), **info[node["type"]]["input"].get("optional", {})}
         for name, value in zip(names, values):
@@ -255,6 +255,7 @@ def test_lora_node_in_comfyui_matches_the_core_library(server, resident_blocks):
     streamed = "DiT block offload: 1 of 2 blocks resident" in (server["base"] / "comfyui.log").read_text()[log_start:]
     assert streamed == (resident_blocks == 1)
     served = load_file(str(server["base"] / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+    served = _normalised(served, _tiny_vae_stats())  # a LATENT is in the (smoke) VAE's raw space
 
     sampler, refs = prompt["30"]["inputs"], prompt["22"]["inputs"]
     colour = prompt["10"]["inputs"]["color"]
@@ -708,3 +709,53 @@ def test_native_model_patches_attach_and_run(server):
     for key in ("51", "53", "56"):
         latents = _saved_latent(server, out, key)
         assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
+
+
+_NATIVE_VAE_SCRIPT = r'''
+import sys
+vae_path, repo = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.path.insert(0, repo)
+import torch
+import comfy.sd, comfy.utils
+from bindweave_core.encoders.vae import WAN21_VAE_CONFIG, WanVAE
+from nodes.native_inputs import wan_vae_from_native
+
+native = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+ours = wan_vae_from_native(native)
+tiny = WanVAE.tiny(0)
+x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+with torch.no_grad():
+    mu = ours.model.to(torch.float32).encode(x).latent_dist.mode()
+    assert torch.equal(mu, tiny.model.encode(x).latent_dist.mode())
+    assert torch.equal(ours.model.decode(mu).sample, tiny.model.decode(mu).sample)
+assert ours.model.config.latents_mean == WAN21_VAE_CONFIG["latents_mean"]
+shared = native.first_stage_model.state_dict()["encoder.conv1.weight"].data_ptr()
+assert ours.model.encoder.conv_in.weight.data_ptr() == shared  # no second copy of the weights
+print("ok")
+'''
+
+
+def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
+    """ComfyUI's VAELoader output into Reference Encode: our WanVAE over the same tensors (no copy) encodes and
+    decodes exactly as Load BindWeave VAE does on that file, and a graph with it runs."""
+    import copy
+
+    from build_workflows import _cases, node
+
+    path = server["base"] / "models" / "vae" / tiny_vae_file
+    run = subprocess.run([PYTHON, "-c", _NATIVE_VAE_SCRIPT, str(path), str(REPO)], cwd=COMFYUI, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": COMFYUI})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 4242
+    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["22"]["inputs"]["vae"] = ["7", 0]
+    for key in ("31", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
+    out = _run(server, g)
+    assert _saved_latent(server, out, "50").isfinite().all()
