@@ -21,7 +21,7 @@ from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 
 from . import host
-from .convert import collect_references, latent_output, latents_from
+from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
 from .specs import (
     DECODE,
     DIT_FOLDERS,
@@ -31,9 +31,12 @@ from .specs import (
     LOAD_TEXT_ENCODER,
     LOAD_VAE,
     LORA,
+    NATIVE_CONDITIONING,
+    NATIVE_MODEL,
     PLANNER_ENCODE,
     REFERENCE_ENCODE,
     SAMPLER,
+    SIGMAS,
     SMOKE_CHOICE,
     SMOKE_KALEIDO_CHOICE,
     TEXT_ENCODE,
@@ -41,7 +44,8 @@ from .specs import (
     NodeSpec,
 )
 
-_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float}
+_SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
+            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae}
 
 
 @lru_cache(maxsize=None)
@@ -64,6 +68,8 @@ def _input(i: In):
         return io.String.Input(i.name, default=i.default, multiline=i.multiline, **common)
     if i.kind == "boolean":
         return io.Boolean.Input(i.name, default=i.default, **common)
+    if "," in i.type:  # one of several socket types (e.g. our VAE or ComfyUI's)
+        return io.MultiType.Input(i.name, types=[_io_type(t) for t in i.type.split(",")], **common)
     return _io_type(i.type).Input(i.name, **common)
 
 
@@ -208,6 +214,10 @@ class ReferenceEncode(io.ComfyNode):
     def execute(cls, vae, image_1, width, height, length, mode, mask_mode, image_2=None, image_3=None, image_4=None,
                 clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
                 invert_masks=True) -> io.NodeOutput:
+        from .native_inputs import is_native_vae, wan_vae_from_native
+
+        if is_native_vae(vae):  # ComfyUI's own VAE: our WanVAE over its tensors
+            vae = host.wrap(wan_vae_from_native(vae), "vae")
         max_refs = C.KALEIDO_MAX_REFERENCES if mode == "kaleido" else C.MAX_REFERENCES
         images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
                                            invert_masks=invert_masks, max_references=max_refs)
@@ -220,12 +230,20 @@ class ReferenceEncode(io.ComfyNode):
             raise InputError("bindweave mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
         host.load_to_device(*models)
         pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
-        refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
-                else pipe.encode_references(images, settings, masks, family=family))
+        # VAE chunks: one per reference, then the video condition's (a cached condition skips those)
+        chunks = len(images) + (C.latent_frames(length) if family == "bindweave" else 0)
+        report = host.ChunkProgress(chunks)
+        with vae.component.chunk_progress(report):
+            refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
+                    else pipe.encode_references(images, settings, masks, family=family))
+        report.finish()
         refs = ReferenceCondition(
             clip_tokens=_to_intermediate(refs.clip_tokens), slots=_to_intermediate(refs.slots),
             canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents),
-            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length})
+            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length,
+                   # the VAE's statistics: the Sampler's LATENT is in this VAE's raw space
+                   "latents_mean": vae.component.latents_mean.tolist(),
+                   "latents_std": vae.component.latents_std.tolist()})
         return io.NodeOutput(refs, refs.canvases.to(mm.intermediate_device()), refs.masks.to(mm.intermediate_device()))
 
 
@@ -253,8 +271,8 @@ class Sampler(io.ComfyNode):
         settings.validate(refs.num_references, dit.dit_config.max_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
-        latents = pipe.sample(cond, uncond, settings, host.progress(steps))
-        return io.NodeOutput(latent_output(latents))
+        latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
+        return io.NodeOutput(latent_output(latents, *latent_stats(refs.extra)))
 
 
 def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWeavePipeline:
@@ -283,9 +301,9 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiled, fps) -> io.NodeOutput:
-        latents = latents_from(samples)
         host.load_to_device(vae)
         component = vae.component
+        latents = normalise(latents_from(samples), component.latents_mean.tolist(), component.latents_std.tolist())
         if tiled:
             component.enable_tiling()
         try:
@@ -305,12 +323,64 @@ class LoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         path = host.resolve(lora_name, ("loras",))
         patched = model.clone()
-        patched.patcher.add_patches(host.lora_patches(path, model.component), strength)
+        patches = host.lora_patches(path, model.component)
+        missed = set(patches) - set(patched.patcher.add_patches(patches, strength))
+        if missed:  # a name mapping gap: say so rather than sample without part of the LoRA
+            raise InputError(f"{lora_name}: {len(missed)} LoRA weights found no DiT weight to patch "
+                             f"({', '.join(sorted(missed)[:4])}); please report this with the LoRA file's source.")
         return io.NodeOutput(patched)
 
 
+# ------------------------------------------------------------------------------------------ native route
+class NativeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(NATIVE_MODEL)
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        if model.resident_blocks is not None:
+            raise InputError("DiT block offload (resident_blocks) is the BindWeave Sampler's: for native samplers set "
+                             "resident_blocks to -1 on Load BindWeave DiT and let ComfyUI manage the memory.")
+        return io.NodeOutput(model.patcher.clone())  # a clone: ComfyUI swaps the weight patches of its family
+
+
+class NativeConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(NATIVE_CONDITIONING)
+
+    @classmethod
+    def execute(cls, text_conditioning, references, planner_conditioning=None) -> io.NodeOutput:
+        from .native import conditioning
+
+        refs: ReferenceCondition = references
+        if refs.extra.get("family", "bindweave") == "bindweave" and planner_conditioning is None:
+            raise InputError("BindWeave models need the planner: connect BindWeave Planner Encode to "
+                             "planner_conditioning (Kaleido references need none).")
+        cond, uncond = _stage(mm.intermediate_device()).branches(text_conditioning, planner_conditioning, refs)
+        shape = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
+                                   num_frames=refs.extra["num_frames"]).latent_shape
+        return io.NodeOutput(conditioning(cond), conditioning(uncond), {"samples": torch.zeros(shape)})
+
+
+class Sigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(SIGMAS)
+
+    @classmethod
+    def execute(cls, steps, shift, schedule) -> io.NodeOutput:
+        from bindweave_core.sampling import make_scheduler
+
+        scheduler = make_scheduler(schedule, shift)
+        scheduler.set_timesteps(steps, device="cpu")
+        return io.NodeOutput(scheduler.sigmas.float().cpu())
+
+
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
-                                   TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader]
+                                   TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
+                                   NativeConditioning, Sigmas]
 
 
 class BindWeaveExtension(ComfyExtension):

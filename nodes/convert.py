@@ -55,14 +55,35 @@ def collect_references(images: Sequence[torch.Tensor | None], masks: Sequence[to
     return refs, (ref_masks if any(m is not None for m in ref_masks) else None)
 
 
-def latent_output(latents: torch.Tensor) -> dict:
-    """ComfyUI LATENT dict holding normalised Wan latents ``[1, 16, T, h, w]``."""
-    return {"samples": latents.float().cpu()}
+# ComfyUI keeps LATENT samples in the VAE's raw space (a model's latent format normalises them on the
+# way in); the DiT works on normalised latents ``(raw - mean) / std``. Reference Encode records the
+# VAE's statistics with the references; without them the Wan 2.1 VAE's apply (ComfyUI's Wan21 format).
+def latent_stats(extra: dict | None = None) -> tuple[list[float], list[float]]:
+    from bindweave_core.encoders.vae import WAN21_VAE_CONFIG
+
+    extra = extra or {}
+    return (list(extra.get("latents_mean", WAN21_VAE_CONFIG["latents_mean"])),
+            list(extra.get("latents_std", WAN21_VAE_CONFIG["latents_std"])))
+
+
+def _view(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+
+def latent_output(latents: torch.Tensor, mean: list[float], std: list[float]) -> dict:
+    """A ComfyUI LATENT of the normalised DiT latents ``[1, 16, T, h, w]``, in the raw VAE space."""
+    return {"samples": latents.float().cpu() * _view(std) + _view(mean)}
 
 
 def latents_from(samples: dict) -> torch.Tensor:
+    """The raw (VAE space) latents of a ComfyUI LATENT, checked to be 16-channel video latents."""
     latents = samples["samples"] if isinstance(samples, dict) else samples
     if latents.ndim != 5 or latents.shape[1] != C.LATENT_CHANNELS:
-        raise InputError(f"these latents are {tuple(latents.shape)}; BindWeave Decode takes the 16-channel video "
-                         "latents of the BindWeave Sampler.")
+        raise InputError(f"these latents are {tuple(latents.shape)}; BindWeave Decode takes 16-channel Wan video "
+                         "latents (from the BindWeave Sampler or a KSampler on the BindWeave MODEL).")
     return latents
+
+
+def normalise(raw: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Raw VAE-space latents -> the normalised latents the core's VAE decodes."""
+    return (raw.float() - _view(mean).to(raw.device)) / _view(std).to(raw.device)

@@ -155,7 +155,21 @@ def wrap(component: Any, kind: str, resident_blocks: int | None = None) -> Loade
         load, offload = mm.vae_device(), mm.vae_offload_device()
     else:
         load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
-    patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
+    if kind == "dit":
+        # the native ComfyUI model class over the DiT: the same ModelPatcher serves our Sampler and the
+        # native samplers (MODEL). In-place weight updates: the original-name view shares the DiT's tensors.
+        from bindweave_core.pipeline import defaults_for
+
+        from comfy.patcher_extension import CallbacksMP
+
+        from .native import BindWeaveNativeModel, patch_bare_parameters
+
+        native = BindWeaveNativeModel(module, defaults_for(component.dit_config.family)["shift"])
+        patcher = comfy.model_patcher.ModelPatcher(native, load_device=load, offload_device=offload,
+                                                   weight_inplace_update=True)
+        patcher.add_callback(CallbacksMP.ON_LOAD, patch_bare_parameters)
+    else:
+        patcher = comfy.model_patcher.ModelPatcher(Hosted(module), load_device=load, offload_device=offload)
     return Loaded(component, patcher, kind, resident_blocks)
 
 
@@ -181,15 +195,45 @@ def load_to_device(*models: Loaded, memory_required: int = 0) -> None:
             "width/height/length, cfg_batch separate, or close other workflows' models (Unload Models).") from e
 
 
-def progress(total: int) -> ProgressCallback:
-    """A sampler callback that drives ComfyUI's progress bar and honours its cancel button."""
+def progress(total: int, preview: bool = False) -> ProgressCallback:
+    """A sampler callback that drives ComfyUI's progress bar and honours its cancel button.
+
+    With ``preview`` it also sends a live preview of the current latents (first latent frame) through
+    ComfyUI's own previewer for the Wan 2.1 latent format, when the user's preview method is not "none".
+    Our latents are the DiT's normalised ones, the space ComfyUI's Wan 2.1 RGB factors are made for.
+    """
     bar = comfy.utils.ProgressBar(total)
+    previewer = _wan_previewer() if preview else None
 
     def callback(step: int, steps: int, latents: torch.Tensor) -> None:
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, steps)
+        image = previewer.decode_latent_to_preview_image("JPEG", latents.float()) if previewer else None
+        bar.update_absolute(step, steps, image)
 
     return callback
+
+
+def _wan_previewer() -> Any:
+    import comfy.latent_formats
+    import latent_preview
+
+    return latent_preview.get_previewer(mm.get_torch_device(), comfy.latent_formats.Wan21())
+
+
+class ChunkProgress:
+    """A callback for the core's VAE chunk hook: ComfyUI's progress bar, and its cancel button honoured
+    before each chunk (so Reference Encode stops within one chunk)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, done: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(min(done, self.total), self.total)
+
+    def finish(self) -> None:
+        self.bar.update_absolute(self.total, self.total)
 
 
 def qwen_tokenizer_dir() -> str | None:
@@ -216,9 +260,11 @@ def lora_patches(path: str, dit: torch.nn.Module) -> dict:
     except ImportError:  # older ComfyUI: tuple patches
         def LoRAAdapter(keys, weights):  # noqa: N802
             return ("lora", weights)
+    from .native import patch_key
+
     patches = {}
     for key, layer in lora.weight_patches().items():
-        patches[Hosted.PREFIX + key] = LoRAAdapter(set(), (layer.up, layer.down, layer.alpha, None, None, None))
+        patches[patch_key(key)] = LoRAAdapter(set(), (layer.up, layer.down, layer.alpha, None, None, None))
     for key, diff in lora.diffs.items():
-        patches[Hosted.PREFIX + key] = ("diff", (diff,))
+        patches[patch_key(key)] = ("diff", (diff,))
     return patches

@@ -215,7 +215,8 @@ REFERENCE_ENCODE = NodeSpec(
     "all-zero video condition is encoded for the chosen length. Also outputs the letterboxed images and masks "
     "so you can see what the model sees. Kaleido mode letterboxes on white and keeps clean reference latents.",
     (
-        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
+                            "by this pack's code on the same weights: the same numbers).", type=f"{VAE},VAE"),
         *_images("references"),
         In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
            max=MAX_RESOLUTION, step=16),
@@ -280,7 +281,8 @@ SAMPLER = NodeSpec(
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),
-    (Out("LATENT", "samples", "The denoised video latents (normalised Wan latents)."),),
+    (Out("LATENT", "samples", "The denoised video latents in the VAE's raw space, ComfyUI's convention (VAE Decode "
+                              "takes them too)."),),
 )
 
 DECODE = NodeSpec(
@@ -288,7 +290,8 @@ DECODE = NodeSpec(
     "Decodes the latents into frames for ComfyUI's Create Video / Save Video nodes.",
     (
         In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
-        In("samples", "socket", "Latents from the BindWeave Sampler.", type="LATENT"),
+        In("samples", "socket", "Latents from the BindWeave Sampler or a KSampler on the BindWeave MODEL.",
+           type="LATENT"),
         In("tiled", "boolean", "Decode in spatial tiles to save memory (slightly different at tile seams).",
            default=False),
         In("fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
@@ -308,6 +311,47 @@ LORA = NodeSpec(
     (Out(DIT, "model", "The DiT with the LoRA applied."),),
 )
 
+# ------------------------------------------------------------------------------------------ native route
+NATIVE_MODEL = NodeSpec(
+    "BindWeaveNativeModel", "BindWeave to MODEL", f"{CATEGORY}/native",
+    "The BindWeave / Kaleido DiT as a native ComfyUI MODEL (flow sampling, shift 3 for BindWeave and 7 for "
+    "Kaleido, Wan 2.1 latent format), for KSampler, SamplerCustomAdvanced, LoraLoaderModelOnly (original Wan, "
+    "kohya and trainer LoRAs), ModelSamplingSD3, TorchCompileModel and step caches such as EasyCache. The DiT "
+    "runs exactly as in the BindWeave Sampler.",
+    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Leave its "
+                           "resident_blocks at -1: native samplers load the model through ComfyUI.", type=DIT),),
+    (Out("MODEL", "MODEL", "A native MODEL for ComfyUI's samplers and model patches."),),
+)
+
+NATIVE_CONDITIONING = NodeSpec(
+    "BindWeaveConditioning", "BindWeave Conditioning", f"{CATEGORY}/native",
+    "Native positive / negative CONDITIONING for KSampler: the UMT5 states, with the planner states, CLIP tokens "
+    "and reference slots (BindWeave) or the reference latents (Kaleido) attached; plus an empty video LATENT "
+    "of the size Reference Encode was set to. Use the negative with the CFG of the official settings (5.0, "
+    "Kaleido 6.0).",
+    (In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
+     In("references", "socket", "From BindWeave Reference Encode.", type=REFERENCES),
+     In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
+                                          "by Kaleido).", type=PLANNER_COND, optional=True)),
+    (Out("CONDITIONING", "positive", "The prompt's conditioning."),
+     Out("CONDITIONING", "negative", "The negative prompt's conditioning (with the same references, as the "
+                                     "official sampler does)."),
+     Out("LATENT", "latent", "Empty video latents [1, 16, (length - 1) / 4 + 1, height / 8, width / 8].")),
+)
+
+SIGMAS = NodeSpec(
+    "BindWeaveSigmas", "BindWeave Sigmas", f"{CATEGORY}/native",
+    "The noise levels of the official samplers, as SIGMAS for SamplerCustomAdvanced: euler with these sigmas "
+    "equals the BindWeave Sampler's euler. (KSampler's own schedulers space the steps differently.)",
+    (In("steps", "int", "Denoising steps.", default=C.DEFAULT_STEPS, min=1, max=1000),
+     In("shift", "float", "Flow shift (official: 3.0; Kaleido: 7.0).", default=C.DEFAULT_SHIFT, min=0.1, max=20.0,
+        step=0.1),
+     In("schedule", "combo", "Whose schedule: unipc (BindWeave's official), euler, rf-euler (Kaleido's).",
+        options=SAMPLERS, default="euler")),
+    (Out("SIGMAS", "sigmas", "steps + 1 noise levels from 1 to 0."),),
+)
+
 ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
-                                   PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA)
+                                   PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA,
+                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS)
 SPECS = {s.node_id: s for s in ALL_SPECS}

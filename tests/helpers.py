@@ -36,10 +36,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
 CORE_NODES = {
     "LoadImage": ["image", "upload"],
     "PreviewImage": [],
+    "MaskPreview": [],
     "EmptyImage": ["width", "height", "batch_size", "color"],
     "CreateVideo": ["fps", "bit_depth"],
     "SaveVideo": ["filename_prefix", "format", "format.codec", "codec"],
+    # the native route (workflows bindweave_native_*)
+    "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "ModelSamplingSD3": ["shift"],
+    "LoraLoaderModelOnly": ["lora_name", "strength_model"],
+    "VAELoader": ["vae_name"],
+    "VAEDecode": [],
 }
 FRONTEND_ONLY_NODES = {"MarkdownNote": ["text"], "Note": ["text"]}
 # Widgets the frontend adds that are not inputs of the server's schema.
-FRONTEND_WIDGETS = {"upload"}
+FRONTEND_WIDGETS = {"upload", "control_after_generate"}

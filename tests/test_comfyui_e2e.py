@@ -24,7 +24,7 @@ import pytest
 from bindweave_core.model_files import MODEL_FILES
 from bindweave_core.video_io import read_video
 from helpers import CORE_NODES, FRONTEND_ONLY_NODES, FRONTEND_WIDGETS, REPO
-from nodes.specs import MODEL_FOLDER, SPECS
+from nodes.specs import MODEL_FOLDER, SMOKE_CHOICE, SPECS
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -130,7 +130,7 @@ def test_workflow_validates_against_server_schemas(server, path):
         if node["type"] not in SPECS:
             continue
         names = widget_names(info[node["type"]])
-        values = node["widgets_values"]
+        values = node.get("widgets_values", [])  # a node without widgets has none
         assert len(values) == len(names), (node["type"], names, values)
         inputs = {**info[node["type"]]["input"].get("required", {}), **info[node["type"]]["input"].get("optional", {})}
         for name, value in zip(names, values):
@@ -255,6 +255,7 @@ def test_lora_node_in_comfyui_matches_the_core_library(server, resident_blocks):
     streamed = "DiT block offload: 1 of 2 blocks resident" in (server["base"] / "comfyui.log").read_text()[log_start:]
     assert streamed == (resident_blocks == 1)
     served = load_file(str(server["base"] / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+    served = _normalised(served, _tiny_vae_stats())  # a LATENT is in the (smoke) VAE's raw space
 
     sampler, refs = prompt["30"]["inputs"], prompt["22"]["inputs"]
     colour = prompt["10"]["inputs"]["color"]
@@ -332,3 +333,429 @@ def test_comfyui_native_lora_loader_reads_our_lora_files(tmp_path):
         torch.testing.assert_close(deltas[f"diffusion_model.{original_name(name)}.weight"], expected,
                                    rtol=1e-5, atol=1e-5)
     assert len(not_loaded) == 1 and "text_projection.0.diff" in not_loaded[0]
+
+
+def _watch(server, prompt: dict, extra_data: dict | None = None, interrupt=None, timeout: float = 300) -> list:
+    """Queue ``prompt`` and record its websocket traffic until it ends: ``(time, kind, data)`` with kind a
+    JSON message type or "binary" (preview frames). ``interrupt(events)`` returning True posts /interrupt."""
+    import uuid
+
+    import aiohttp
+
+    from comfy_browser import post_json
+
+    client = uuid.uuid4().hex
+    ws_url = server["url"].replace("http://", "ws://") + f"/ws?clientId={client}"
+
+    async def run() -> list:
+        events, interrupted = [], False
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            body = {"prompt": prompt, "client_id": client, **({"extra_data": extra_data} if extra_data else {})}
+            reply = post_json(server["url"] + "/prompt", body)
+            assert reply["node_errors"] == {}, reply
+            pid = reply["prompt_id"]
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                msg = await ws.receive(timeout=deadline - time.time())
+                now = time.time()
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    events.append((now, "binary", None))
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(msg.data)
+                kind, payload = data["type"], data.get("data", {})
+                if payload.get("prompt_id", pid) != pid:
+                    continue
+                events.append((now, kind, payload))
+                if interrupt is not None and not interrupted and interrupt(events):
+                    post_json(server["url"] + "/interrupt", {})
+                    interrupted = True
+                    events.append((time.time(), "interrupt_sent", None))
+                if kind in ("execution_success", "execution_error", "execution_interrupted"):
+                    return events
+        raise AssertionError(f"prompt did not end in {timeout} s: {events[-5:]}")
+
+    return asyncio.run(run())
+
+
+def test_sampler_sends_live_latent_previews(server):
+    """Our Sampler sends a preview frame per step through ComfyUI's previewer (Wan 2.1 latent format)."""
+    import copy
+
+    from build_workflows import _cases
+
+    prompt = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    prompt["30"]["inputs"].update(steps=4, seed=777)  # a seed of its own: not served from the cache
+    events = _watch(server, prompt, extra_data={"preview_method": "latent2rgb"})
+    assert events[-1][1] == "execution_success", events[-3:]
+    sampling = [e for e in events if e[1] == "progress" and e[2].get("node") == "30"]
+    previews = [e for e in events if e[1] == "binary"]
+    print(f"previews: {len(previews)} frames over {len(sampling)} sampler progress messages")
+    assert len(sampling) >= 4 and len(previews) >= 4, (len(sampling), len(previews))
+
+
+def test_cancel_during_reference_encode_stops_within_a_chunk(server):
+    """Reference Encode reports its VAE chunks as progress and stops at the next chunk after Cancel."""
+    from build_workflows import node
+
+    smoke = SMOKE_CHOICE
+    prompt = {
+        "2": node("BindWeaveVAELoader", vae_name=smoke, dtype="auto"),
+        "4": node("BindWeaveCLIPVisionLoader", clip_name=smoke, dtype="auto"),
+        "10": node("EmptyImage", width=96, height=128, batch_size=1, color=0x2080C0),
+        "22": node("BindWeaveReferenceEncode", vae=["2", 0], clip_vision=["4", 0], image_1=["10", 0], width=192,
+                   height=144, length=33, mode="bindweave", mask_mode="rectangle", invert_masks=True),
+        "23": node("PreviewImage", images=["22", 1]),
+    }
+    progress = lambda events: [e for e in events if e[1] == "progress" and e[2].get("node") == "22"]  # noqa: E731
+    # cancel once the video condition's chunks are under way (chunk 0 is the reference itself)
+    events = _watch(server, prompt, interrupt=lambda ev: any(e[2]["value"] >= 3 for e in progress(ev)))
+    assert events[-1][1] == "execution_interrupted", events[-3:]
+    sent = next(t for t, kind, _ in events if kind == "interrupt_sent")
+    ticks = [t for t, _, p in progress(events)]
+    before = [t for t in ticks if t <= sent]
+    after = [t for t in ticks if t > sent]
+    chunk = max(b - a for a, b in zip(before[1:], before[2:]))  # the slowest video chunk seen before Cancel
+    stopped = events[-1][0] - sent
+    total = 1 + (33 - 1) // 4 + 1  # the reference, then the video condition's chunks
+    assert max(p["value"] for _, _, p in progress(events)) < total - 1, "it ran to the end"
+    print(f"cancel: stopped {stopped:.2f} s after Cancel; slowest chunk {chunk:.2f} s; {len(after)} tick(s) after")
+    assert len(after) <= 1 and stopped <= chunk + 1.0, (stopped, chunk, len(after))
+
+
+# ------------------------------------------------------------------------------------------ native route
+def _run(server, prompt: dict, timeout: float = 600) -> dict:
+    """Queue an API prompt, wait for it, return its outputs (failing with the server's error)."""
+    from comfy_browser import post_json
+
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    assert reply["node_errors"] == {}, reply
+    pid = reply["prompt_id"]
+    deadline = time.time() + timeout
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline, f"prompt did not finish in {timeout} s"
+        time.sleep(1)
+    status = history[pid]["status"]
+    assert status["status_str"] == "success", [m for m in status["messages"] if m[0] == "execution_error"]
+    return history[pid]["outputs"]
+
+
+def _saved_latent(server, outputs: dict, node_id: str):
+    from safetensors.torch import load_file
+
+    saved = outputs[node_id]["latents"][0]
+    return load_file(str(server["base"] / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+
+
+def _saved_frames(server, outputs: dict, node_id: str):
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(server["base"] / "output" / i["subfolder"] / i["filename"]), dtype=np.float32)
+                     for i in outputs[node_id]["images"]]) / 255.0
+
+
+def _normalised(raw, stats):
+    """A LATENT's raw VAE-space samples -> the DiT's normalised latents, with a VAE's mean/std."""
+    import torch
+
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1) for v in stats)
+    return (raw - mean) / std
+
+
+def _tiny_vae_stats():
+    from bindweave_core.encoders.vae import TINY_VAE_CONFIG
+
+    return TINY_VAE_CONFIG["latents_mean"], TINY_VAE_CONFIG["latents_std"]
+
+
+def _wan21_stats():
+    """The statistics of ComfyUI's Wan21 latent format (comfy/latent_formats.py), which the native MODEL
+    uses; equal to the released Wan 2.1 VAE's (our WAN21_VAE_CONFIG, checked against diffusers' defaults)."""
+    from bindweave_core.encoders.vae import WAN21_VAE_CONFIG
+
+    return WAN21_VAE_CONFIG["latents_mean"], WAN21_VAE_CONFIG["latents_std"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_file(server):
+    """Our tiny smoke VAE (the smoke choice of Load BindWeave VAE) saved in the original Wan 2.1 layout,
+    for ComfyUI's own VAELoader (key names: tests/test_vae.py original_state_dict)."""
+    from safetensors.torch import save_file
+    from test_vae import original_state_dict
+
+    from bindweave_core.encoders.vae import WanVAE
+
+    folder = server["base"] / "models" / "vae"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(original_state_dict(WanVAE.tiny(0).model), str(folder / "bw_tiny_vae.safetensors"))
+    return "bw_tiny_vae.safetensors"
+
+
+def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift: float, cfg: float, seed: int,
+                     schedule: str, base: int) -> str:
+    """SamplerCustomAdvanced (euler) with the official sigmas (BindWeave Sigmas) on a native MODEL."""
+    from build_workflows import node
+
+    b = str(base)
+    g[b + "1"] = node("BindWeaveSigmas", steps=steps, shift=shift, schedule=schedule)
+    g[b + "2"] = node("RandomNoise", noise_seed=seed)
+    g[b + "3"] = node("CFGGuider", model=model, positive=[conditioning[0], 0], negative=[conditioning[0], 1], cfg=cfg)
+    g[b + "4"] = node("KSamplerSelect", sampler_name="euler")
+    g[b + "5"] = node("SamplerCustomAdvanced", noise=[b + "2", 0], guider=[b + "3", 0], sampler=[b + "4", 0],
+                      sigmas=[b + "1", 0], latent_image=[conditioning[0], 2])
+    return b + "5"
+
+
+def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae_file):
+    """Our loaders + BindWeave Conditioning -> KSampler -> ComfyUI's VAE Decode writes a video; with euler and
+    the same sigmas (SamplerCustomAdvanced) the native latents equal our Sampler's; ComfyUI's VAE Decode of
+    our Sampler's LATENT equals our Decode, and our Decode takes KSampler's LATENT as ComfyUI's VAE Decode does."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, native_graph, node
+
+    seed, steps = 321, 3
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"].update(sampler="euler", steps=steps, seed=seed)
+    del g["40"], g["41"]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native/ours")
+    g["51"] = node("SaveImage", images=["31", 0], filename_prefix="native/our_decode")
+    g["60"] = node("BindWeaveNativeModel", model=["1", 0])
+    g["61"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
+                   planner_conditioning=["20", 0])
+    sampled = _custom_sampling(g, ["60", 0], ["61"], steps, 3.0, 5.0, seed, "euler", 7)
+    g["80"] = node("SaveLatent", samples=[sampled, 0], filename_prefix="native/custom")
+    g["81"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["82"] = node("VAEDecode", samples=["30", 0], vae=["81", 0])
+    g["83"] = node("SaveImage", images=["82", 0], filename_prefix="native/comfy_decode")
+    # the plain native graph: KSampler (its own schedule) -> VAE Decode -> video; and our Decode of its LATENT
+    native = native_graph(refs=None, prompt=g["20"]["inputs"]["prompt"], width=64, height=48, length=5, steps=steps,
+                          guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True, vae=tiny_vae_file,
+                          prefix="native/ksampler")
+    g.update({k: v for k, v in native.items() if k not in g})
+    g["33"]["inputs"]["model"] = ["29", 0]
+    g["90"] = node("SaveImage", images=["35", 0], filename_prefix="native/ksampler_comfy_decode")
+    g["91"] = node("BindWeaveDecode", vae=["2", 0], samples=["33", 0], tiled=False, fps=16.0)
+    g["92"] = node("SaveImage", images=["91", 0], filename_prefix="native/ksampler_our_decode")
+    out = _run(server, g)
+
+    ours = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())  # the smoke VAE's raw space
+    custom = _normalised(_saved_latent(server, out, "80"), _wan21_stats())  # the native MODEL's latent format
+    print(f"native vs our Sampler: max |diff| {(custom - ours).abs().max():.2e} (latents up to {ours.abs().max():.2f})")
+    torch.testing.assert_close(custom, ours, rtol=0, atol=1e-4)
+
+    decoded = abs(_saved_frames(server, out, "83") - _saved_frames(server, out, "51")).max()
+    from_ksampler = abs(_saved_frames(server, out, "92") - _saved_frames(server, out, "90")).max()
+    print(f"VAE Decode vs our Decode: {decoded * 255:.2f}/255 (our Sampler), {from_ksampler * 255:.2f}/255 (KSampler)")
+    assert decoded <= 1 / 255 + 1e-6 and from_ksampler <= 1 / 255 + 1e-6
+
+    video = out["41"]["images"][0]
+    frames, fps = read_video(server["base"] / "output" / video["subfolder"] / video["filename"])
+    assert frames.shape == (5, 48, 64, 3) and fps == 16
+
+
+def test_native_kaleido_matches_our_sampler(server):
+    """Kaleido (R-RoPE references) on the native route: rf-euler's sigmas with ComfyUI's euler equal our
+    Sampler's rf-euler."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+
+    seed, steps = 17, 3
+    g = copy.deepcopy(_cases()["kaleido_smoke_test"]["graph"])
+    g["30"]["inputs"].update(steps=steps, seed=seed)
+    for key in ("31", "40", "41"):
+        del g[key]
+    sampler = g["30"]["inputs"]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native/kaleido_ours")
+    g["60"] = node("BindWeaveNativeModel", model=["1", 0])
+    g["61"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0])
+    sampled = _custom_sampling(g, ["60", 0], ["61"], steps, sampler["shift"], sampler["guidance"], seed,
+                               sampler["sampler"], 7)
+    g["80"] = node("SaveLatent", samples=[sampled, 0], filename_prefix="native/kaleido_custom")
+    out = _run(server, g)
+    ours = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())
+    custom = _normalised(_saved_latent(server, out, "80"), _wan21_stats())
+    print(f"Kaleido native vs our Sampler: max |diff| {(custom - ours).abs().max():.2e}")
+    torch.testing.assert_close(custom, ours, rtol=0, atol=1e-4)
+
+
+def _lora_files(folder: Path) -> dict:
+    """An original-layout Wan LoRA (lora_down/lora_up + alpha as in kohya-style and step-distill files,
+    lora_A/lora_B without alpha, .diff / .diff_b on a block's modulation, a bias and the head; key names
+    as ComfyUI's comfy/lora.py reads them) and a file from our trainer (bindweave_core.lora.save_lora)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bindweave_core.lora import LoraLayer, LoraWeights, save_lora
+    from bindweave_core.smoke import smoke_dit
+
+    dit = smoke_dit(0)
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale
+
+    p = "diffusion_model.blocks"
+    original = {
+        f"{p}.0.self_attn.q.lora_down.weight": r(4, 64), f"{p}.0.self_attn.q.lora_up.weight": r(64, 4),
+        f"{p}.0.self_attn.q.alpha": torch.tensor(2.0),
+        f"{p}.1.cross_attn.k_img.lora_A.weight": r(2, 64), f"{p}.1.cross_attn.k_img.lora_B.weight": r(64, 2),
+        f"{p}.1.ffn.2.lora_A.weight": r(3, 128), f"{p}.1.ffn.2.lora_B.weight": r(64, 3),
+        f"{p}.1.modulation.diff": r(1, 6, 64), f"{p}.0.ffn.0.diff_b": r(128),
+        "diffusion_model.head.head.diff": r(64, 64, scale=0.1),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(original, str(folder / "bw_native_original.safetensors"))
+    layers = {name: LoraLayer(down=r(4, dit.get_submodule(name).in_features),
+                              up=r(dit.get_submodule(name).out_features, 4), alpha=8.0)
+              for name in ("blocks.0.attn1.to_v", "blocks.1.attn2.to_q", "blocks.0.ffn.net.0.proj")}
+    save_lora(LoraWeights(layers=layers, diffs={"condition_embedder.text_projector.linear_1.weight": r(32, 64)}),
+              folder / "bw_native_trained.safetensors")
+    return {"original": "bw_native_original.safetensors", "trained": "bw_native_trained.safetensors"}
+
+
+def test_native_lora_loader_matches_our_lora_node(server):
+    """LoraLoaderModelOnly on the native MODEL (ComfyUI's own key mapping and patching) gives our LoRA node's
+    latents, for an original-layout Wan LoRA and a trainer file; both equal the core's apply_lora."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+    from PIL import Image
+
+    from bindweave_core.lora import apply_lora, load_lora
+    from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
+
+    files = _lora_files(server["base"] / "models" / "loras")
+    seed, steps, strength = 99, 2, 0.7
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"].update(sampler="euler", steps=steps, seed=seed)
+    for key in ("31", "40", "41", "23", "24"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_lora/plain")
+    g["60"] = node("BindWeaveNativeModel", model=["1", 0])
+    g["61"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
+                   planner_conditioning=["20", 0])
+    for i, (kind, name) in enumerate(files.items()):
+        b = str(7 + i)
+        g[b + "0"] = node("BindWeaveLoraLoader", model=["1", 0], lora_name=name, strength=strength)
+        g[b + "1"] = node("BindWeaveSampler", **{**g["30"]["inputs"], "model": [b + "0", 0]})
+        g[b + "2"] = node("SaveLatent", samples=[b + "1", 0], filename_prefix=f"native_lora/ours_{kind}")
+        g[b + "3"] = node("LoraLoaderModelOnly", model=["60", 0], lora_name=name, strength_model=strength)
+        sampled = _custom_sampling(g, [b + "3", 0], ["61"], steps, 3.0, 5.0, seed, "euler", 20 + i)
+        g[b + "4"] = node("SaveLatent", samples=[sampled, 0], filename_prefix=f"native_lora/native_{kind}")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    out = _run(server, g)
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-2000:]
+
+    pipe = BindWeavePipeline.smoke(seed=0)
+    sampler, refs, image = g["30"]["inputs"], g["22"]["inputs"], g["10"]["inputs"]
+    colour = image["color"]
+    reference = Image.new("RGB", (image["width"], image["height"]), ((colour >> 16) & 255, (colour >> 8) & 255,
+                                                                      colour & 255))
+    settings = GenerationSettings(prompt=g["20"]["inputs"]["prompt"], width=refs["width"], height=refs["height"],
+                                  num_frames=refs["length"], steps=steps, guidance=sampler["guidance"],
+                                  shift=sampler["shift"], sampler="euler", seed=seed)
+    plain = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())
+    dit = pipe.component("dit")
+    original_weights = {k: v.clone() for k, v in dit.state_dict().items()}
+    for i, (kind, name) in enumerate(files.items()):
+        b = str(7 + i)
+        ours = _normalised(_saved_latent(server, out, b + "2"), _tiny_vae_stats())
+        native = _normalised(_saved_latent(server, out, b + "4"), _wan21_stats())
+        dit.load_state_dict(original_weights)
+        apply_lora(dit, load_lora(server["base"] / "models" / "loras" / name), strength=strength)
+        core = pipe.generate([reference], settings).latents
+        print(f"{kind} LoRA: effect {(ours - plain).abs().max():.3f}; native vs our node "
+              f"{(native - ours).abs().max():.2e}; our node vs core {(ours - core).abs().max():.2e}")
+        assert (ours - plain).abs().max() > 1e-2  # the LoRA matters
+        torch.testing.assert_close(native, ours, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours, core, rtol=0, atol=1e-4)
+
+
+def test_native_model_patches_attach_and_run(server):
+    """ModelSamplingSD3, EasyCache (ComfyUI's step cache), KSamplerAdvanced and TorchCompileModel on the
+    native MODEL: each attaches and samples (TorchCompileModel: one step, guidance 1, to keep compile short)."""
+    from build_workflows import native_graph, node
+
+    g = native_graph(refs=None, prompt="a man waves at the camera", width=64, height=48, length=5, steps=3,
+                     guidance=5.0, shift=3.0, sampler="euler", seed=5, smoke=True)
+    for key in ("34", "35", "40", "41", "23", "24"):
+        del g[key]
+    g["50"] = node("EasyCache", model=["29", 0], reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
+                   verbose=True)
+    g["33"]["inputs"]["model"] = ["50", 0]
+    g["51"] = node("SaveLatent", samples=["33", 0], filename_prefix="native_patches/easycache")
+    g["52"] = node("KSamplerAdvanced", model=["29", 0], add_noise="enable", noise_seed=5, steps=2, cfg=5.0,
+                   sampler_name="euler", scheduler="simple", positive=["32", 0], negative=["32", 1],
+                   latent_image=["32", 2], start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    g["53"] = node("SaveLatent", samples=["52", 0], filename_prefix="native_patches/advanced")
+    g["54"] = node("TorchCompileModel", model=["29", 0], backend="inductor")
+    g["55"] = node("KSampler", model=["54", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
+                   seed=5, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    g["56"] = node("SaveLatent", samples=["55", 0], filename_prefix="native_patches/compiled")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    t0 = time.time()
+    out = _run(server, g, timeout=900)
+    print(f"EasyCache + KSamplerAdvanced + TorchCompileModel graph: {time.time() - t0:.0f} s")
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "EasyCache - skipped" in log, log[-2000:]
+    for key in ("51", "53", "56"):
+        latents = _saved_latent(server, out, key)
+        assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
+
+
+_NATIVE_VAE_SCRIPT = r'''
+import sys
+vae_path, repo = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+sys.path.insert(0, repo)
+import torch
+import comfy.sd, comfy.utils
+from bindweave_core.encoders.vae import WAN21_VAE_CONFIG, WanVAE
+from nodes.native_inputs import wan_vae_from_native
+
+native = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+ours = wan_vae_from_native(native)
+tiny = WanVAE.tiny(0)
+x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+with torch.no_grad():
+    mu = ours.model.to(torch.float32).encode(x).latent_dist.mode()
+    assert torch.equal(mu, tiny.model.encode(x).latent_dist.mode())
+    assert torch.equal(ours.model.decode(mu).sample, tiny.model.decode(mu).sample)
+assert ours.model.config.latents_mean == WAN21_VAE_CONFIG["latents_mean"]
+shared = native.first_stage_model.state_dict()["encoder.conv1.weight"].data_ptr()
+assert ours.model.encoder.conv_in.weight.data_ptr() == shared  # no second copy of the weights
+print("ok")
+'''
+
+
+def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
+    """ComfyUI's VAELoader output into Reference Encode: our WanVAE over the same tensors (no copy) encodes and
+    decodes exactly as Load BindWeave VAE does on that file, and a graph with it runs."""
+    import copy
+
+    from build_workflows import _cases, node
+
+    path = server["base"] / "models" / "vae" / tiny_vae_file
+    run = subprocess.run([PYTHON, "-c", _NATIVE_VAE_SCRIPT, str(path), str(REPO)], cwd=COMFYUI, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": COMFYUI})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 4242
+    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["22"]["inputs"]["vae"] = ["7", 0]
+    for key in ("31", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
+    out = _run(server, g)
+    assert _saved_latent(server, out, "50").isfinite().all()

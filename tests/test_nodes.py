@@ -12,13 +12,13 @@ import torch
 
 from bindweave_core.errors import InputError
 from helpers import REPO
-from nodes.convert import collect_references, latent_output, latents_from
+from nodes.convert import collect_references, latent_output, latent_stats, latents_from, normalise
 from nodes.specs import ALL_SPECS, SPECS, WIDGET_KINDS
 
 
 def test_node_ids_are_prefixed_unique_and_documented():
     ids = [s.node_id for s in ALL_SPECS]
-    assert len(ids) == len(set(ids)) == 11
+    assert len(ids) == len(set(ids)) == 14
     for spec in ALL_SPECS:
         assert spec.node_id.startswith("BindWeave") and spec.category.startswith("BindWeave")
         assert len(spec.description) > 40, spec.node_id
@@ -88,10 +88,20 @@ def test_kaleido_mode_takes_at_most_three():
         collect_references([image(4, 4, 4)], max_references=3)
 
 
-def test_latent_round_trip_and_wrong_latents():
+def test_latent_is_in_the_raw_vae_space_and_round_trips():
+    """ComfyUI's convention (comfy/latent_formats.py Wan21.process_in: (x - mean) * scale / std): a LATENT
+    holds raw VAE latents; the DiT's normalised ones are (raw - mean) / std with the VAE's statistics."""
+    from bindweave_core.encoders.vae import WAN21_VAE_CONFIG
+
     x = torch.randn(1, 16, 3, 4, 6)
-    assert torch.equal(latents_from(latent_output(x)), x)
-    with pytest.raises(InputError, match="16-channel video latents"):
+    mean, std = latent_stats({})
+    assert (mean, std) == (WAN21_VAE_CONFIG["latents_mean"], WAN21_VAE_CONFIG["latents_std"])
+    raw = latents_from(latent_output(x, mean, std))
+    assert torch.allclose(raw[0, 7], x[0, 7] * 2.0743 + 1.5508)  # channel 7 of the Wan 2.1 table
+    torch.testing.assert_close(normalise(raw, mean, std), x, rtol=0, atol=1e-6)
+    own = latent_stats({"latents_mean": [0.5] * 16, "latents_std": [2.0] * 16})
+    torch.testing.assert_close(latent_output(x, *own)["samples"], x * 2 + 0.5)
+    with pytest.raises(InputError, match="16-channel Wan video latents"):
         latents_from({"samples": torch.zeros(1, 4, 8, 8)})
 
 

@@ -35,7 +35,8 @@ FAST_LORA = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
 KALEIDO_DIR = f"{MODEL_FOLDER}/Kaleido-14B-S2V/"
 LOADER_FOLDERS = {"BindWeaveDiTLoader": "model_name", "BindWeaveVAELoader": "vae_name",
                   "BindWeaveTextEncoderLoader": "text_encoder_name", "BindWeaveCLIPVisionLoader": "clip_name",
-                  "BindWeavePlannerLoader": "planner_name", "BindWeaveLoraLoader": "lora_name"}
+                  "BindWeavePlannerLoader": "planner_name", "BindWeaveLoraLoader": "lora_name",
+                  "VAELoader": "vae_name", "LoraLoaderModelOnly": "lora_name"}
 
 
 def node(class_type: str, title: str | None = None, **inputs) -> dict:
@@ -76,6 +77,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     g["22"] = node("BindWeaveReferenceEncode", vae=["2", 0], clip_vision=["4", 0], width=width, height=height,
                    length=length, mode="bindweave", mask_mode="rectangle", invert_masks=True, **images)
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
+    g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=model, text_conditioning=["21", 0], references=["22", 0],
                    planner_conditioning=["20", 0], seed=seed, steps=steps, guidance=guidance, shift=shift,
                    sampler=sampler, cfg_batch="auto", step_cache=0.0)
@@ -83,6 +85,32 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     g["40"] = node("CreateVideo", images=["31", 0], fps=["31", 1])
     g["41"] = node("SaveVideo", video=["40", 0], filename_prefix=prefix, format="mp4", codec="auto",
                    **{"format.codec": "auto"})
+    return g
+
+
+def native_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
+                 guidance: float, shift: float, sampler: str = "uni_pc_bh2", scheduler: str = "simple",
+                 seed: int = 42, loras: tuple[tuple[str, float], ...] = (), smoke: bool = False,
+                 vae: str = VAE, prefix: str = "BindWeave/native") -> dict:
+    """BindWeave in a native graph: our loaders and encoders, then BindWeave to MODEL / BindWeave Conditioning
+    -> (LoraLoaderModelOnly ...) -> ModelSamplingSD3 -> KSampler -> ComfyUI's VAE Decode."""
+    g = bindweave_graph(refs=refs, prompt=prompt, width=width, height=height, length=length, steps=steps,
+                        guidance=guidance, shift=shift, seed=seed, smoke=smoke, prefix=prefix)
+    for key in ("30", "31"):  # our Sampler and Decode make way for the native ones
+        del g[key]
+    g["25"] = node("BindWeaveNativeModel", model=["1", 0])
+    model = ["25", 0]
+    for k, (name, strength) in enumerate(loras):
+        g[str(26 + k)] = node("LoraLoaderModelOnly", lora_name=name, strength_model=strength, model=model)
+        model = [str(26 + k), 0]
+    g["29"] = node("ModelSamplingSD3", model=model, shift=shift)
+    g["32"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
+                   planner_conditioning=["20", 0])
+    g["33"] = node("KSampler", model=["29", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
+                   seed=seed, steps=steps, cfg=guidance, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+    g["34"] = node("VAELoader", vae_name=vae)
+    g["35"] = node("VAEDecode", samples=["33", 0], vae=["34", 0])
+    g["40"] = node("CreateVideo", images=["35", 0], fps=float(C.DEFAULT_FPS))
     return g
 
 
@@ -109,6 +137,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
     g["22"] = node("BindWeaveReferenceEncode", vae=["2", 0], width=width, height=height, length=length,
                    mode="kaleido", mask_mode="rectangle", invert_masks=True, **images)
     g["23"] = node("PreviewImage", "What the model sees", images=["22", 1])
+    g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=["1", 0], text_conditioning=["21", 0], references=["22", 0], seed=seed,
                    steps=steps, guidance=C.KALEIDO_GUIDANCE, shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER,
                    cfg_batch="auto", step_cache=0.0)
@@ -160,6 +189,23 @@ def _cases() -> dict:
                  "Experimental: the LoRA was distilled from Wan2.1-I2V, not from BindWeave. " + swap,
             graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
                                   lora=FAST_LORA, prefix="BindWeave/fast", **FEW_STEP_PRESET)),
+        "bindweave_native_ksampler": dict(
+            title="BindWeave in a native graph: KSampler", files=real,
+            text="The DiT as a native MODEL (BindWeave to MODEL) and the conditioning as native CONDITIONING "
+                 "(BindWeave Conditioning), sampled by ComfyUI's KSampler and decoded by its VAE Decode, so native "
+                 "model patches (LoRA stacks, ModelSamplingSD3, TorchCompileModel, EasyCache) attach. uni_pc_bh2 "
+                 "with the simple scheduler is close to the official UniPC; for the official schedule exactly use "
+                 "SamplerCustomAdvanced with BindWeave Sigmas. " + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=1280, height=720, length=81,
+                               steps=50, guidance=5.0, shift=3.0, prefix="BindWeave/native")),
+        "bindweave_native_lora_stack": dict(
+            title="BindWeave in a native graph: LoRA stack", files=real + [FAST_LORA],
+            text="LoraLoaderModelOnly nodes on the native MODEL, chained as with any ComfyUI model: original-layout "
+                 "Wan 2.1 LoRAs, kohya-style ones and files from the bundled trainer. Here the step-distill LoRA "
+                 "(euler, 4 steps, guidance 1, shift 5); add your own LoRAs to the chain. " + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
+                               steps=4, guidance=1.0, shift=5.0, sampler="euler", loras=((FAST_LORA, 1.0),),
+                               prefix="BindWeave/native_lora")),
         "kaleido_two_subjects": dict(
             title="Kaleido-14B-S2V: two subjects (R-RoPE references)", files=[VAE, T5, "Kaleido-14B-S2V (directory)"],
             text="Kaleido's references go, un-noised, in front of the video at shifted rotary positions (1-3 "
@@ -189,7 +235,7 @@ def _cases() -> dict:
 def _finish(ui: dict, title: str, files: list[str], text: str) -> dict:
     by_name = {f.filename: f for f in MODEL_FILES}
     for n in ui["nodes"]:
-        if n["type"] == "BindWeaveSampler":
+        if n["type"] in ("BindWeaveSampler", "KSampler"):
             n["widgets_values"][1] = "fixed"  # keep the seed between runs: reproducible examples
         field = LOADER_FOLDERS.get(n["type"])
         chosen = n.get("widgets_values", [None])[0] if field else None

@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,6 +317,29 @@ class WanVAE:
     @property
     def tiling(self) -> bool:
         return bool(self.model.use_tiling)
+
+    # ---------------------------------------------------------------------------- progress
+    @contextmanager
+    def chunk_progress(self, callback: Callable[[int], None]) -> Iterator[None]:
+        """Call ``callback(chunks_done)`` before each causal chunk the encoder runs (encoding N frames takes
+        ``constants.latent_frames(N)`` chunks: the first frame, then 4 at a time).
+
+        diffusers' Wan VAE calls its encoder once per chunk (per tile when tiled), so a pre-hook there is
+        the one place to report progress and to cancel (the callback raises) between chunks without
+        reimplementing the chunk loop.
+        """
+        done = 0
+
+        def before_chunk(module: torch.nn.Module, args: Any) -> None:
+            nonlocal done
+            callback(done)
+            done += 1
+
+        handle = self.model.encoder.register_forward_pre_hook(before_chunk)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     # ---------------------------------------------------------------------------- encode / decode
     def encode(self, video: torch.Tensor) -> torch.Tensor:
