@@ -56,4 +56,5 @@ def test_cancel_between_chunks_stops_the_encode_and_caches_nothing(vae):
     assert seen == [0, 1]  # the chunks after the cancel never ran
     assert len(cache) == 0
     full = vae.video_condition(13, 32, 32, cache=cache)  # and a later run encodes the whole condition
-    assert len(cache) == 1    assert full.shape[2] == C.latent_frames(13)
+    assert len(cache) == 1
+    assert full.shape[2] == C.latent_frames(13)
