@@ -1,0 +1,182 @@
+"""GPU paths checked on the CPU by emulation: attention backends that cannot run fall back with one
+logged reason (never crash), batched guidance does not recompile the compiled blocks, and block
+offload keeps its streaming window.
+
+The emulated failures are the ones diffusers 0.42.1's ``models/attention_dispatch.py`` reacts to:
+it sets ``_CAN_USE_SAGE_ATTN`` / ``_CAN_USE_FLASH_ATTN`` False (and ``sageattn`` / ``flash_attn_func``
+None) when the package is missing (``utils/import_utils.py`` then reports version ``"N/A"``),
+older than ``_REQUIRED_SAGE_VERSION = "2.1.1"`` / ``_REQUIRED_FLASH_VERSION = "2.6.3"`` or fails to
+import; SageAttention's setup.py builds kernels for sm80/86/87/89/90/120 only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers.models import attention_dispatch as D
+from diffusers.utils import import_utils as U
+
+from bindweave_core.config import PRESETS
+from bindweave_core.dit import attention as A
+from bindweave_core.dit import build_dit
+from bindweave_core.dit.compile import compile_blocks
+from helpers import randomize_
+
+CFG = PRESETS["tiny"].replace(num_layers=2)
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def fresh_resolution():
+    A.resolve_backend.cache_clear()
+    A._broken.clear()
+    yield
+    A.resolve_backend.cache_clear()
+    A._broken.clear()
+
+
+def _usable(monkeypatch, backend: str, version: str, capability=(9, 0)):
+    """Emulate a GPU machine where diffusers accepted ``backend`` at ``version``."""
+    flag, _, kernel, version_name = A._DIFFUSERS_NAMES[backend]
+    monkeypatch.setattr(D, flag, True)
+    monkeypatch.setattr(D, kernel, lambda *a, **k: None)
+    monkeypatch.setattr(U, version_name, version)
+    monkeypatch.setattr(A, "_capability", lambda index: capability)
+    monkeypatch.setattr(A, "_device_name", lambda index: "Emulated GPU")
+
+
+def _refused(monkeypatch, backend: str, version: str):
+    """Emulate what diffusers does when it refuses ``backend`` (flag False, kernel None)."""
+    flag, _, kernel, version_name = A._DIFFUSERS_NAMES[backend]
+    monkeypatch.setattr(D, flag, False)
+    monkeypatch.setattr(D, kernel, None)
+    monkeypatch.setattr(U, version_name, version)
+
+
+def _resolve_logged(caplog, requested: str, head_dim: int = 128):
+    with caplog.at_level(logging.INFO, logger="BindWeave"):
+        got = A.resolve_backend(requested, "cuda", BF16, head_dim, 0)
+        again = A.resolve_backend(requested, "cuda", BF16, head_dim, 0)
+    said = [r.getMessage() for r in caplog.records if r.name == "BindWeave"]
+    assert got == again
+    return got, said
+
+
+def test_everything_usable_auto_picks_sage(monkeypatch, caplog):
+    _usable(monkeypatch, "sage", "2.2.0")
+    _usable(monkeypatch, "flash", "2.8.3")
+    got, said = _resolve_logged(caplog, "auto")
+    assert got == "sage" and len(said) == 1 and "auto -> sage" in said[0]
+
+
+@pytest.mark.parametrize("backend,version,expected", [
+    ("sage", "N/A", "package 'sageattention' is not installed (pip install 'sageattention>=2.1.1')"),
+    ("sage", "1.0.6", "sageattention 1.0.6 is installed but diffusers"),
+    ("flash", "N/A", "package 'flash-attn' is not installed (pip install 'flash-attn>=2.6.3')"),
+    ("flash", "2.5.9", "flash-attn 2.5.9 is installed but diffusers"),
+])
+def test_missing_or_too_old_package_falls_back_with_one_reason(monkeypatch, caplog, backend, version, expected):
+    _refused(monkeypatch, backend, version)
+    monkeypatch.setattr(A, "_capability", lambda index: (9, 0))
+    got, said = _resolve_logged(caplog, backend)
+    assert got == "sdpa" and len(said) == 1
+    assert expected in said[0] and "falling back to sdpa" in said[0]
+    if version != "N/A":
+        assert f">= {getattr(D, A._DIFFUSERS_NAMES[backend][1])}" in said[0]
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (10, 0)])
+def test_sage_on_a_gpu_without_its_kernels_falls_back_to_flash_under_auto(monkeypatch, caplog, capability):
+    _usable(monkeypatch, "sage", "2.2.0", capability)
+    _usable(monkeypatch, "flash", "2.8.3", capability)
+    got, said = _resolve_logged(caplog, "sage")
+    sm = f"sm{capability[0]}{capability[1]}"
+    assert got == "sdpa" and len(said) == 1 and "no kernels for Emulated GPU" in said[0] and sm in said[0]
+    caplog.clear()
+    auto, said = _resolve_logged(caplog, "auto")
+    if capability < (8, 0):  # Turing: no FlashAttention 2 either
+        assert auto == "sdpa" and "FlashAttention 2 needs sm80" in said[0]
+    else:
+        assert auto == "flash"
+    assert len(said) == 1
+
+
+def test_old_diffusers_without_the_flags_falls_back(monkeypatch, caplog):
+    monkeypatch.delattr(D, "_CAN_USE_SAGE_ATTN")
+    monkeypatch.delattr(D, "_CAN_USE_FLASH_ATTN")
+    monkeypatch.setattr(A, "_capability", lambda index: (9, 0))
+    got, said = _resolve_logged(caplog, "auto")
+    assert got == "sdpa" and len(said) == 1
+    assert "has no 'sage' attention backend flag" in said[0] and "has no 'flash' attention backend flag" in said[0]
+
+
+def test_head_dim_and_dtype_are_checked_after_the_package(monkeypatch, caplog):
+    _usable(monkeypatch, "sage", "2.2.0")
+    got, said = _resolve_logged(caplog, "sage", head_dim=80)
+    assert got == "sdpa" and "head dim 80" in said[0]
+    assert A.unavailable_reason("sage", "cuda", torch.float32, 128, 0) == "it needs fp16/bf16 tensors, got torch.float32"
+
+
+@pytest.mark.parametrize("emulate", ["missing", "too_old", "old_diffusers", "kernel_raises"])
+def test_auto_and_explicit_choices_never_crash_a_forward(monkeypatch, caplog, emulate):
+    """The whole DiT runs with every choice under every emulated failure and gives the sdpa numbers."""
+    model = randomize_(build_dit(CFG), seed=3)
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([500.0])
+    t5 = torch.randn(1, 512, CFG.text_dim, generator=g)
+    clip = torch.randn(1, 1028, CFG.image_dim, generator=g)
+    cond = torch.randn(1, 20, 6, 4, 4, generator=g)
+    with torch.no_grad():
+        ref = model(x, t, t5, clip, condition=cond)
+    if emulate == "missing":
+        _refused(monkeypatch, "sage", "N/A")
+    elif emulate == "too_old":
+        _refused(monkeypatch, "sage", "1.0.6")
+    elif emulate == "old_diffusers":
+        monkeypatch.delattr(D, "_CAN_USE_SAGE_ATTN")
+    else:  # every check passes, then the kernel itself raises (diffusers refuses the call on this machine)
+        real = A.unavailable_reason
+        monkeypatch.setattr(A, "unavailable_reason",
+                            lambda backend, *a: real(backend, *a) if backend in A._broken else None)
+    for choice in ("auto", "sage", "flash"):
+        A.resolve_backend.cache_clear()
+        model.set_attention_backend(choice)
+        with caplog.at_level(logging.INFO, logger="BindWeave"), torch.no_grad():
+            assert torch.equal(model(x, t, t5, clip, condition=cond), ref)
+    if emulate == "kernel_raises":
+        said = [r.getMessage() for r in caplog.records if "raised TypeError" in r.getMessage()]
+        assert len(said) == 2 and "'sage' raised TypeError" in said[0] and "'flash' raised" in said[1]
+        assert "falling back to sdpa for the rest of this run" in said[0]
+
+
+# ------------------------------------------------------------------------------------------ compile
+def test_batched_guidance_with_eight_planner_lengths_compiles_at_most_two_graphs():
+    """cond + uncond batched, 8 prompts of different planner lengths: the per-item split is a mask
+    tensor built outside the compiled blocks, so only its shape can change the graph."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = randomize_(build_dit(CFG), seed=5)
+    compiled = randomize_(build_dit(CFG), seed=5)
+    compile_blocks(compiled, backend=counting_backend)
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(1, 16, 2, 4, 4, generator=g).expand(2, -1, -1, -1, -1), torch.tensor([700.0, 700.0])
+    t5 = torch.randn(2, 512, CFG.text_dim, generator=g)
+    clip = torch.randn(1, 1028, CFG.image_dim, generator=g).expand(2, -1, -1)
+    cond = torch.randn(1, 20, 6, 4, 4, generator=g).expand(2, -1, -1, -1, -1)
+    try:
+        for n in (3, 9, 5, 12, 7, 4, 10, 6):
+            planner = torch.randn(2, n + 2, CFG.planner_dim, generator=g)
+            kw = dict(planner_states=planner, planner_lengths=[n, n + 2], condition=cond)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x, t, t5, clip, **kw), model(x, t, t5, clip, **kw),
+                                           rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+    assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs compiled over 8 planner lengths"
