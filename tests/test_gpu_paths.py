@@ -22,6 +22,7 @@ from bindweave_core.config import PRESETS
 from bindweave_core.dit import attention as A
 from bindweave_core.dit import build_dit
 from bindweave_core.dit.compile import compile_blocks
+from bindweave_core.dit.offload import Transfers, disable_block_offload, enable_block_offload
 from helpers import randomize_
 
 CFG = PRESETS["tiny"].replace(num_layers=2)
@@ -180,3 +181,76 @@ def test_batched_guidance_with_eight_planner_lengths_compiles_at_most_two_graphs
     finally:
         torch._dynamo.reset()
     assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs compiled over 8 planner lengths"
+
+
+# ------------------------------------------------------------------------------------------ offload
+class FakeGpu(Transfers):
+    """A GPU that never finishes anything by itself: compute completes only up to the event the host
+    waits on. The worst case for a host that runs ahead: device copies pile up unless the schedule waits."""
+
+    def __init__(self):
+        self.seq = 0  # events recorded on the compute stream
+        self.completed = 0
+        self.copies: list[list] = []  # [device copy, compute event after which it is free (None: in use)]
+        self.max_on_device = 0
+        self.pinned: list[int] = []
+
+    def pin(self, buffer):
+        self.pinned.append(buffer.numel())
+        return True
+
+    def upload(self, buffer, device):
+        copy = buffer.clone()
+        self.copies.append([copy, None])
+        self.max_on_device = max(self.max_on_device, len(self.copies))
+        return copy, "copied"
+
+    def use(self, copy, event):
+        assert event == "copied"
+
+    def block_done(self, copy):
+        self.seq += 1
+        for entry in self.copies:
+            if entry[0] is copy:
+                entry[1] = self.seq
+        return self.seq
+
+    def host_wait(self, event):
+        self.completed = max(self.completed, event)
+        self.copies = [e for e in self.copies if e[1] is None or e[1] > self.completed]
+
+
+def _inputs(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([500.0]),
+            torch.randn(1, 512, CFG.text_dim, generator=g), torch.randn(1, 1028, CFG.image_dim, generator=g)), \
+        dict(condition=torch.randn(1, 20, 6, 4, 4, generator=g))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("resident", [0, 1])
+def test_offload_keeps_at_most_prefetch_plus_one_blocks_in_flight(prefetch, resident):
+    cfg = PRESETS["tiny"].replace(num_layers=4)
+    model = randomize_(build_dit(cfg), seed=8)
+    args, kw = _inputs()
+    with torch.no_grad():
+        ref = model(*args, **kw)
+    gpu = FakeGpu()
+    offload = enable_block_offload(model, resident_blocks=resident, device="cpu", prefetch_blocks=prefetch,
+                                   pin_memory=True, transfers=gpu)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(*args, **kw), ref)
+    streamed = 4 - resident
+    assert gpu.max_on_device == prefetch + 1  # the whole window is used, never more
+    assert offload.uploads == 2 * streamed + prefetch  # block 0 of the next call prefetched at the end
+    # one page-locked flat buffer per streamed block, hardly bigger than its tensors
+    assert len(gpu.pinned) == streamed and offload.pinned_bytes() == sum(gpu.pinned)
+    assert 1.0 <= offload.pinned_bytes() / offload.streamed_bytes() <= 1.05
+    block = model.blocks[-1]
+    base = offload._storage[3].buffer.data_ptr()
+    assert all(base <= t.data_ptr() < base + offload._storage[3].buffer.numel()
+               for t in list(block.parameters()) + list(block.buffers()))  # views into that buffer
+    disable_block_offload(model)
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kw), ref)
