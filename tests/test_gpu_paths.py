@@ -21,6 +21,7 @@ from diffusers.utils import import_utils as U
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import attention as A
 from bindweave_core.dit import build_dit
+from bindweave_core.dit import fp8 as FP8
 from bindweave_core.dit.compile import compile_blocks
 from bindweave_core.dit.offload import Transfers, disable_block_offload, enable_block_offload
 from helpers import randomize_
@@ -254,3 +255,64 @@ def test_offload_keeps_at_most_prefetch_plus_one_blocks_in_flight(prefetch, resi
     disable_block_offload(model)
     with torch.no_grad():
         assert torch.equal(model(*args, **kw), ref)
+
+
+# ------------------------------------------------------------------------------------------ fp8
+def _fp8_reference(w: torch.Tensor):
+    """The textbook per-tensor e4m3 quantisation, written out here independently: float32 throughout."""
+    scale = (w.float().abs().max() / 448.0).clamp(min=1e-12)
+    return (w.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 700), (7,), (1, 1)])
+def test_quantize_weight_is_the_float32_formula_bit_for_bit(dtype, shape):
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    w.view(-1)[0] = -w.abs().max() * 1.5  # the absolute maximum is negative: the scale must see it
+    q, scale = FP8.quantize_weight(w)
+    ref_q, ref_scale = _fp8_reference(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and scale.dtype == torch.float32
+    assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert q.float().abs().max() == 448.0  # the largest magnitude lands on e4m3's largest value
+
+
+def test_fp8_upcast_applies_the_scale_in_float32():
+    layer = FP8.FP8Linear(64, 32, device="cpu")
+    g = torch.Generator().manual_seed(12)
+    layer.weight.data = (torch.randn(32, 64, generator=g) * 3).to(torch.float8_e4m3fn)
+    layer.scale_weight = torch.tensor(0.0123456789)  # not representable in bf16: rounding it first is wrong
+    exact = layer.weight.double() * 0.0123456789
+    got = layer.dequantized_weight(torch.bfloat16)
+    assert torch.equal(got, (layer.weight.float() * layer.scale_weight).bfloat16())
+    bf16_scaled = layer.weight.bfloat16() * layer.scale_weight.bfloat16()  # the old way, for comparison
+    assert (got.double() - exact).abs().max() < (bf16_scaled.double() - exact).abs().max()
+
+
+def test_activation_scaling_choices_and_fast_accumulation(monkeypatch):
+    g = torch.Generator().manual_seed(13)
+    weight = torch.randn(96, 64, generator=g) * 0.2
+    wq, ws = FP8.quantize_weight(weight)
+    monkeypatch.setattr(FP8, "_ACT_CHUNK_ELEMENTS", 64 * 10)  # several row chunks
+    x = torch.randn(2, 37, 64, generator=g).bfloat16()
+    xq, xs = FP8.quantize_activation(x.reshape(-1, 64))
+    ref_q, ref_s = _fp8_reference(x.reshape(-1, 64))
+    assert torch.equal(xs, ref_s) and torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+    def err(scale_x, mode, fast=False):
+        upcast = torch.nn.functional.linear(scale_x, (wq.float() * ws).bfloat16()).float()
+        out = FP8.scaled_mm_linear(scale_x, wq, ws, activation_scale=mode, fast_accum=fast).float()
+        return ((out - upcast).pow(2).mean().sqrt() / upcast.pow(2).mean().sqrt()).item()
+
+    for mode in ("dynamic", "static"):
+        assert err(x * 3, mode) <= 6e-2
+    assert err(x * 3, "dynamic", fast=True) <= 6e-2
+    # static scale 1 saturates beyond 448 and loses small values; dynamic scaling keeps both
+    assert err(x * 2000, "static") > 0.3 and err(x * 2000, "dynamic") <= 6e-2
+    assert err(x * 1e-3, "static") > 0.1 and err(x * 1e-3, "dynamic") <= 6e-2
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    FP8.convert_to_fp8(model, ["0"])
+    assert FP8.set_fp8_matmul(model, "scaled_mm", activation_scale="static", fast_accum=True) == 1
+    assert model[0].activation_scale == "static" and model[0].fast_accum
+    with pytest.raises(ValueError, match="dynamic"):
+        FP8.set_fp8_matmul(model, "scaled_mm", activation_scale="per_row")
