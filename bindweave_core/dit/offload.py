@@ -257,6 +257,10 @@ class BlockOffload:
         """Page-locked host bytes (the flat buffers, alignment included)."""
         return sum(s.buffer.numel() for s in self._storage.values() if s.pinned)
 
+    def host_bytes(self) -> int:
+        """Bytes of the streamed blocks' flat host buffers (page-locked or not)."""
+        return sum(s.buffer.numel() for s in self._storage.values())
+
     def streamed_bytes(self) -> int:
         """Bytes of the streamed blocks' tensors themselves."""
         return sum(s.tensor_bytes for s in self._storage.values())
