@@ -316,3 +316,32 @@ def test_activation_scaling_choices_and_fast_accumulation(monkeypatch):
     assert model[0].activation_scale == "static" and model[0].fast_accum
     with pytest.raises(ValueError, match="dynamic"):
         FP8.set_fp8_matmul(model, "scaled_mm", activation_scale="per_row")
+
+
+# ------------------------------------------------------------------------------------------ gpu_check
+def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --smoke: the GPU check's own code at a tiny width, every section written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "check.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert list(sections) == ["environment", "scaled_mm", "parity", "full", "capped"]
+    assert all(s["status"] == "ok" for s in sections.values())
+    env = sections["environment"]
+    assert env["backends"]["sage"]["runs"] == "sdpa" and "CUDA" in env["backends"]["sage"]["reason"] or \
+        "not installed" in env["backends"]["sage"]["reason"]
+    parity = sections["parity"]
+    # on the CPU sage/flash fall back to sdpa, offload and the eager-compiled blocks are exact: one number
+    same = {parity[k]["rel_rms"] for k in ("bf16_sdpa", "bf16_sage", "bf16_flash", "bf16_offload_0_resident",
+                                            "bf16_compiled_eager")}
+    assert len(same) == 1 and 0 < same.pop() < 3e-2
+    assert parity["fp8_upcast"]["rel_rms"] < 1e-1
+    assert sections["full"]["ratio_to_diffusers"] > 0 and sections["full"]["blocks"] == 3
+    assert all(row["fits"] for key, row in sections["capped"].items() if key != "cap_gib")
