@@ -335,8 +335,8 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert list(sections) == ["environment", "scaled_mm", "parity", "full", "capped"]
     assert all(s["status"] == "ok" for s in sections.values())
     env = sections["environment"]
-    assert env["backends"]["sage"]["runs"] == "sdpa" and "CUDA" in env["backends"]["sage"]["reason"] or \
-        "not installed" in env["backends"]["sage"]["reason"]
+    assert env["backends"]["auto"]["runs"] == "sdpa"  # no CUDA here
+    assert env["backends"]["sage"]["runs"] == "sdpa" and env["backends"]["sage"]["reason"]
     parity = sections["parity"]
     # on the CPU sage/flash fall back to sdpa, offload and the eager-compiled blocks are exact: one number
     same = {parity[k]["rel_rms"] for k in ("bf16_sdpa", "bf16_sage", "bf16_flash", "bf16_offload_0_resident",
@@ -344,4 +344,5 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert len(same) == 1 and 0 < same.pop() < 3e-2
     assert parity["fp8_upcast"]["rel_rms"] < 1e-1
     assert sections["full"]["ratio_to_diffusers"] > 0 and sections["full"]["blocks"] == 3
-    assert all(row["fits"] for key, row in sections["capped"].items() if key != "cap_gib")
+    rows = [row for row in sections["capped"].values() if isinstance(row, dict)]
+    assert len(rows) == 3 and all(row["fits"] for row in rows)
