@@ -3,7 +3,8 @@
 Measured: the peak of live tensor bytes that a DiT forward allocates (weights and inputs excluded),
 counted by a ``TorchDispatchMode`` that sees every op's outputs and frees them when their last tensor
 dies (storage-level, so views are not counted twice). Estimated: ``estimate_vram(...).activations`` plus
-the context and rotary parts of its conditioning term for the same shape (``bindweave_core.memory``; the weights and the fixed CUDA workspace
+the context and rotary parts of its conditioning term for the same shape (``bindweave_core.memory``;
+the weights and the fixed CUDA workspace
 are left out of both; of the conditioning term only what the forward makes is counted: the embedded
 context and the rotary tables). Three configurations at the 14B model's proportions (head dim 128, FFN 2.7 x
 dim) and real token counts for their sizes; target: within 15%.

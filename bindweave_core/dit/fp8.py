@@ -19,7 +19,8 @@ rounding to the compute dtype, and activations are divided by their scale in flo
 chunks, so no full float32 copy of a large activation is made).
 
 Quantising high-precision weights while loading (:func:`quantize_weight`) streams each tensor
-through one reused float32 scratch buffer: one min/max pass, then one pass that divides and converts (``benchmarks/load_memory.py`` compares it with the row-chunked version it
+through one reused float32 scratch buffer: one min/max pass, then one pass that divides and
+converts (``benchmarks/load_memory.py`` compares it with the row-chunked version it
 replaced).
 """
 

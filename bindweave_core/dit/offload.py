@@ -36,7 +36,7 @@ the exact window (``prefetch + 1`` blocks), so the schedule is ours.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
