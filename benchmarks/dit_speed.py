@@ -216,6 +216,8 @@ class Models:
     """Builds our DiT once per weight family and converts it in place between formats."""
 
     def __init__(self, cfg: DiTConfig, device: torch.device, fp8_compute: torch.dtype):
+        # ``device`` is where the weights are built: the CPU under --vram-limit / --offload, so the cap and
+        # the offload apply before any block reaches the GPU (then each run places the model itself)
         self.cfg, self.device, self.fp8_compute = cfg, device, fp8_compute
         self.model: BindWeaveTransformer | None = None
         self.state: tuple | None = None
@@ -301,7 +303,9 @@ def main() -> None:
     header = (f"{'size':>9} {'tokens':>7} {'format':>8} {'attn':>5} {'ours s/step':>11} {'diffusers':>9} "
               f"{'ratio':>6} {mem_label:>10} {'est. GiB':>8} {'TFLOP/s':>8}")
     print(header)
-    models = Models(cfg, device, DTYPES[args.fp8_compute])
+    build_device = torch.device("cpu") if device.type == "cuda" and (args.vram_limit or args.offload is not None) \
+        else device
+    models = Models(cfg, build_device, DTYPES[args.fp8_compute])
     for w, h in sizes:
         tokens = token_count(w, h, args.frames)
         context = C.CLIP_CONTEXT_TOKENS + args.planner_tokens + cfg.text_len
@@ -314,10 +318,23 @@ def main() -> None:
             ours = models.get(fmt)
             dtype = ours.patch_embedding.weight.dtype
             offload = None
-            if args.offload is not None:
-                offload = enable_block_offload(ours, args.offload, device, prefetch_blocks=args.prefetch)
-            else:
-                ours.to(device)
+            try:
+                if args.offload is not None:
+                    offload = enable_block_offload(ours, args.offload, device, prefetch_blocks=args.prefetch)
+                    streamed = max(offload.streamed_bytes(), 1)
+                    print(f"  offload: host buffers {offload.host_bytes() / GiB:.3f} GiB (page-locked "
+                          f"{offload.pinned_bytes() / GiB:.3f} GiB) for {streamed / GiB:.3f} GiB of streamed tensors: "
+                          f"pinned / streamed {offload.pinned_bytes() / streamed:.3f}, "
+                          f"host / streamed {offload.host_bytes() / streamed:.3f}", flush=True)
+                else:
+                    ours.to(device)
+            except torch.OutOfMemoryError:
+                print(f"  {w}x{h} {fmt}: the weights do not fit on {device} (out of memory while placing them)")
+                ours.to(build_device)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if args.compile:
                 compile_blocks(ours, backend=args.compile_backend)
             inputs_ours, inputs_theirs = make_inputs(cfg, w, h, args.frames, batch, args.planner_tokens, dtype,

@@ -4,7 +4,12 @@ Writes a synthetic checkpoint with 14B-width tensors (dim 5120, ffn 13824; a few
 is >= 1 GB), then loads it in fresh processes with ``load_dit`` and touches every weight (so the
 whole model really is resident) before reading the peak RSS. Target: peak / file size <= 1.25.
 
-    python benchmarks/load_memory.py [--layers 3] [--dtype bf16] [--keep DIR]
+``--compare-quantize`` times the bf16 -> fp8 load with the quantiser it replaced (row chunks of
+float32 copies, kept below as the reference) and with the current one, alternately, ``--repeats``
+times each, and prints the ratio of the best times (wall and CPU): the machine may be shared, so
+only same-run, back-to-back figures mean anything.
+
+    python benchmarks/load_memory.py [--layers 3] [--dtype bf16] [--keep DIR] [--compare-quantize]
 """
 
 from __future__ import annotations
@@ -53,17 +58,58 @@ def write_checkpoint(directory: Path, layers: int, dtype: torch.dtype) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def child(path: str, dtype: str, weight_format: str) -> None:
+def reference_quantize_weight(weight: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantiser before the current one (for --compare-quantize): row chunks through float32 copies."""
+    chunks = weight.split(rows_per_chunk)
+    amax = torch.stack([c.abs().amax().float() for c in chunks]).amax()
+    scale = (amax / 448.0).clamp(min=1e-12)
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    for dst, src in zip(out.split(rows_per_chunk), chunks):
+        dst.copy_(src.float() / scale)
+    return out, scale.reshape(())
+
+
+def cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(path: str, dtype: str, weight_format: str, quantizer: str = "current") -> None:
+    from bindweave_core.checkpoints import materialize
     from bindweave_core.checkpoints.dit_loader import load_dit
 
+    if quantizer == "reference":
+        materialize.quantize_weight = reference_quantize_weight
     baseline = status_bytes("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     model = load_dit(path, dtype=DTYPES[dtype], weight_format=weight_format)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     # page every weight in, without allocating a copy of any of them
     touched = sum(float(p.view(torch.uint8).max()) for p in model.parameters())
     peak = status_bytes("VmHWM")
-    print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "checksum": touched}))
+    print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "cpu_seconds": cpu,
+                      "checksum": touched}))
+
+
+def compare_quantize(directory: Path, size: int, repeats: int) -> None:
+    times: dict[str, list[tuple[float, float]]] = {"reference": [], "current": []}
+    sums = {}
+    for _ in range(repeats):
+        for quantizer in ("reference", "current"):
+            out = subprocess.run([sys.executable, __file__, "--child", str(directory), "bf16", "fp8", quantizer],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            times[quantizer].append((r["seconds"], r["cpu_seconds"]))
+            sums[quantizer] = r["checksum"]
+            print(f"  load -> fp8 with the {quantizer:9s} quantiser: {r['seconds']:.1f} s wall, "
+                  f"{r['cpu_seconds']:.1f} s CPU", flush=True)
+    ref_wall, ref_cpu = min(t[0] for t in times["reference"]), min(t[1] for t in times["reference"])
+    cur_wall, cur_cpu = min(t[0] for t in times["current"]), min(t[1] for t in times["current"])
+    print(f"bf16 -> fp8 load of {size / 1e9:.2f} GB: reference {ref_wall:.1f} s wall / {ref_cpu:.1f} s CPU, current "
+          f"{cur_wall:.1f} s / {cur_cpu:.1f} s; speed-up {ref_wall / cur_wall:.1f}x wall, {ref_cpu / cur_cpu:.1f}x CPU "
+          f"(best of {repeats}); same bytes: {sums['reference'] == sums['current']}")
 
 
 def main() -> None:
@@ -71,7 +117,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype stored in the file")
     ap.add_argument("--keep", help="write the checkpoint here and keep it")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--compare-quantize", action="store_true",
+                    help="time bf16 -> fp8 loading with the previous and the current quantiser, alternately")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -80,7 +129,15 @@ def main() -> None:
     directory = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bw_load_memory_"))
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        size = write_checkpoint(directory, args.layers, DTYPES[args.dtype])
+        existing = sorted(directory.glob("*.safetensors"))
+        if args.keep and existing:  # reuse a checkpoint kept by an earlier run
+            size = sum(f.stat().st_size for f in existing)
+        else:
+            size = write_checkpoint(directory, args.layers, DTYPES[args.dtype])
+        if args.compare_quantize:
+            print(f"checkpoint: {size / 1e9:.2f} GB bf16 at 14B width", flush=True)
+            compare_quantize(directory, size, args.repeats)
+            return
         print(f"checkpoint: {size / 1e9:.2f} GB, {args.dtype}, {args.layers} blocks at 14B width (dim 5120, ffn 13824)")
         cases = [(args.dtype, "default", "same dtype"), ("fp32" if args.dtype != "fp32" else "bf16", "default", "cast"),
                  ("bf16", "fp8", "quantised to fp8 storage")]

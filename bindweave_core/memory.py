@@ -12,10 +12,9 @@ The peak of the DiT stage is the sum of
 * conditioning: both branches' contexts and condition latents, latents and sampler state, rotary tables;
 * a fixed workspace for cuBLAS / attention kernels and allocator rounding.
 
-These are estimates from shapes; no GPU has calibrated them yet. The activation term is on the high
-side: for one 14B-width block at 7,800 tokens in bf16 (CPU, every op output tracked) the tensors alive
-at the block's peak came to 11.5 x (tokens x dim x 2 bytes) with the residual input, where
-:func:`dit_activation_bytes` says 15.4 x (kernel workspaces are not in the first figure). A run
+These are estimates from shapes; no GPU has calibrated them yet. The activation term is calibrated
+on the CPU (``benchmarks/memory_estimate.py``: what a forward allocates, against the estimate, three
+configurations); GPU kernels' own workspaces are in the fixed workspace term. A run
 the check refuses can still be tried with ``memory_check=False`` (CLI ``--no-memory-check``).
 """
 
@@ -53,12 +52,15 @@ def dit_activation_bytes(config: Any, width: int, height: int, num_frames: int, 
                          element_size: int = 2) -> int:
     """Peak activation memory of one block of a no-grad DiT forward (the blocks run one at a time).
 
-    Live at the peak: the residual stream, the normed input, q/k/v, the attention output and the
-    FFN's hidden layer and its activation: about ``S * (6 * dim + 2 * ffn_dim)`` elements, plus the
-    fp32 residual/modulation copies diffusers' block makes (``2 * S * dim`` floats).
+    About ``S * (4 * dim + 2 * ffn_dim)`` elements (the residual stream, normed input, the attention's
+    inputs/outputs that are alive together, the FFN's hidden layer and its activation) plus the fp32
+    residual/modulation copies diffusers' block makes (``2 * S * dim`` floats): 13.4 block-sized
+    tensors (``S * dim * element_size``) at the 14B model's proportions. Calibrated by
+    ``benchmarks/memory_estimate.py``, which measured 12.4-13.4 on the CPU (live tensor bytes of
+    every op, three configurations); the first count, ``6 * dim``, gave 15.4.
     """
     s = token_count(width, height, num_frames, config.num_ref_slots if config.uses_slots else 0)
-    elements = s * (6 * config.dim + 2 * config.ffn_dim)
+    elements = s * (4 * config.dim + 2 * config.ffn_dim)
     return batch * (elements * element_size + 2 * s * config.dim * 4)
 
 

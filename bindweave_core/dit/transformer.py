@@ -59,8 +59,10 @@ class AttentionState:
 
     backend: str = "sdpa"
     image_kv_tokens: int = 257
-    # Valid length of each batch item's context, or None when every item uses its whole context.
-    context_lengths: list[int] | None = None
+    # [B, 1, 1, S_text] bool (True = a real token) for the text stream when batch items have different
+    # context lengths, else None. A tensor, not a list of lengths: compiled blocks then depend on its
+    # shape only, and do not recompile for every new planner length (built in ``forward``).
+    context_mask: torch.Tensor | None = None
     parallel_config: Any = None
 
 
@@ -101,12 +103,9 @@ class BindWeaveAttnProcessor:
         heads = attn.heads
         image_context = None
         context = encoder_hidden_states
-        lengths = st.context_lengths
         if context is not None and attn.add_k_proj is not None:
             image_context = context[:, : st.image_kv_tokens]
             context = context[:, st.image_kv_tokens:]
-            if lengths is not None:
-                lengths = [n - st.image_kv_tokens for n in lengths]
 
         q, k, v = _project_qkv(attn, hidden_states, context)
         q = attn.norm_q(q).unflatten(2, (heads, -1))
@@ -120,13 +119,10 @@ class BindWeaveAttnProcessor:
 
         if context is None:
             out = attention(q, k, v, st.backend, parallel_config=st.parallel_config)
-        elif lengths is not None and len(set(lengths)) > 1:
-            # Items of different context lengths: attend each over its own valid tokens.
-            out = torch.cat([attention(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], st.backend)
-                             for i, n in enumerate(lengths)], dim=0)
         else:
-            n = lengths[0] if lengths is not None else k.shape[1]
-            out = attention(q, k[:, :n], v[:, :n], st.backend)
+            # Items of different context lengths: each attends over its own valid tokens only (the
+            # padding gets exactly zero weight), in one call.
+            out = attention(q, k, v, st.backend, attn_mask=st.context_mask)
 
         if image_context is not None:
             k_img, v_img = _project_image_kv(attn, image_context)
@@ -296,7 +292,7 @@ class BindWeaveTransformer(WanTransformer3DModel):
             encoder_hidden_states.to(dtype), planner_states, planner_lengths,
             encoder_hidden_states_image.to(dtype) if encoder_hidden_states_image is not None else None,
             timestep=timestep)
-        self.attention_state.context_lengths = context_lengths
+        self.attention_state.context_mask = self.text_context_mask(context_lengths, context)
 
         tokens = self.run_blocks(tokens, context, timestep_proj, rotary)
 
@@ -305,6 +301,15 @@ class BindWeaveTransformer(WanTransformer3DModel):
         out = out.reshape(batch, grid[0], grid[1], grid[2], p_t, p_h, p_w, -1)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return out[:, :, slots:]
+
+    def text_context_mask(self, context_lengths: list[int] | None, context: torch.Tensor) -> torch.Tensor | None:
+        """``[B, 1, 1, S_text]`` bool mask of each item's valid text-stream tokens (None: all valid)."""
+        if context_lengths is None:
+            return None
+        skip = self.attention_state.image_kv_tokens if self.condition_embedder.image_embedder is not None else 0
+        lengths = torch.tensor([n - skip for n in context_lengths], device=context.device)
+        positions = torch.arange(context.shape[1] - skip, device=context.device)
+        return (positions[None, :] < lengths[:, None])[:, None, None, :]
 
     def run_blocks(self, tokens: torch.Tensor, context: torch.Tensor, timestep_proj: torch.Tensor,
                    rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
