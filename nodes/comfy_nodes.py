@@ -33,6 +33,7 @@ from .specs import (
     LORA,
     NATIVE_CONDITIONING,
     NATIVE_MODEL,
+    NOISE,
     PLANNER_ENCODE,
     REFERENCE_ENCODE,
     SAMPLER,
@@ -45,7 +46,8 @@ from .specs import (
 )
 
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
-            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae}
+            "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae,
+            "NOISE": io.Noise}
 
 
 @lru_cache(maxsize=None)
@@ -378,9 +380,31 @@ class Sigmas(io.ComfyNode):
         return io.NodeOutput(scheduler.sigmas.float().cpu())
 
 
+class OfficialNoise:
+    """ComfyUI's NOISE interface (``seed``, ``generate_noise(latent)``) over the core's official noise."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        from bindweave_core.sampling import seeded_noise
+
+        return seeded_noise(tuple(input_latent["samples"].shape), self.seed)
+
+
+class Noise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(NOISE)
+
+    @classmethod
+    def execute(cls, noise_seed) -> io.NodeOutput:
+        return io.NodeOutput(OfficialNoise(noise_seed))
+
+
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
                                    TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
-                                   NativeConditioning, Sigmas]
+                                   NativeConditioning, Sigmas, Noise]
 
 
 class BindWeaveExtension(ComfyExtension):

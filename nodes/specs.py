@@ -351,7 +351,17 @@ SIGMAS = NodeSpec(
     (Out("SIGMAS", "sigmas", "steps + 1 noise levels from 1 to 0."),),
 )
 
+NOISE = NodeSpec(
+    "BindWeaveNoise", "BindWeave Noise", f"{CATEGORY}/native",
+    "The official start noise as NOISE for SamplerCustomAdvanced: drawn in bf16 on the CPU as the official run "
+    "draws it, the same noise the BindWeave Sampler uses for this seed (ComfyUI's RandomNoise draws float32 "
+    "values, another video).",
+    (In("noise_seed", "int", "Noise seed (official: 1234).", default=C.DEFAULT_SEED, min=0, max=2**63 - 1,
+        seed=True),),
+    (Out("NOISE", "noise", "Noise for SamplerCustomAdvanced."),),
+)
+
 ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
                                    PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA,
-                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS)
+                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE)
 SPECS = {s.node_id: s for s in ALL_SPECS}

@@ -495,12 +495,12 @@ def tiny_vae_file(server):
 
 def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift: float, cfg: float, seed: int,
                      schedule: str, base: int) -> str:
-    """SamplerCustomAdvanced (euler) with the official sigmas (BindWeave Sigmas) on a native MODEL."""
+    """SamplerCustomAdvanced (euler) with the official noise and sigmas (BindWeave Noise, Sigmas) on a native MODEL."""
     from build_workflows import node
 
     b = str(base)
     g[b + "1"] = node("BindWeaveSigmas", steps=steps, shift=shift, schedule=schedule)
-    g[b + "2"] = node("RandomNoise", noise_seed=seed)
+    g[b + "2"] = node("BindWeaveNoise", noise_seed=seed)  # the official noise, as our Sampler draws it
     g[b + "3"] = node("CFGGuider", model=model, positive=[conditioning[0], 0], negative=[conditioning[0], 1], cfg=cfg)
     g[b + "4"] = node("KSamplerSelect", sampler_name="euler")
     g[b + "5"] = node("SamplerCustomAdvanced", noise=[b + "2", 0], guider=[b + "3", 0], sampler=[b + "4", 0],
