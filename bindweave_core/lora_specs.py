@@ -70,25 +70,16 @@ def apply_loras(dit: nn.Module, loras: list[tuple[LoraWeights, float]]) -> list[
 
 def add_loras(pipe: Any, specs: list[str]) -> list[tuple[LoraWeights, float]]:
     """Read ``specs`` and put the LoRAs on the pipeline's DiT (now, or whenever it is loaded)."""
-    from .pipeline import Lazy
-
     loras = load_lora_specs(specs)
     if not loras:
         return loras
-    dit = pipe._components["dit"]  # the pipeline's own slot: a loaded DiT or the function that loads it
-    if isinstance(dit, Lazy):
-        load = dit.load
-
-        def load_with_loras() -> nn.Module:
-            model = load()
-            apply_loras(model, loras)
-            return model
-
-        pipe._components["dit"] = Lazy(load_with_loras, dit.description, dit.family, dit.meta)
-        pipe._loaded.pop("dit", None)
-    elif dit is None:
+    if pipe.current("dit") is None:
         raise InputError("--lora needs a DiT: this pipeline has none.")
-    else:
+
+    def with_loras(dit: nn.Module) -> nn.Module:
         apply_loras(dit, loras)
+        return dit
+
+    pipe.transform_component("dit", with_loras)  # now, or each time the DiT is loaded
     log.info("LoRA: %s", ", ".join(f"{s} (strength {w:g})" for (_, w), s in zip(loras, specs)))
     return loras

@@ -32,6 +32,7 @@ from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_con
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
 from .errors import InputError
+from .lazy import Lazy
 from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, seeded_noise
@@ -133,16 +134,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass
-class Lazy:
-    """A component given as a function that loads it (see ``offload="release"``)."""
-
-    load: Callable[[], Any]
-    description: str = ""
-    family: str | None = None  # DiT only: known from the checkpoint header without loading
-    meta: dict[str, Any] = field(default_factory=dict)  # DiT only: config/dtype/weight_format (memory estimate)
-
-
 class BindWeavePipeline:
     """Holds the five models (or functions that load them) and runs a generation."""
 
@@ -242,6 +233,30 @@ class BindWeavePipeline:
         self._loaded[name] = value
         return value
 
+    def current(self, name: str) -> Any:
+        """Component ``name`` as it stands, without loading it: the loaded model, else what was given (a
+        model, a :class:`~bindweave_core.lazy.Lazy` loader, or None)."""
+        return self._loaded.get(name) or self._components[name]
+
+    def loaded(self, name: str) -> Any:
+        """Component ``name`` if it is loaded now, else None."""
+        return self._loaded.get(name)
+
+    def transform_component(self, name: str, transform: Callable[[Any], Any]) -> None:
+        """Apply ``transform`` (model -> model) to component ``name``: now if it is a model, at every load if
+        it is given as a loader function (``offload="release"`` loads it again for each run)."""
+        value = self._components[name]
+        if value is None:
+            raise InputError(f"no {name.replace('_', ' ')} model was given to transform.")
+        if isinstance(value, Lazy):
+            load = value.load
+            self._components[name] = replace(value, load=lambda: transform(load()))
+            self._loaded.pop(name, None)
+            return
+        self._components[name] = transform(value)
+        if name in self._loaded:
+            self._loaded[name] = self._components[name]
+
     @staticmethod
     def _module(component: Any) -> torch.nn.Module:
         return component if isinstance(component, torch.nn.Module) else component.model
@@ -266,7 +281,7 @@ class BindWeavePipeline:
 
     @property
     def dit_family(self) -> str:
-        dit = self._loaded.get("dit") or self._components["dit"]
+        dit = self.current("dit")
         if dit is None:
             return "bindweave"
         if isinstance(dit, Lazy):
@@ -282,7 +297,7 @@ class BindWeavePipeline:
     def model_identity(self, name: str) -> tuple[str, bool]:
         """``(identity, persistent)`` of a component for the condition cache; a component given as a file
         (``from_files``) is identified by its files without being loaded, another loader function by itself."""
-        value = self._loaded.get(name) or self._components[name]
+        value = self.current(name)
         if isinstance(value, Lazy):  # not loaded just to name it: its files, else this loader (this process only)
             return (value.meta["identity"], True) if "identity" in value.meta else (f"lazy:{id(value)}", False)
         return model_identity(value)

@@ -115,9 +115,9 @@ def dit_description(pipe: Any) -> tuple[Any, torch.dtype, str] | None:
     import torch
 
     from .dit.fp8 import FP8Linear
-    from .pipeline import Lazy
+    from .lazy import Lazy
 
-    dit = pipe._loaded.get("dit") or pipe._components.get("dit")
+    dit = pipe.current("dit")
     if isinstance(dit, Lazy):
         meta = getattr(dit, "meta", None) or {}
         if "config" not in meta:
@@ -168,7 +168,7 @@ def preflight(pipe: Any, settings: Any):
         from .preflight import available_cpu_memory, check_cpu_memory
 
         free = available_cpu_memory()
-        dit = pipe._loaded.get("dit") or pipe._components.get("dit")
+        dit = pipe.current("dit")
         if free is not None and isinstance(dit, torch.nn.Module):  # weights already in RAM count as free
             free += sum(t.nbytes for t in list(dit.parameters()) + list(dit.buffers()) if t.device.type == "cpu")
         return check_cpu_memory(config, shape, free, pipe.runtime.memory_check)
@@ -176,7 +176,7 @@ def preflight(pipe: Any, settings: Any):
         est = estimate_vram(config, shape)
         log.debug("estimated peak memory of the DiT stage: %s", est.describe())
         return est
-    dit = pipe._loaded.get("dit")
+    dit = pipe.loaded("dit")
     if isinstance(dit, torch.nn.Module):  # weights already on the device count as free for this run
         free += sum(t.nbytes for t in list(dit.parameters()) + list(dit.buffers()) if t.device == pipe.device)
     if shape.batch == 2 and settings.cfg_batch == "auto" and not estimate_vram(config, shape).fits(free):

@@ -24,7 +24,7 @@ from bindweave_core.config import DiTConfig
 from bindweave_core.dit.transformer import BindWeaveTransformer
 from bindweave_core.errors import InputError
 from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, _name_table
-from bindweave_core.pipeline import Lazy
+from bindweave_core.lazy import Lazy
 
 from .config import TrainConfig, torch_dtype
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .safetensors_io import TensorInfo
+from .tensor_info import TensorInfo
 
 log = logging.getLogger("BindWeave")
 

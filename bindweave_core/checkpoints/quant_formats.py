@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .safetensors_io import TensorInfo, iter_tensors
+from .tensor_info import TensorInfo
+from .tensor_reader import iter_tensors
 
 READ_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 COMFY_QUANT_SUFFIX = ".comfy_quant"

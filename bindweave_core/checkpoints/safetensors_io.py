@@ -11,57 +11,19 @@ the same functions: they are memory-mapped with the restricted unpickler of ``pi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 from . import pickle_io
 from .file_type import GGUF, PICKLE, SAFETENSORS, sniff, what_it_is
+from .tensor_info import SAFETENSORS_DTYPES, TensorInfo
+from .tensor_reader import is_gguf, iter_tensors, open_safetensors
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one stored tensor lives and what it is, read from a header only."""
-
-    file: Path
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    # Rows [start, stop) of the stored tensor's first dimension, for fused tensors stored as one
-    # (SAT's query_key_value, open_clip's in_proj); ``shape`` is then the part's shape.
-    part: tuple[int, int] | None = None
-    # GGUF block-quantised types (``Q8_0``, ``Q4_K`` ...): ``dtype`` is uint8 and ``shape`` the real one.
-    quant: str | None = None
-    stored_bytes: int | None = None
-
-    def rows(self, start: int, stop: int) -> TensorInfo:
-        """The same stored tensor, restricted to rows ``start:stop`` of its first dimension."""
-        if self.part is not None or not 0 <= start < stop <= self.shape[0]:
-            raise ValueError(f"cannot take rows {start}:{stop} of {self.key} {list(self.shape)}")
-        return dataclasses.replace(self, part=(start, stop), shape=(stop - start, *self.shape[1:]))
-
-    @property
-    def nbytes(self) -> int:
-        if self.stored_bytes is not None:
-            return self.stored_bytes
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
+__all__ = ["TensorInfo", "checkpoint_files", "component_dir", "is_gguf", "iter_tensors", "read_header"]
 
 def component_dir(path: Path, subfolder: str) -> Path:
     """Accept a whole diffusers repository folder as well as its component subfolder (``vae``, ...)."""
@@ -113,20 +75,6 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
         "It is probably truncated or not a model file: download it again.")
 
 
-def is_gguf(file: Path) -> bool:
-    return file.is_file() and sniff(file) == GGUF
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        size = file.stat().st_size if file.exists() else 0
-        raise CheckpointError(
-            f"{file}: not a readable safetensors file ({e}; {size:,} bytes). It is probably truncated or "
-            "not a model file: download it again.") from e
-
-
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """``{key: TensorInfo}`` and the merged ``__metadata__`` of every file of a checkpoint."""
     infos: dict[str, TensorInfo] = {}
@@ -143,11 +91,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             for key, t in pickle_io.read_state_dict(file).items():
                 infos[key] = TensorInfo(file, key, t.dtype, tuple(t.shape))
             continue
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             metadata.update(f.metadata() or {})
             for key in f.keys():
                 sl = f.get_slice(key)
-                infos[key] = TensorInfo(file, key, _DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
+                infos[key] = TensorInfo(file, key, dtype, tuple(sl.get_shape()))
     _check_sizes(infos)
     from .quant_formats import check_quantisation
 
@@ -173,36 +122,3 @@ def _check_sizes(infos: dict[str, TensorInfo]) -> None:
                 f"{8 + header_len + data_bytes:,}). Download it again.")
 
 
-def iter_tensors(infos: list[TensorInfo], release_bytes: int = 256 << 20) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-    """Yield ``(info, tensor)`` as memory-mapped views, file by file.
-
-    Each file is re-opened after every ``release_bytes`` of data so that the pages of tensors the
-    caller has already converted (and dropped) leave the process; views the caller keeps stay valid.
-    """
-    by_file: dict[Path, list[TensorInfo]] = {}
-    for info in infos:
-        by_file.setdefault(info.file, []).append(info)
-    for file, items in by_file.items():
-        if is_gguf(file):
-            from .gguf_io import iter_gguf
-
-            yield from iter_gguf(file, items)
-            continue
-        if pickle_io.is_pickle(file):
-            stored = pickle_io.iter_state_dict(file, [i.key for i in items], release_bytes)
-            for info, (_, tensor) in zip(items, stored):
-                yield info, _select(info, tensor)
-            continue
-        start = 0
-        while start < len(items):
-            with _open(file) as f:
-                read = 0
-                while start < len(items) and (read == 0 or read < release_bytes):
-                    info = items[start]
-                    yield info, _select(info, f.get_tensor(info.key))
-                    read += info.nbytes
-                    start += 1
-
-
-def _select(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if info.part is None else tensor.narrow(0, info.part[0], info.part[1] - info.part[0])

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .safetensors_io import TensorInfo
+from .tensor_info import TensorInfo
 
 SAT_MARKER = "mixins.patch_embed.proj."
 SAT_FILES = ("mp_rank_00_model_states.pt", "fsdp2_rank_0000_checkpoint.pt")
