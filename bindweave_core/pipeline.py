@@ -35,7 +35,7 @@ from .errors import InputError
 from .lazy import Lazy
 from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
-from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, seeded_noise
+from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .step_cache import StepCache
 
 log = logging.getLogger("BindWeave")
@@ -394,7 +394,7 @@ class BindWeavePipeline:
             inputs = GuidanceInputs(predict=wrap_predictor(predict, self.runtime), guidance=settings.guidance,
                                     batch_cfg=batch_cfg)
             noise = seeded_noise(settings.latent_shape, settings.seed).to(self.device)
-            dit_batch = 2 if batch_cfg and settings.guidance != 1.0 and self.runtime.parallel != "cfg" else 1
+            dit_batch = guidance_batch(settings.guidance, batch_cfg, self.runtime.parallel == "cfg")
             step_cache = StepCache(settings.step_cache) if settings.step_cache > 0 else None
             with oom_guard(self, settings, dit_batch):
                 latents = denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler,

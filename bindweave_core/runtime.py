@@ -146,9 +146,10 @@ def run_shape(pipe: Any, settings: Any, dtype: torch.dtype, weight_format: str, 
 
 
 def _dit_batch(pipe: Any, settings: Any) -> int:
-    if settings.guidance == 1.0 or pipe.runtime.parallel == "cfg" or settings.cfg_batch == "separate":
-        return 1
-    return 2
+    """The preflight's batch: "auto" counts as batched (the larger need)."""
+    from .sampling import guidance_batch
+
+    return guidance_batch(settings.guidance, settings.cfg_batch != "separate", pipe.runtime.parallel == "cfg")
 
 
 def preflight(pipe: Any, settings: Any):

@@ -83,6 +83,12 @@ class GuidanceInputs:
     batch_cfg: bool = True
 
 
+def guidance_batch(guidance: float, batch_cfg: bool, cfg_parallel: bool = False) -> int:
+    """Items in one DiT call: 2 when the positive and negative branches run as one batch, else 1 (guidance
+    1.0 runs the positive branch alone; cfg-parallel gives each GPU one branch)."""
+    return 2 if batch_cfg and guidance != 1.0 and not cfg_parallel else 1
+
+
 def guided_velocity(inputs: GuidanceInputs, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """``uncond + g * (cond - uncond)``; a single conditional call when ``g == 1``."""
     if inputs.guidance == 1.0:

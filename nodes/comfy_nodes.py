@@ -19,6 +19,7 @@ from bindweave_core.memory import dit_activation_bytes, estimate_vram
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
+from bindweave_core.sampling import guidance_batch
 
 from . import host
 from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
@@ -291,7 +292,7 @@ def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWea
     pipe = _stage(model.device, offload="model", dit=dit,
                   runtime=RuntimeOptions(block_offload=model.resident_blocks, memory_check=False))
     config, dtype, fmt = dit_description(pipe)
-    batch = 1 if settings.guidance == 1.0 or settings.cfg_batch == "separate" else 2
+    batch = guidance_batch(settings.guidance, settings.cfg_batch != "separate")
     host.make_room(pipe.device, estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total)
     return pipe
 

@@ -164,3 +164,12 @@ def test_exception_in_callback_cancels_too():
 
     with pytest.raises(GenerationCancelled, match="user pressed cancel"):
         denoise(GuidanceInputs(Counter(), guidance=1.0), seeded_noise(SHAPE, 0), steps=3, callback=callback)
+
+
+def test_guidance_batch_is_two_only_for_batched_guidance():
+    from bindweave_core.sampling import guidance_batch
+
+    assert guidance_batch(5.0, batch_cfg=True) == 2
+    assert guidance_batch(5.0, batch_cfg=False) == 1  # cfg_batch separate
+    assert guidance_batch(1.0, batch_cfg=True) == 1  # no negative branch at all
+    assert guidance_batch(5.0, batch_cfg=True, cfg_parallel=True) == 1  # one branch per GPU
