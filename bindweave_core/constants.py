@@ -64,6 +64,14 @@ SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")  # bindweave_core.s
 # H-EmbodVis/EasyCache EasyCache4Wan2.1/easycache_generate.py (commit 51278044). Off unless asked for.
 DEFAULT_STEP_CACHE = 0.05
 
+# --- option lists: defined once, imported by the CLI, the node specs and the training config ------------
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # torch dtypes by name: bindweave_core.dtypes.torch_dtype
+DIT_WEIGHT_FORMATS = ("default", "fp8", "fp8_fast")
+ENCODER_WEIGHT_FORMATS = ("default", "fp8")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sage", "flash")
+MASK_MODES = ("rectangle", "alpha")
+CFG_BATCH_MODES = ("auto", "batched", "separate")
+
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0
 TRAIN_LEARNING_RATE = 5e-6

@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__
 from . import constants as C
 from .config import RROPE_FAMILIES
+from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
 from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
@@ -23,13 +24,7 @@ log = logging.getLogger("BindWeave")
 MODEL_ARGS = ("dit", "vae", "text_encoder", "clip_vision", "planner")
 PATH_ARGS = MODEL_ARGS + ("planner_tokenizer", "text_tokenizer", "kaleido_dir")
 HASH_LIMIT = 1 << 30  # hash files up to 1 GB; record size and mtime of bigger ones
-DTYPES = ("bf16", "fp16", "fp32")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+DTYPES = C.DTYPE_NAMES
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -61,7 +56,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="reference image (repeat; BindWeave 1-4, Kaleido 1-3)")
     p.add_argument("--mask", action="append", metavar="IMG",
                    help="optional subject mask per reference (same order; non-default, see README)")
-    p.add_argument("--mask-mode", choices=("rectangle", "alpha"), default="rectangle",
+    p.add_argument("--mask-mode", choices=C.MASK_MODES, default="rectangle",
                    help="rectangle = official letterbox mask; alpha = use the alpha channel of RGBA cut-outs")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="what the video shows")
@@ -107,7 +102,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    + "; at least 1")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
-    g.add_argument("--cfg-batch", choices=("auto", "batched", "separate"), default="auto",
+    g.add_argument("--cfg-batch", choices=C.CFG_BATCH_MODES, default="auto",
                    help="run cond and uncond as one batch or one after the other; auto: batched when it fits")
     g.add_argument("--clip-antialias", action="store_true",
                    help="antialias the CLIP 224 resize (torchvision >= 0.17); default none, as the official run")
@@ -117,10 +112,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
-    r.add_argument("--weight-format", choices=("default", "fp8", "fp8_fast"), default="default",
+    r.add_argument("--weight-format", choices=C.DIT_WEIGHT_FORMATS, default="default",
                    help="fp8: keep the DiT's block weights in fp8 storage; fp8_fast: also multiply in fp8 on GPUs "
                         "with compute capability >= 8.9 (changes the numbers slightly)")
-    r.add_argument("--attention", choices=("sdpa", "sage", "flash", "auto"), default="sdpa",
+    r.add_argument("--attention", choices=C.ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
                         "auto: sage, else flash, else sdpa")
     r.add_argument("--offload", choices=("release", "model", "none"), default="release",

@@ -85,7 +85,7 @@ class GenerationSettings:
             raise InputError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}.")
         if self.steps < 1:
             raise InputError(f"steps must be at least 1, got {self.steps}.")
-        if self.cfg_batch not in ("auto", "batched", "separate"):
+        if self.cfg_batch not in C.CFG_BATCH_MODES:
             raise InputError(f"cfg_batch must be auto, batched or separate, got {self.cfg_batch!r}.")
         check_values(self)  # seed, fps, guidance, shift, steps and size ranges (bindweave_core.preflight)
         if not 0 <= self.step_cache < float("inf"):

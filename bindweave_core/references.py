@@ -42,7 +42,7 @@ from .images import open_image, to_8bit
 
 log = logging.getLogger("BindWeave")
 
-MASK_MODES = ("rectangle", "alpha")
+MASK_MODES = C.MASK_MODES
 MASK_THRESHOLD = 127  # official: alpha > 127 counts as inside
 CANVAS_COLOUR = (0, 0, 0)
 

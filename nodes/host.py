@@ -19,6 +19,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from bindweave_core import dtypes
 from bindweave_core.errors import OutOfMemoryError
 from bindweave_core.sampling import ProgressCallback
 
@@ -27,7 +28,6 @@ from .specs import GGUF_FOLDER, MODEL_FOLDER, In
 log = logging.getLogger("BindWeave")
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def register_model_folder() -> None:
@@ -99,7 +99,7 @@ def resolve(name: str, folders: tuple[str, ...]) -> str:
 def torch_dtype(choice: str, kind: str) -> torch.dtype:
     """``auto`` -> ComfyUI's choice for this kind of model on this machine."""
     if choice != "auto":
-        return _DTYPES[choice]
+        return dtypes.torch_dtype(choice)
     if kind == "dit":
         return mm.unet_dtype()
     if kind == "vae":

@@ -33,7 +33,7 @@ PLANNER_COND = "BINDWEAVE_PLANNER_COND"
 TEXT_COND = "BINDWEAVE_TEXT_COND"
 REFERENCES = "BINDWEAVE_REFERENCES"
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_CHOICES = ("auto", *C.DTYPE_NAMES)
 WIDGET_KINDS = ("combo", "int", "float", "string", "boolean")
 
 
@@ -115,10 +115,10 @@ LOAD_DIT = NodeSpec(
                                      "fp8: keep the block weights in fp8 (e4m3) storage, about half the memory of bf16. "
                                      "fp8_fast: fp8 storage and fp8 matrix multiplies on GPUs of compute capability "
                                      "8.9+ (RTX 40xx, H100), approximate; elsewhere the same as fp8.",
-           options=("default", "fp8", "fp8_fast"), default="default"),
+           options=C.DIT_WEIGHT_FORMATS, default="default"),
         In("attention", "combo", "Attention kernel. sdpa (default, exact) lets PyTorch pick flash/cuDNN kernels; "
                                  "sage and flash need their packages and a CUDA GPU and fall back to sdpa otherwise; "
-                                 "auto picks the fastest installed.", options=("sdpa", "auto", "sage", "flash"),
+                                 "auto picks the fastest installed.", options=C.ATTENTION_BACKENDS,
            default="sdpa"),
         In("resident_blocks", "int", "Block offload. -1 (default): the whole DiT goes on the GPU when sampling, "
                                      "managed by ComfyUI. 0 or more: only this many of the transformer blocks (40 in "
@@ -169,7 +169,7 @@ LOAD_PLANNER = NodeSpec(
         smoke=(SMOKE_CHOICE,), directories=True),
      _dtype("planner"),
      In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
-        options=("default", "fp8"), default="default")),
+        options=C.ENCODER_WEIGHT_FORMATS, default="default")),
     (Out(PLANNER, "planner", "The Qwen2.5-VL planner."),),
 )
 
@@ -230,7 +230,7 @@ REFERENCE_ENCODE = NodeSpec(
         In("mask_mode", "combo", "rectangle (official): the mask is the letterbox rectangle. alpha: RGBA cut-outs "
                                  "mark the subject with their alpha, composited on black (non-default). In kaleido "
                                  "mode everything outside the subject is painted white instead.",
-           options=("rectangle", "alpha"), default="rectangle"),
+           options=C.MASK_MODES, default="rectangle"),
         In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode).", type=CLIP_VISION,
            optional=True),
         *(In(f"mask_{k}", "socket", f"Optional subject mask for reference {k} (same size as the image; "
@@ -271,7 +271,7 @@ SAMPLER = NodeSpec(
            options=SAMPLERS, default="unipc"),
         In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "
                                  "separate: two calls per step (less memory).",
-           options=("auto", "batched", "separate"), default="auto"),
+           options=C.CFG_BATCH_MODES, default="auto"),
         In("step_cache", "float", "Step caching (EasyCache): skip a DiT evaluation while the model's output is "
                                   "predicted to change less than this (accumulated relative change), reusing the "
                                   f"last one. 0 (default): off, exact. {C.DEFAULT_STEP_CACHE}: the authors' value "

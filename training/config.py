@@ -238,7 +238,7 @@ class TrainConfig:
         for b in d.buckets:
             if len(b) != 2 or any(not isinstance(v, int) or v < C.SIZE_MULTIPLE or v % C.SIZE_MULTIPLE for v in b):
                 raise bad(f"data.buckets entries are [width, height] in multiples of {C.SIZE_MULTIPLE}, got {b}.")
-        if d.mask_mode not in ("rectangle", "alpha"):
+        if d.mask_mode not in C.MASK_MODES:
             raise bad(f"data.mask_mode must be rectangle or alpha, got {d.mask_mode!r}.")
         if a.variants < 1:
             raise bad(f"augment.variants must be at least 1 (1 = no augmentation), got {a.variants}.")

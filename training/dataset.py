@@ -305,7 +305,7 @@ def _check_sample(s: Sample, num_frames: list[int], fps: float, buckets: list[li
                     if s.name == str(s.video) else " (none found: ref1.png, ref2.png, ... in the sample folder, or "
                     "'references' in the JSONL line)")
         return BadSample(s.name, f"{len(s.references)} reference images; a sample takes 1 to {C.MAX_REFERENCES}{hint}")
-    if s.mask_mode not in (None, "rectangle", "alpha"):
+    if s.mask_mode not in (None, *C.MASK_MODES):
         return BadSample(s.name, f"mask_mode must be rectangle or alpha, got {s.mask_mode!r}")
     video = str(s.video)
     if not s.video.is_file():

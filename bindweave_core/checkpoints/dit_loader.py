@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import constants as C
 from ..config import PRESETS, DiTConfig
 from ..dit.fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
@@ -39,7 +40,7 @@ from .safetensors_io import TensorInfo, read_header
 
 log = logging.getLogger("BindWeave")
 
-WEIGHT_FORMATS = ("default", "fp8", "fp8_fast")
+WEIGHT_FORMATS = C.DIT_WEIGHT_FORMATS
 # fp8_fast: fp8 storage + fp8 matmul (torch._scaled_mm) where the GPU has fp8 tensor cores (dit.fp8)
 WEIGHT_FORMAT_ALIASES = {"fp8_scaled_mm": "fp8_fast"}
 CONFIG_METADATA_KEY = "bindweave_config"  # our own files carry their DiTConfig as JSON metadata

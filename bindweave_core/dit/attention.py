@@ -39,9 +39,11 @@ from typing import Any
 import torch
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 
+from .. import constants as C
+
 log = logging.getLogger("BindWeave")
 
-BACKENDS = ("auto", "sdpa", "sage", "flash")
+BACKENDS = C.ATTENTION_BACKENDS
 _DISPATCH_NAMES = {"sdpa": "native", "sage": "sage", "flash": "flash"}
 _VARLEN_NAMES = {"sage": "sage_varlen", "flash": "flash_varlen"}
 _PACKAGES = {"sage": "sageattention", "flash": "flash-attn"}

@@ -387,7 +387,7 @@ def _check_tokenizer(tokenizer: Any, config: Any, where: Path | str) -> None:
 
 # ------------------------------------------------------------------------------------ checkpoints
 PLANNER_CONFIG_METADATA_KEY = "bindweave_planner_config"  # optional JSON config inside our own files
-WEIGHT_FORMATS = ("default", "fp8")
+WEIGHT_FORMATS = C.ENCODER_WEIGHT_FORMATS
 LM_HEAD_KEY = "lm_head.weight"
 FP8_MODULE_PREFIX = "model.language_model.layers."  # decoder linears; embeddings, norms, vision stay
 _WRAPPER_MARKERS = ("model.language_model.layers.0.", "model.layers.0.", "visual.blocks.0.")

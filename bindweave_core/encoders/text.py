@@ -71,7 +71,7 @@ UMT5_XXL_CONFIG: dict[str, Any] = {
 }
 UMT5_EXTRA_IDS = 300  # <extra_id_0..299> sit after the 256,000 sentencepiece pieces (ids 256000..256299)
 SPIECE_KEY = "spiece_model"  # ComfyUI's embedded sentencepiece model (uint8 tensor of the .model bytes)
-WEIGHT_FORMATS = ("default", "fp8")
+WEIGHT_FORMATS = C.ENCODER_WEIGHT_FORMATS
 LAYOUTS = ("hf", "wan-original")
 # Config entries compared with UMT5-XXL to tell a different model apart.
 _SIZE_KEYS = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size", "relative_attention_num_buckets")
