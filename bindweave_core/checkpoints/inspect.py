@@ -18,7 +18,7 @@ INSPECTOR_MODULES: dict[str, str] = {
     "vae": "bindweave_core.encoders.vae",
     "umt5": "bindweave_core.encoders.text",
     "clip_vision": "bindweave_core.encoders.clip_vision",
-    "qwen2.5-vl": "bindweave_core.encoders.planner",
+    "qwen2.5-vl": "bindweave_core.encoders.planner_checkpoint",
 }
 
 
