@@ -57,12 +57,6 @@ class DiTCheckpoint(ScannedCheckpoint):
     path: Path
     layout: str
     config: DiTConfig
-    tensors: dict[str, TensorInfo]  # model key -> stored tensor
-    scales: dict[str, TensorInfo]  # model weight key -> its stored fp8 scale tensor
-    ignored: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -199,13 +200,20 @@ def format_key_problems(missing: list[str], unexpected: list[str] = (), limit: i
     return out
 
 
+@dataclass(kw_only=True)
 class ScannedCheckpoint:
     """What every loader's header scan (``DiTCheckpoint``, ``VAECheckpoint``, ...) reports the same way.
 
-    For dataclasses with ``tensors`` (model key -> :class:`TensorInfo`), ``missing`` and ``unexpected``,
-    and optionally ``scales`` (fp8 scale tensors), ``mismatched`` (wrong shapes) and ``ignored``.
+    Subclasses (dataclasses) add their own fields (path, layout, config, ...) in front of these.
     A missing or wrongly shaped tensor stops a load; unknown extra tensors are listed in one warning.
     """
+
+    tensors: dict[str, TensorInfo]  # model key -> stored tensor
+    scales: dict[str, TensorInfo] = field(default_factory=dict)  # model weight key -> its stored fp8 scale
+    ignored: list[str] = field(default_factory=list)  # known harmless extras (markers, lm_head, buffers)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key: file [..], model [..]"
 
     def compare_keys(self, expected: dict[str, tuple[int, ...]], foreign: list[str] = (),
                      optional: tuple[str, ...] = ()) -> None:
@@ -220,19 +228,18 @@ class ScannedCheckpoint:
                                  for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(s))
         extras = set(foreign) | {tensors[k].key for k in set(tensors) - set(expected)}
         harmless = {k for k in extras if is_harmless_extra(k, getattr(self, "prefix", ""))}
-        if hasattr(self, "ignored"):
-            self.ignored = sorted(set(self.ignored) | harmless)
+        self.ignored = sorted(set(self.ignored) | harmless)
         self.unexpected = sorted(extras - harmless)
 
     @property
     def fp8_scaled(self) -> bool:
-        return bool(getattr(self, "scales", None))
+        return bool(self.scales)
 
     @property
     def fp8_scale_kinds(self) -> list[str]:
         """``per-tensor`` / ``per-channel`` / ``block``: how the fp8 scales of the file are laid out."""
         kinds = set()
-        for key, info in (getattr(self, "scales", None) or {}).items():
+        for key, info in self.scales.items():
             n = math.prod(info.shape)
             weight = self.tensors.get(key)
             if n == 1:
@@ -261,7 +268,7 @@ class ScannedCheckpoint:
 
     def problems(self) -> list[str]:
         """What stops a load: missing and wrongly shaped tensors."""
-        return format_key_problems(self.missing, mismatched=getattr(self, "mismatched", ()))
+        return format_key_problems(self.missing, mismatched=self.mismatched)
 
     def extras(self) -> list[str]:
         """Unknown extra tensors (a warning: the load goes on)."""

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,6 @@ class ClipCheckpoint(ScannedCheckpoint):
     path: Path
     layout: str
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-    scales: dict[str, TensorInfo]
-    ignored: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
 
     def size_differences(self) -> list[str]:
         return [f"{k} {self.config[k]} (ViT-H/14: {CLIP_VIT_H_CONFIG[k]})" for k in _SIZE_KEYS

@@ -158,12 +158,6 @@ class PlannerCheckpoint(ScannedCheckpoint):
     key_style: str  # hf (model.layers / visual) | transformers-v5 (model.language_model / model.visual)
     prefix: str
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-    scales: dict[str, TensorInfo]
-    ignored: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,13 +118,7 @@ class UMT5Checkpoint(ScannedCheckpoint):
     path: Path
     layout: str
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]  # transformers key -> stored tensor
-    scales: dict[str, TensorInfo]
     tokenizer: TensorInfo | None = None  # the embedded sentencepiece model, if any
-    ignored: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
 
     def size_differences(self) -> list[str]:
         """How this model's size differs from UMT5-XXL (empty for the real model)."""

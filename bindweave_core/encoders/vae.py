@@ -25,7 +25,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +81,6 @@ class VAECheckpoint(ScannedCheckpoint):
     path: Path
     layout: str  # diffusers | wan-original
     config: dict[str, Any]  # AutoencoderKLWan keyword arguments
-    tensors: dict[str, TensorInfo]  # diffusers key -> stored tensor
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
