@@ -50,3 +50,16 @@ CORE_NODES = {
 FRONTEND_ONLY_NODES = {"MarkdownNote": ["text"], "Note": ["text"]}
 # Widgets the frontend adds that are not inputs of the server's schema.
 FRONTEND_WIDGETS = {"upload", "control_after_generate"}
+
+
+def tiny_dit_inputs(seed: int = 22) -> dict:
+    """Inputs of one BindWeave DiT call for the "tiny" preset (2 latent frames of 4x6, 6 planner tokens)."""
+    from bindweave_core.config import PRESETS
+
+    tiny = PRESETS["tiny"]
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, 2, 4, 6, generator=g), timestep=torch.tensor([333.0]),
+                encoder_hidden_states=torch.randn(1, 512, tiny.text_dim, generator=g),
+                encoder_hidden_states_image=torch.randn(1, 1028, tiny.image_dim, generator=g),
+                planner_states=torch.randn(1, 6, tiny.planner_dim, generator=g),
+                condition=torch.randn(1, 20, 6, 4, 6, generator=g))

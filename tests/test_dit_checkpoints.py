@@ -18,7 +18,7 @@ from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit, count_parameters
 from bindweave_core.dit.fp8 import FP8Linear
 from bindweave_core.errors import CheckpointError
-from helpers import REPO, randomize_
+from helpers import REPO, randomize_, tiny_dit_inputs
 
 TINY = PRESETS["tiny"]
 
@@ -62,12 +62,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(22)
-    return dict(hidden_states=torch.randn(1, 16, 2, 4, 6, generator=g), timestep=torch.tensor([333.0]),
-                encoder_hidden_states=torch.randn(1, 512, TINY.text_dim, generator=g),
-                encoder_hidden_states_image=torch.randn(1, 1028, TINY.image_dim, generator=g),
-                planner_states=torch.randn(1, 6, TINY.planner_dim, generator=g),
-                condition=torch.randn(1, 20, 6, 4, 6, generator=g))
+    return tiny_dit_inputs()
 
 
 def run(model, inputs):

@@ -42,7 +42,7 @@ from bindweave_core.config import PRESETS, DiTConfig
 from bindweave_core.dit import build_dit, count_parameters
 from bindweave_core.dit.gguf_linear import GGUFLinear
 from bindweave_core.errors import CheckpointError
-from helpers import randomize_
+from helpers import randomize_, tiny_dit_inputs
 from test_dit_checkpoints import BLOCK_LINEAR, to_original
 
 TINY = PRESETS["tiny"]
@@ -52,15 +52,6 @@ QT = gguf.GGMLQuantizationType
 # K-quant rows hold 256 values: a DiT of width 256 lets every block linear be quantised.
 GGUF_CFG = DiTConfig(family="bindweave", num_layers=1, num_heads=2, head_dim=128, ffn_dim=512, in_channels=36,
                      text_dim=32, freq_dim=32, image_dim=32, planner_dim=64)
-
-
-def make_inputs(seed: int = 22) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(1, 16, 2, 4, 6, generator=g), timestep=torch.tensor([333.0]),
-                encoder_hidden_states=torch.randn(1, 512, TINY.text_dim, generator=g),
-                encoder_hidden_states_image=torch.randn(1, 1028, TINY.image_dim, generator=g),
-                planner_states=torch.randn(1, 6, TINY.planner_dim, generator=g),
-                condition=torch.randn(1, 20, 6, 4, 6, generator=g))
 
 
 def run(model, inputs):
@@ -87,7 +78,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def inputs():
-    return make_inputs()
+    return tiny_dit_inputs()
 
 
 @pytest.fixture(scope="module")
