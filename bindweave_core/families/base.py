@@ -87,10 +87,18 @@ class ModelFamily(ABC):
                            mask_mode: str = "rectangle") -> tuple[torch.Tensor, torch.Tensor]:
         """``(canvases [n, H, W, 3] in 0..1, masks [n, H, W])``: the letterboxed references."""
 
-    @abstractmethod
     def encode_references(self, host: ReferenceHost, images: list, settings: Any,
                           masks: list | None = None) -> ReferenceCondition:
-        """The references as this family's DiT takes them (through the host's condition cache)."""
+        """The references as this family's DiT takes them: letterboxed for the video of ``settings``, then
+        encoded (through the host's condition cache)."""
+        canvases, pixel_masks = self.prepare_references(images, settings.width, settings.height, masks,
+                                                        settings.mask_mode)
+        return self.encode_canvases(host, canvases, pixel_masks, settings)
+
+    @abstractmethod
+    def encode_canvases(self, host: ReferenceHost, canvases: torch.Tensor, pixel_masks: torch.Tensor,
+                        settings: Any) -> ReferenceCondition:
+        """The letterboxed references (:meth:`prepare_references`) encoded for the DiT."""
 
     @abstractmethod
     def branches(self, text: TextStates, planner: PlannerStates | None,

@@ -50,11 +50,9 @@ class BindWeaveFamily(ModelFamily):
                            mask_mode: str = "rectangle") -> tuple[torch.Tensor, torch.Tensor]:
         return prepare_references(images, width, height, masks=masks, mask_mode=mask_mode)
 
-    def encode_references(self, host: ReferenceHost, images: list, settings: Any,
-                          masks: list | None = None) -> ReferenceCondition:
+    def encode_canvases(self, host: ReferenceHost, canvases: torch.Tensor, pixel_masks: torch.Tensor,
+                        settings: Any) -> ReferenceCondition:
         """CLIP tokens + temporal slots of the black-letterboxed references, and the video condition."""
-        canvases, pixel_masks = self.prepare_references(images, settings.width, settings.height, masks,
-                                                        settings.mask_mode)
 
         def encode() -> dict[str, torch.Tensor]:
             with host.on_device("clip_vision") as clip:

@@ -60,11 +60,9 @@ class KaleidoFamily(ModelFamily):
                            mask_mode: str = "rectangle") -> tuple[torch.Tensor, torch.Tensor]:
         return K.prepare_kaleido_references(images, width, height, masks=masks, mask_mode=mask_mode)
 
-    def encode_references(self, host: ReferenceHost, images: list, settings: Any,
-                          masks: list | None = None) -> ReferenceCondition:
+    def encode_canvases(self, host: ReferenceHost, canvases: torch.Tensor, pixel_masks: torch.Tensor,
+                        settings: Any) -> ReferenceCondition:
         """Each white-letterboxed reference VAE-encoded alone: clean latents ``[1, n, 16, h, w]``."""
-        canvases, pixel_masks = self.prepare_references(images, settings.width, settings.height, masks,
-                                                        settings.mask_mode)
 
         def encode() -> dict[str, torch.Tensor]:
             with host.on_device("vae") as vae:
