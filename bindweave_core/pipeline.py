@@ -313,7 +313,7 @@ class BindWeavePipeline:
 
         digests = [image_digest(im) for im in check_images(images)]
         out = self.cached("planner", ("planner",), {"prompt": prompt, "negative_prompt": negative_prompt,
-                                                     "images": digests}, compute)
+                                                    "images": digests}, compute)
         return PlannerStates(positive=out["positive"], negative=out["negative"])
 
     def encode_text(self, prompt: str, negative_prompt: str) -> TextStates:

@@ -162,3 +162,21 @@ def test_training_conditioning_and_noise_draw():
     torch.testing.assert_close(got, (5 * u / (1 + 4 * u)).float())
     with pytest.raises(InputError, match="unknown sigma sampling"):
         sigma_sampling_family("cosine")
+
+
+# ------------------------------------------------------------------------------------------ typed geometry
+def test_reference_condition_carries_typed_family_condition_and_geometry():
+    from bindweave_core.conditioning import ReferenceCondition, VideoGeometry
+    from nodes.convert import latent_stats
+
+    geometry = VideoGeometry(64, 48, 5, latents_mean=(0.5,) * 16, latents_std=(2.0,) * 16)
+    condition = torch.zeros(1, 20, 2, 6, 8)
+    refs = ReferenceCondition(clip_tokens=None, slots=None, canvases=torch.zeros(2, 48, 64, 3),
+                              masks=torch.ones(2, 48, 64), video_condition=condition, geometry=geometry)
+    assert refs.family == "bindweave" and refs.num_references == 2
+    # the dict older callers read holds the same values
+    assert refs.extra["video_condition"] is condition and (refs.extra["width"], refs.extra["num_frames"]) == (64, 5)
+    assert latent_stats(geometry) == ([0.5] * 16, [2.0] * 16)
+    # without recorded statistics: the Wan 2.1 VAE's (channel 7: mean 1.5508, std 2.0743)
+    mean, std = latent_stats(VideoGeometry(64, 48, 5))
+    assert (round(mean[7], 4), round(std[7], 4)) == (1.5508, 2.0743)
