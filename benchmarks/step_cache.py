@@ -104,7 +104,7 @@ def reference_encode_table() -> None:
     fresh, t_fresh = node_run()
     cached, t_cached = node_run()
     same = all(torch.equal(a, b) for a, b in ((fresh.clip_tokens, cached.clip_tokens), (fresh.slots, cached.slots),
-                                               (fresh.extra["video_condition"], cached.extra["video_condition"]),
+                                               (fresh.video_condition, cached.video_condition),
                                                (fresh.canvases, cached.canvases), (fresh.masks, cached.masks)))
     print(f"\nReference Encode (smoke models, {settings.width}x{settings.height}x{settings.num_frames}): "
           f"fresh {t_fresh:.3f} s, cached {t_cached:.4f} s, ratio {t_fresh / t_cached:.0f}x, outputs identical: {same}")

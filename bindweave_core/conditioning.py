@@ -7,7 +7,8 @@ the nodes and the training cache pass around.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,18 @@ class TextStates:
     negative: torch.Tensor  # [1, 512, text_dim]
 
 
+@dataclass(frozen=True)
+class VideoGeometry:
+    """The video a node's references were encoded for, and the statistics of the VAE that encoded them
+    (ComfyUI's LATENT is in that VAE's raw space; the DiT works on normalised latents)."""
+
+    width: int
+    height: int
+    num_frames: int
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+
 @dataclass
 class ReferenceCondition:
     """The reference images as the DiT sees them (spec sections 5, 6, 8)."""
@@ -44,11 +57,23 @@ class ReferenceCondition:
     masks: torch.Tensor  # [n, H, W] in {0, 1}
     # R-RoPE (Kaleido) families: clean reference latents [1, n, 16, h, w] instead of slots
     latents: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    family: str = "bindweave"  # the model family whose reference layout this is (bindweave_core.families)
+    video_condition: torch.Tensor | None = None  # slots: the all-zero video's condition [1, 20, T, h, w]
+    geometry: VideoGeometry | None = None  # the video the references were encoded for (the nodes set it)
 
     @property
     def num_references(self) -> int:
         return int(self.canvases.shape[0])
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The typed fields as the dict older callers read (``family``, ``video_condition``, the geometry)."""
+        out: dict[str, Any] = {"family": self.family}
+        if self.video_condition is not None:
+            out["video_condition"] = self.video_condition
+        if self.geometry is not None:
+            out.update({k: v for k, v in vars(self.geometry).items() if v is not None})
+        return out
 
 
 # ------------------------------------------------------------------------------------------ assembly

@@ -18,10 +18,7 @@ from typing import Any
 from . import constants as C
 from .errors import InputError
 
-FAMILIES = ("bindweave", "wan-i2v", "wan-t2v", "kaleido")
-# Families whose references go into temporal slots vs. into the sequence with shifted positions.
-SLOT_FAMILIES = ("bindweave",)
-RROPE_FAMILIES = ("kaleido",)
+FAMILIES = ("bindweave", "wan-i2v", "wan-t2v", "kaleido")  # what each one does: bindweave_core.families
 
 
 @dataclass(frozen=True)
@@ -56,18 +53,6 @@ class DiTConfig:
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
-
-    @property
-    def uses_slots(self) -> bool:
-        return self.family in SLOT_FAMILIES
-
-    @property
-    def uses_rrope(self) -> bool:
-        return self.family in RROPE_FAMILIES
-
-    @property
-    def max_references(self) -> int:
-        return C.KALEIDO_MAX_REFERENCES if self.uses_rrope else C.MAX_REFERENCES
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for diffusers' ``WanTransformer3DModel`` with the same architecture."""

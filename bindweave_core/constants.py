@@ -60,6 +60,7 @@ DEFAULT_GUIDANCE = 5.0
 DEFAULT_SEED = 1234  # the official default (Megatron's --seed; the inference script passes none)
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("unipc", "unipc-diffusers", "euler", "rf-euler")  # bindweave_core.sampling
+DEFAULT_SAMPLER = "unipc"  # BindWeave's official sampler (spec section 9)
 # EasyCache's published threshold for Wan 2.1 (T2V and I2V 14B): the ``--thresh`` default of
 # H-EmbodVis/EasyCache EasyCache4Wan2.1/easycache_generate.py (commit 51278044). Off unless asked for.
 DEFAULT_STEP_CACHE = 0.05

@@ -13,7 +13,6 @@ from typing import Any
 # seconds to import). Models, torch and diffusers are imported when a run needs them.
 from . import __version__
 from . import constants as C
-from .config import RROPE_FAMILIES
 from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
@@ -95,7 +94,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    + "; 0 or more, 1 = no guidance")
     g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
                    + "; above 0")
-    g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults("unipc", C.KALEIDO_SAMPLER))
+    g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults(C.DEFAULT_SAMPLER, C.KALEIDO_SAMPLER))
     g.add_argument("--seed", type=int, default=C.DEFAULT_SEED,
                    help=f"noise seed, 0 to 2**64-1 (default {C.DEFAULT_SEED}, the official one)")
     g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
@@ -145,9 +144,8 @@ def file_fingerprint(path: str) -> dict[str, Any]:
 
 
 def resolve_model_args(args: argparse.Namespace) -> tuple[bool, str]:
-    """Fill the model paths a ``--kaleido-dir`` bundle provides; ``(smoke, family)`` without loading a model
-    (the family of a DiT file is read from its header)."""
-    family = args.family
+    """Fill the model paths (and the family, unless given) a ``--kaleido-dir`` bundle provides; ``(smoke,
+    family)`` without loading a model (the family of a DiT file is read from its header)."""
     if args.kaleido_dir and not args.smoke:
         from .kaleido import find_kaleido_bundle
 
@@ -155,7 +153,8 @@ def resolve_model_args(args: argparse.Namespace) -> tuple[bool, str]:
         for name in ("dit", "vae", "text_encoder", "text_tokenizer"):
             if not getattr(args, name):
                 setattr(args, name, str(getattr(bundle, name)))
-        family = family or "kaleido"
+        args.family = args.family or bundle.family
+    family = args.family
     smoke = args.smoke or not any(getattr(args, name) for name in MODEL_ARGS)
     if smoke:
         return True, family or "bindweave"
@@ -166,7 +165,7 @@ def build_pipeline(args: argparse.Namespace):
     """``(pipeline, model info for the sidecar)``; call :func:`resolve_model_args` first."""
     from .pipeline import BindWeavePipeline
 
-    family = args.family or ("kaleido" if args.kaleido_dir and not args.smoke else None)
+    family = args.family  # the user's, else the --kaleido-dir bundle's (resolve_model_args), else the DiT's
     given = {name: getattr(args, name) for name in MODEL_ARGS}
     runtime, device = runtime_from_args(args)
     if args.smoke or not any(given.values()):
@@ -174,9 +173,12 @@ def build_pipeline(args: argparse.Namespace):
             log.warning("no model files given: running the built-in tiny smoke model (the video will be noise)")
         return (BindWeavePipeline.smoke(seed=args.seed, device=device or "cpu", family=family or "bindweave",
                                         runtime=runtime), {"smoke": True})
-    needed = ("dit", "vae", "text_encoder")  # Kaleido (R-RoPE) conditions on UMT5 and the VAE only
-    if given["dit"] and _dit_family(given["dit"], family) not in RROPE_FAMILIES:
-        needed += ("clip_vision", "planner")
+    needed = ("dit", "vae", "text_encoder")  # a DiT's family says what else it needs (Kaleido: nothing)
+    if given["dit"]:
+        from .families import family_for
+
+        encoders = family_for(_dit_family(given["dit"], family)).encoders
+        needed += tuple(n for n in ("clip_vision", "planner") if n in encoders)
     missing = [f"--{n.replace('_', '-')}" for n in needed if not given[n]]
     if missing:
         raise InputError(f"missing model files: {', '.join(missing)} (or use --smoke for the tiny test model).")
@@ -281,13 +283,11 @@ def run_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     smoke, family = resolve_model_args(args)
     settings = generation_settings(args, prompt, family, smoke)
-    max_refs = C.MAX_REFERENCES
-    if family in RROPE_FAMILIES:
-        from .kaleido import check_reference_count
+    from .families import family_for
 
-        check_reference_count(len(args.ref))  # Kaleido's own message (which references to remove)
-        max_refs = C.KALEIDO_MAX_REFERENCES
-    settings.validate(len(args.ref), max_refs)
+    model_family = family_for(family)
+    model_family.check_reference_count(len(args.ref))  # e.g. Kaleido's own message (which references to remove)
+    settings.validate(len(args.ref), model_family.max_references)
 
     display = StageDisplay(settings.steps)
     try:

@@ -15,12 +15,12 @@ and line ranges in ``docs/kaleido-rrope.md``):
   ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :class:`RFEulerScheduler`).
 
 Also here: the same inputs for training on a Wan base (:func:`rrope_training_batch`), and the
-layout of the Kaleido download (:func:`find_kaleido_bundle`).
+layout of the Kaleido download (:func:`find_kaleido_bundle`). The family object that puts these
+together for the pipeline, nodes and training is :class:`bindweave_core.families.kaleido.KaleidoFamily`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -34,8 +34,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from . import constants as C
-from .conditioning import ReferenceCondition, TextStates
-from .denoiser import DiTBranch
+from .conditioning import ReferenceCondition
 from .errors import CheckpointError, InputError
 from .references import (
     Placement,
@@ -46,9 +45,6 @@ from .references import (
     prepare_references,
 )
 
-log = logging.getLogger("BindWeave")
-
-FAMILY = "kaleido"
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -142,7 +138,7 @@ def encode_kaleido_references(vae: Any, images: Sequence[ReferenceImage] | torch
     canvases, pixel_masks = prepare_kaleido_references(images, width, height, masks=masks, mask_mode=mask_mode)
     latents = vae.reference_latents(canvases).cpu()  # [1, n, 16, h, w], normalised, never noised
     return ReferenceCondition(clip_tokens=None, slots=None, canvases=canvases, masks=pixel_masks, latents=latents,
-                              extra={"family": FAMILY})
+                              family="kaleido")
 
 
 # ------------------------------------------------------------------------------------------ DiT inputs
@@ -155,17 +151,6 @@ def check_reference_latents(reference_latents: torch.Tensor, video_shape: tuple[
     if (h, w) != tuple(video_shape[-2:]) or b not in (1, video_shape[0]):
         raise InputError(f"reference latents {list(reference_latents.shape)} do not fit video latents "
                          f"{list(video_shape)}: encode the references at the video's size (letterboxed).")
-
-
-def kaleido_branches(text: TextStates, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
-    """Guidance on the text only: both branches see the same clean references."""
-    if refs.latents is None:
-        raise InputError("these references were prepared for BindWeave (temporal slots); a Kaleido model needs "
-                         "them encoded in kaleido mode.")
-    check_reference_count(int(refs.latents.shape[1]))
-    cond = DiTBranch(text.positive, reference_latents=refs.latents)
-    uncond = DiTBranch(text.negative, reference_latents=refs.latents)
-    return cond, uncond
 
 
 def rrope_dit_inputs(noisy_latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor,
@@ -247,22 +232,6 @@ class RFEulerScheduler(FlowMatchEulerDiscreteScheduler):
         super().set_timesteps(device=device, sigmas=list(sigmas), **kwargs)
 
 
-# ------------------------------------------------------------------------------------------ defaults
-def kaleido_defaults() -> dict[str, Any]:
-    """The official sampling settings (``GenerationSettings`` field names)."""
-    return dict(negative_prompt=C.KALEIDO_NEGATIVE_PROMPT, width=C.KALEIDO_WIDTH, height=C.KALEIDO_HEIGHT,
-                num_frames=C.KALEIDO_FRAMES, steps=C.KALEIDO_STEPS, guidance=C.KALEIDO_GUIDANCE,
-                shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER, fps=C.KALEIDO_FPS)
-
-
-def warn_if_positions_overlap(width: int, height: int) -> None:
-    """Beyond 80 patches (1280 px) the video's own positions reach the references' shifted ones."""
-    limit = C.RROPE_POSITION_SHIFT * C.VAE_SPATIAL_FACTOR * C.PATCH_SIZE[1]
-    if width > limit or height > limit:
-        log.warning("%dx%d is larger than %d px on a side: video positions overlap the reference positions "
-                    "(h, w >= %d); Kaleido was trained at 512x896.", width, height, limit, C.RROPE_POSITION_SHIFT)
-
-
 # ------------------------------------------------------------------------------------------ download layout
 @dataclass(frozen=True)
 class KaleidoBundle:
@@ -272,6 +241,7 @@ class KaleidoBundle:
     vae: Path
     text_encoder: Path
     text_tokenizer: Path
+    family: str = "kaleido"  # the family of the DiT in it (whatever layout it reads as)
 
 
 def find_kaleido_bundle(root: str | os.PathLike) -> KaleidoBundle:

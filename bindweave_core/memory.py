@@ -31,6 +31,7 @@ import torch
 from . import constants as C
 from .device_memory import free_device_memory
 from .errors import OutOfMemoryError
+from .families import family_for
 
 log = logging.getLogger("BindWeave")
 
@@ -59,7 +60,7 @@ def dit_activation_bytes(config: Any, width: int, height: int, num_frames: int, 
     ``benchmarks/memory_estimate.py``, which measured 12.4-13.4 on the CPU (live tensor bytes of
     every op, three configurations); the first count, ``6 * dim``, gave 15.4.
     """
-    s = token_count(width, height, num_frames, config.num_ref_slots if config.uses_slots else 0)
+    s = token_count(width, height, num_frames, family_for(config).slot_frames(config))
     elements = s * (4 * config.dim + 2 * config.ffn_dim)
     return batch * (elements * element_size + 2 * s * config.dim * 4)
 
@@ -140,7 +141,7 @@ def estimate_vram(config: Any, shape: RunShape) -> VramEstimate:
     cp = max(shape.cp_degree, 1)
     activations = -(-dit_activation_bytes(config, shape.width, shape.height, shape.num_frames, shape.batch,
                                           element) // cp)
-    slots = config.num_ref_slots if config.uses_slots else 0
+    slots = family_for(config).slot_frames(config)
     tokens = -(-token_count(shape.width, shape.height, shape.num_frames, slots) // cp)
     t, h, w = (C.latent_frames(shape.num_frames), shape.height // C.VAE_SPATIAL_FACTOR,
                shape.width // C.VAE_SPATIAL_FACTOR)

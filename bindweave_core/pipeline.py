@@ -11,8 +11,9 @@ device only while it runs; afterwards it is moved to the CPU (``offload="model"`
 again when next needed, which keeps only one big model in memory at a time).
 
 The conditioning follows the DiT's family: BindWeave (planner + CLIP + 4 temporal reference slots)
-or Kaleido (R-RoPE: UMT5 only, 1-3 clean reference latents in front of the video, see
-``bindweave_core.kaleido``); ``defaults_for(family)`` gives each family's official settings.
+or Kaleido (R-RoPE: UMT5 only, 1-3 clean reference latents in front of the video); the family object
+(``bindweave_core.families``) prepares and encodes the references, builds the DiT inputs and gives
+the official settings (``defaults_for(family)``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .condition_cache import ConditionCache, digest, model_identity, path_identity, shared_cache, tensor_digest
-from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
+from .condition_cache import ConditionCache, digest, model_identity, path_identity, shared_cache
+from .conditioning import PlannerStates, ReferenceCondition, TextStates
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
 from .errors import InputError
+from .families import ModelFamily, family_for
 from .lazy import Lazy
 from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
@@ -57,7 +59,7 @@ class GenerationSettings:
     steps: int = C.DEFAULT_STEPS
     guidance: float = C.DEFAULT_GUIDANCE
     shift: float = C.DEFAULT_SHIFT
-    sampler: str = "unipc"
+    sampler: str = C.DEFAULT_SAMPLER
     seed: int = C.DEFAULT_SEED
     fps: int = C.DEFAULT_FPS
     refine_prompt: bool = False
@@ -105,19 +107,9 @@ def defaults_for(family: str) -> dict[str, Any]:
     """A model family's official sampling settings, as ``GenerationSettings`` keyword arguments.
 
     ``GenerationSettings``' own defaults are BindWeave's; Kaleido (R-RoPE) uses 896x512, 81 frames,
-    rf-euler shift 7, 50 steps, guidance 6 and its own negative prompt (``bindweave_core.kaleido``).
+    rf-euler shift 7, 50 steps, guidance 6 and its own negative prompt (``bindweave_core.families``).
     """
-    from .config import FAMILIES, RROPE_FAMILIES
-
-    if family not in FAMILIES:
-        raise InputError(f"unknown model family {family!r}; choose one of {FAMILIES}.")
-    if family in RROPE_FAMILIES:
-        from .kaleido import kaleido_defaults
-
-        return kaleido_defaults()
-    names = ("negative_prompt", "width", "height", "num_frames", "steps", "guidance", "shift", "sampler", "fps")
-    fields = GenerationSettings.__dataclass_fields__
-    return {n: fields[n].default for n in names}
+    return family_for(family).defaults()
 
 
 @dataclass
@@ -192,10 +184,8 @@ class BindWeavePipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         scanned = scan_dit(dit)
         config = scanned.config.replace(family=family) if family and family != scanned.family else None
-        if config is not None and config.uses_rrope and config.in_channels != C.LATENT_CHANNELS:
-            raise InputError(f"{dit} is a {scanned.family} DiT with {config.in_channels} input channels; the "
-                             f"{family} family needs a text-to-video DiT ({C.LATENT_CHANNELS} channels). Leave out "
-                             "the family to use the checkpoint's own.")
+        if config is not None:
+            family_for(config).check_dit(config, dit, scanned.family)
 
         def identity(path: str, **extra: Any) -> dict[str, Any]:  # cache identity without loading the model
             return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra})}
@@ -288,6 +278,11 @@ class BindWeavePipeline:
             return dit.family or "bindweave"
         return dit.dit_config.family
 
+    @property
+    def family(self) -> ModelFamily:
+        """The family object of the DiT (BindWeave when there is none): see ``bindweave_core.families``."""
+        return family_for(self.dit_family)
+
     # ------------------------------------------------------------------------------- stages
     def refine_prompt(self, prompt: str, images: list, seed: int | None = None) -> str:
         """The planner rewrites the prompt: greedy without a seed, seeded sampling with one."""
@@ -302,7 +297,8 @@ class BindWeavePipeline:
             return (value.meta["identity"], True) if "identity" in value.meta else (f"lazy:{id(value)}", False)
         return model_identity(value)
 
-    def _cached(self, kind: str, models: tuple[str, ...], parts: dict[str, Any], compute) -> dict[str, torch.Tensor]:
+    def cached(self, kind: str, models: tuple[str, ...], parts: dict[str, Any], compute) -> dict[str, torch.Tensor]:
+        """``compute()`` through the condition cache, keyed by ``parts`` and the identities of ``models``."""
         ids = [self.model_identity(m) for m in models]
         key = {**parts, "models": [i for i, _ in ids], "device": str(self.device)}
         return self.condition_cache.get(kind, key, compute, persistent=all(p for _, p in ids))
@@ -316,8 +312,8 @@ class BindWeavePipeline:
             return {"positive": states.positive, "negative": states.negative}
 
         digests = [image_digest(im) for im in check_images(images)]
-        out = self._cached("planner", ("planner",), {"prompt": prompt, "negative_prompt": negative_prompt,
-                                                     "images": digests}, compute)
+        out = self.cached("planner", ("planner",), {"prompt": prompt, "negative_prompt": negative_prompt,
+                                                    "images": digests}, compute)
         return PlannerStates(positive=out["positive"], negative=out["negative"])
 
     def encode_text(self, prompt: str, negative_prompt: str) -> TextStates:
@@ -326,49 +322,18 @@ class BindWeavePipeline:
                 states = text.encode([prompt, negative_prompt])
             return {"positive": states[:1], "negative": states[1:]}
 
-        out = self._cached("text", ("text_encoder",), {"prompts": [prompt, negative_prompt]}, compute)
+        out = self.cached("text", ("text_encoder",), {"prompts": [prompt, negative_prompt]}, compute)
         return TextStates(positive=out["positive"], negative=out["negative"])
 
     def encode_references(self, images: list, settings: GenerationSettings, masks: list | None = None,
                           family: str | None = None) -> ReferenceCondition:
         """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
         CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
-        from .config import RROPE_FAMILIES
-        from .references import prepare_references
+        return family_for(family or self.dit_family).encode_references(self, images, settings, masks)
 
-        tiling = self.runtime.vae_tiling or bool(getattr(self._loaded.get("vae"), "tiling", False))
-        if (family or self.dit_family) in RROPE_FAMILIES:
-            from .kaleido import FAMILY as KALEIDO, prepare_kaleido_references
-
-            canvases, pixel_masks = prepare_kaleido_references(images, settings.width, settings.height, masks=masks,
-                                                               mask_mode=settings.mask_mode)
-
-            def encode_kaleido() -> dict[str, torch.Tensor]:
-                with self.on_device("vae") as vae:
-                    return {"latents": vae.reference_latents(canvases)}
-
-            out = self._cached("kaleido-references", ("vae",), {"canvases": tensor_digest(canvases),
-                                                                "masks": tensor_digest(pixel_masks),
-                                                                "tiling": tiling}, encode_kaleido)
-            return ReferenceCondition(clip_tokens=None, slots=None, canvases=canvases, masks=pixel_masks,
-                                      latents=out["latents"], extra={"family": KALEIDO})
-
-        canvases, pixel_masks = prepare_references(images, settings.width, settings.height, masks=masks,
-                                                   mask_mode=settings.mask_mode)
-
-        def encode() -> dict[str, torch.Tensor]:
-            with self.on_device("clip_vision") as clip:
-                clip_tokens = clip.encode_references(canvases, settings.clip_resize_antialias)
-            with self.on_device("vae") as vae:
-                slots = vae.reference_slots(canvases, pixel_masks)
-                video = self.video_condition(vae, settings)
-            return {"clip_tokens": clip_tokens, "slots": slots, "video_condition": video}
-
-        out = self._cached("references", ("clip_vision", "vae"), {
-            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks), "frames": settings.num_frames,
-            "tiling": tiling, "clip": {k: v for k, v in settings.to_dict().items() if k.startswith("clip_")}}, encode)
-        return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
-                                  masks=pixel_masks, extra={"video_condition": out["video_condition"]})
+    def vae_tiling_active(self) -> bool:
+        """Whether the VAE encodes tiled (a key of the cached reference conditions)."""
+        return self.runtime.vae_tiling or bool(getattr(self._loaded.get("vae"), "tiling", False))
 
     def video_condition(self, vae: Any, settings: GenerationSettings) -> torch.Tensor:
         """The all-zero video's condition (kept in the condition cache per VAE, size, frames, dtype, device)."""
@@ -376,14 +341,8 @@ class BindWeavePipeline:
                                    cache=self.condition_cache).cpu()
 
     def branches(self, text: TextStates, planner: PlannerStates | None, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
-        if refs.latents is not None:  # R-RoPE (Kaleido): text-only guidance, same references in both branches
-            from .kaleido import kaleido_branches
-
-            return kaleido_branches(text, refs)
-        condition = vae_condition(refs.slots, refs.extra["video_condition"])
-        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition)
-        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition)
-        return cond, uncond
+        """The guidance branches of the family the references were encoded for."""
+        return family_for(refs.family).branches(text, planner, refs)
 
     def sample(self, cond: DiTBranch, uncond: DiTBranch, settings: GenerationSettings,
                callback: ProgressCallback | None = None) -> torch.Tensor:
@@ -428,19 +387,15 @@ class BindWeavePipeline:
         ``on_stage`` is called with ``"conditioning"``, ``"sampling"`` and ``"decoding"`` as each begins."""
         from PIL import Image
 
-        from .config import RROPE_FAMILIES
         from .images import to_8bit
         from .references import load_image
 
         stage = on_stage or (lambda name: None)
 
-        rrope = self.dit_family in RROPE_FAMILIES
-        if rrope:
-            from .kaleido import check_reference_count, warn_if_positions_overlap
-
-            check_reference_count(len(references))
-            warn_if_positions_overlap(settings.width, settings.height)
-        settings.validate(len(references), self._max_references())
+        family = self.family
+        family.check_reference_count(len(references))
+        family.check_settings(settings)
+        settings.validate(len(references), family.max_references)
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)
@@ -452,7 +407,7 @@ class BindWeavePipeline:
             prompt = self.refine_prompt(prompt, images, seed=settings.refine_seed)
             log.info("refined prompt: %s", prompt)
         planner = None
-        if self._components["planner"] is not None and not rrope:  # Kaleido conditions on UMT5 only
+        if self._components["planner"] is not None and "planner" in family.encoders:  # Kaleido: UMT5 only
             planner = self.encode_planner(prompt, images, settings.planner_negative_prompt)
         text = self.encode_text(prompt, settings.negative_prompt)
         refs = self.encode_references(images, settings, masks)
@@ -469,9 +424,3 @@ class BindWeavePipeline:
         stats = self.last_step_cache.to_dict() if settings.step_cache > 0 and self.last_step_cache else None
         return GenerationResult(frames=frames, latents=latents, prompt=prompt,
                                 settings=replace(settings), timings=timings, step_cache=stats)
-
-    def _max_references(self) -> int:
-        from .config import RROPE_FAMILIES
-
-        return C.KALEIDO_MAX_REFERENCES if self.dit_family in RROPE_FAMILIES else C.MAX_REFERENCES
-

@@ -39,8 +39,10 @@ def smoke_components(seed: int = 0, family: str = "bindweave") -> dict[str, Any]
 
     if family not in SMOKE_FAMILIES:
         raise ValueError(f"no smoke model for family {family!r}; choose one of {SMOKE_FAMILIES}")
-    if family == "kaleido":
-        return dict(dit=smoke_dit(seed, "tiny-kaleido"), vae=WanVAE.tiny(seed), text_encoder=TextEncoder.tiny(seed),
-                    clip_vision=None, planner=None)
-    return dict(dit=smoke_dit(seed), vae=WanVAE.tiny(seed), text_encoder=TextEncoder.tiny(seed),
-                clip_vision=ClipVisionEncoder.tiny(seed), planner=Planner.tiny(seed))
+    from .families import family_for
+
+    model_family = family_for(family)
+    builders = dict(vae=WanVAE.tiny, text_encoder=TextEncoder.tiny, clip_vision=ClipVisionEncoder.tiny,
+                    planner=Planner.tiny)
+    return dict(dit=smoke_dit(seed, model_family.smoke_preset),
+                **{name: build(seed) if name in model_family.encoders else None for name, build in builders.items()})

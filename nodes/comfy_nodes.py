@@ -12,9 +12,9 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from bindweave_core import constants as C
-from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates
+from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
 from bindweave_core.errors import InputError
+from bindweave_core.families import family_for
 from bindweave_core.memory import dit_activation_bytes, estimate_vram
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
@@ -46,6 +46,7 @@ from .specs import (
     NodeSpec,
 )
 
+SMOKE_DIT_FAMILIES = {SMOKE_CHOICE: "bindweave", SMOKE_KALEIDO_CHOICE: "kaleido"}  # Load DiT's smoke choices
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
             "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae,
             "NOISE": io.Noise}
@@ -107,7 +108,7 @@ class LoadDiT(io.ComfyNode):
         from bindweave_core.smoke import smoke_dit
 
         if model_name in (SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE):
-            dit = smoke_dit(0, "tiny" if model_name == SMOKE_CHOICE else "tiny-kaleido")
+            dit = smoke_dit(0, family_for(SMOKE_DIT_FAMILIES[model_name]).smoke_preset)
             dit.set_attention_backend(attention)
         else:
             dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit"),
@@ -221,32 +222,29 @@ class ReferenceEncode(io.ComfyNode):
 
         if is_native_vae(vae):  # ComfyUI's own VAE: our WanVAE over its tensors
             vae = host.wrap(wan_vae_from_native(vae), "vae")
-        max_refs = C.KALEIDO_MAX_REFERENCES if mode == "kaleido" else C.MAX_REFERENCES
+        family = family_for(mode)  # the mode names the family whose references to make
         images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
-                                           invert_masks=invert_masks, max_references=max_refs)
+                                           invert_masks=invert_masks, max_references=family.max_references)
         settings = GenerationSettings(prompt="(references)", width=width, height=height, num_frames=length,
                                       mask_mode=mask_mode)
-        settings.validate(len(images), max_refs)
-        family = "kaleido" if mode == "kaleido" else "bindweave"
-        models = [vae] + ([clip_vision] if clip_vision is not None and family == "bindweave" else [])
-        if family == "bindweave" and clip_vision is None:
-            raise InputError("bindweave mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
-        host.load_to_device(*models)
+        settings.validate(len(images), family.max_references)
+        uses_clip = "clip_vision" in family.reference_encoders
+        if uses_clip and clip_vision is None:
+            raise InputError(f"{mode} mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
+        host.load_to_device(*[vae] + ([clip_vision] if uses_clip else []))
         pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
-        # VAE chunks: one per reference, then the video condition's (a cached condition skips those)
-        chunks = len(images) + (C.latent_frames(length) if family == "bindweave" else 0)
-        report = host.ChunkProgress(chunks)
+        # VAE chunks: one per reference, then any video condition's (a cached condition skips those)
+        report = host.ChunkProgress(family.reference_vae_chunks(len(images), length))
         with vae.component.chunk_progress(report):
-            refs = (pipe.encode_references(images, settings, masks) if family == "bindweave"
-                    else pipe.encode_references(images, settings, masks, family=family))
+            refs = pipe.encode_references(images, settings, masks, family=mode)
         report.finish()
         refs = ReferenceCondition(
             clip_tokens=_to_intermediate(refs.clip_tokens), slots=_to_intermediate(refs.slots),
-            canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents),
-            extra={**refs.extra, "family": family, "width": width, "height": height, "num_frames": length,
-                   # the VAE's statistics: the Sampler's LATENT is in this VAE's raw space
-                   "latents_mean": vae.component.latents_mean.tolist(),
-                   "latents_std": vae.component.latents_std.tolist()})
+            canvases=refs.canvases, masks=refs.masks, latents=_to_intermediate(refs.latents), family=refs.family,
+            video_condition=refs.video_condition,
+            # the VAE's statistics: the Sampler's LATENT is in this VAE's raw space
+            geometry=VideoGeometry(width, height, length, latents_mean=tuple(vae.component.latents_mean.tolist()),
+                                   latents_std=tuple(vae.component.latents_std.tolist())))
         return io.NodeOutput(refs, refs.canvases.to(mm.intermediate_device()), refs.masks.to(mm.intermediate_device()))
 
 
@@ -260,22 +258,23 @@ class Sampler(io.ComfyNode):
     def execute(cls, model, text_conditioning, references, seed, steps, guidance, shift, sampler, cfg_batch,
                 step_cache=0.0, planner_conditioning=None) -> io.NodeOutput:
         dit = model.component
-        family = dit.dit_config.family
+        family = family_for(dit.dit_config)
         refs: ReferenceCondition = references
-        if refs.extra.get("family", "bindweave") != ("kaleido" if dit.dit_config.uses_rrope else "bindweave"):
-            raise InputError(f"the references were encoded in {refs.extra.get('family')} mode but the DiT is a "
-                             f"{family} model: set Reference Encode's mode to match the loaded DiT.")
-        if dit.dit_config.uses_slots and planner_conditioning is None:
+        if family_for(refs.family).conditioning != family.conditioning:
+            raise InputError(f"the references were encoded in {refs.family} mode but the DiT is a "
+                             f"{family.name} model: set Reference Encode's mode to match the loaded DiT.")
+        if family.requires_planner and planner_conditioning is None:
             raise InputError("BindWeave models need the planner: connect BindWeave Planner Encode to "
                              "planner_conditioning.")
-        settings = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
-                                      num_frames=refs.extra["num_frames"], steps=steps, guidance=guidance, shift=shift,
+        geometry = refs.geometry
+        settings = GenerationSettings(prompt="(conditioning)", width=geometry.width, height=geometry.height,
+                                      num_frames=geometry.num_frames, steps=steps, guidance=guidance, shift=shift,
                                       sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache)
-        settings.validate(refs.num_references, dit.dit_config.max_references)
+        settings.validate(refs.num_references, family.max_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
         latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
-        return io.NodeOutput(latent_output(latents, *latent_stats(refs.extra)))
+        return io.NodeOutput(latent_output(latents, *latent_stats(geometry)))
 
 
 def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWeavePipeline:
@@ -358,12 +357,13 @@ class NativeConditioning(io.ComfyNode):
         from .native import conditioning
 
         refs: ReferenceCondition = references
-        if refs.extra.get("family", "bindweave") == "bindweave" and planner_conditioning is None:
+        if family_for(refs.family).requires_planner and planner_conditioning is None:
             raise InputError("BindWeave models need the planner: connect BindWeave Planner Encode to "
                              "planner_conditioning (Kaleido references need none).")
         cond, uncond = _stage(mm.intermediate_device()).branches(text_conditioning, planner_conditioning, refs)
-        shape = GenerationSettings(prompt="(conditioning)", width=refs.extra["width"], height=refs.extra["height"],
-                                   num_frames=refs.extra["num_frames"]).latent_shape
+        geometry = refs.geometry
+        shape = GenerationSettings(prompt="(conditioning)", width=geometry.width, height=geometry.height,
+                                   num_frames=geometry.num_frames).latent_shape
         return io.NodeOutput(conditioning(cond), conditioning(uncond), {"samples": torch.zeros(shape)})
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from bindweave_core import constants as C
+from bindweave_core.conditioning import VideoGeometry
 from bindweave_core.errors import InputError
 
 
@@ -58,12 +60,14 @@ def collect_references(images: Sequence[torch.Tensor | None], masks: Sequence[to
 # ComfyUI keeps LATENT samples in the VAE's raw space (a model's latent format normalises them on the
 # way in); the DiT works on normalised latents ``(raw - mean) / std``. Reference Encode records the
 # VAE's statistics with the references; without them the Wan 2.1 VAE's apply (ComfyUI's Wan21 format).
-def latent_stats(extra: dict | None = None) -> tuple[list[float], list[float]]:
+def latent_stats(recorded: Mapping[str, Any] | VideoGeometry | None = None) -> tuple[list[float], list[float]]:
+    """``(mean, std)``: those recorded (a Reference Encode geometry, or a dict), else the Wan 2.1 VAE's."""
     from bindweave_core.encoders.vae import WAN21_VAE_CONFIG
 
-    extra = extra or {}
-    return (list(extra.get("latents_mean", WAN21_VAE_CONFIG["latents_mean"])),
-            list(extra.get("latents_std", WAN21_VAE_CONFIG["latents_std"])))
+    given = vars(recorded) if isinstance(recorded, VideoGeometry) else recorded or {}
+    mean, std = given.get("latents_mean"), given.get("latents_std")
+    return (list(WAN21_VAE_CONFIG["latents_mean"] if mean is None else mean),
+            list(WAN21_VAE_CONFIG["latents_std"] if std is None else std))
 
 
 def _view(values: list[float]) -> torch.Tensor:

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.errors import BindWeaveError
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
-from bindweave_core.references import load_image, prepare_references
+from bindweave_core.families import family_for
+from bindweave_core.references import load_image
 
 from .augment import augment_reference, variant_rng
 from .config import TrainConfig
@@ -85,6 +86,7 @@ class FeatureCache:
         self.encoders = encoders if encoders is not None else build_encoders(cfg)
         self.model_ids = encoder_identities(cfg, self.encoders)
         self.family = dit_config(cfg).family
+        self.model_family = family_for(self.family)  # what its references need (encoders, video condition)
         self.mode = conditioning_mode(cfg.objective.conditioning, dit_config(cfg))  # slots | rrope
 
     # ------------------------------------------------------------------ keys
@@ -132,7 +134,7 @@ class FeatureCache:
         # Shares come from the sample list, not from what is missing: another process may be writing already.
         mine = [s for i, s in enumerate(samples) if i % world == rank
                 and not self._valid(self.path("samples", keys[s.name]), keys[s.name])]
-        groups = sorted({s.group for s in samples}) if self.mode == "slots" else []  # R-RoPE has no condition
+        groups = sorted({s.group for s in samples}) if self.model_family.needs_video_condition else []
         todo_vc = [b for b in groups if rank == 0 and not self._valid(
             self.path("video_condition", self.video_condition_key(b)), self.video_condition_key(b))]
         val_key = self.validation_key(validation) if validation else None
@@ -142,8 +144,7 @@ class FeatureCache:
             log.info("feature cache: encoding %d of %d samples in %s", len(mine), len(samples), self.dir)
             pipe = BindWeavePipeline(dit=None, **self.encoders, device=device, offload=self.cfg.cache.offload)
             size = max(1, self.cfg.cache.chunk_size)
-            slots = self.mode == "slots"
-            stages = 2 + sum(slots and self.encoders.get(n) is not None for n in ("planner", "clip_vision"))
+            stages = 2 + sum(self._uses(n) for n in ("planner", "clip_vision"))
             self._bar = tqdm(total=len(mine) * stages, desc="feature cache",
                              unit="encoding", disable=not self.progress or not mine, dynamic_ncols=True)
             try:
@@ -178,7 +179,7 @@ class FeatureCache:
                 reason = (json.loads(failure.read_text())["reason"] if failure.exists()
                           else "not in the feature cache (its encoding failed in another process)")
                 result.bad.append(BadSample(str(s.video), reason))
-        for g in sorted({s.group for s in samples}) if self.mode == "slots" else []:
+        for g in sorted({s.group for s in samples}) if self.model_family.needs_video_condition else []:
             result.video_conditions[g] = self.path("video_condition", self.video_condition_key(g))
         if validation:
             result.validation = self.path("validation", self.validation_key(validation))
@@ -217,14 +218,13 @@ class FeatureCache:
                 self._bar.update(1)
             log.debug("cache: %s done for %d samples", stage, len(items))
 
-        slots = self.mode == "slots"  # R-RoPE (Kaleido) conditions on UMT5 and clean reference latents only
-        if slots and self.encoders.get("planner") is not None:
+        if self._uses("planner"):  # Kaleido conditions on UMT5 and clean reference latents only
             with pipe.on_device("planner") as planner:
                 each("planner", lambda it: [v.update(planner=planner.hidden_states(it["sample"].prompt, v["images"]).cpu())
                                             for v in it["variants"]])
         with pipe.on_device("text_encoder") as text:
             each("text", lambda it: it.update(text=text.encode([it["sample"].prompt]).cpu()))
-        if slots and self.encoders.get("clip_vision") is not None:
+        if self._uses("clip_vision"):
             with pipe.on_device("clip_vision") as clip:
                 each("clip", lambda it: [v.update(clip=clip.encode_references(v["canvases"]).cpu())
                                          for v in it["variants"]])
@@ -235,14 +235,7 @@ class FeatureCache:
                 video = load_clip(s, s.num_frames, cfg.data.fps, s.bucket)
                 it["latents"] = vae.encode(video).cpu()
                 for v in it["variants"]:
-                    if slots:
-                        v["slots"] = vae.reference_slots(v["canvases"], v["masks"]).cpu()
-                    else:
-                        from bindweave_core.kaleido import encode_kaleido_references
-
-                        refs = encode_kaleido_references(vae, v["images"], s.bucket[0], s.bucket[1],
-                                                         masks=v["mask_images"], mask_mode=it["mask_mode"])
-                        v["ref_latents"] = refs.latents.cpu()
+                    v.update(self.model_family.cache_reference_tensors(vae, v, s.bucket, it["mask_mode"]))
             each("vae", encode_vae)
         for it in items:
             self._write(it, keys[it["sample"].name])
@@ -251,27 +244,26 @@ class FeatureCache:
 
     def _variants(self, s: Sample, key: str) -> list[dict[str, Any]]:
         """Variant 0: the references as they are; 1..K-1: augmented (see training.augment)."""
-        from bindweave_core import constants as C
-
         a = self.cfg.augment
+        family = self.model_family
         images, masks = load_references(s)
         mode = s.mask_mode or self.cfg.data.mask_mode
-        rrope = self.mode == "rrope"
         out = []
         for k in range(a.variants):
             imgs, msks = images, masks
             if k:
                 rng = variant_rng(a.seed, key, k)
                 pairs = [augment_reference(im, m, s.bucket, rng, a.rotation, tuple(a.scale),
-                                           background=C.KALEIDO_CANVAS_COLOUR if rrope else (0, 0, 0),
-                                           letterbox_upscales=rrope) for im, m in zip(images, masks)]
+                                           background=family.canvas_colour,
+                                           letterbox_upscales=family.letterbox_upscales) for im, m in zip(images, masks)]
                 imgs, msks = [p[0] for p in pairs], [p[1] for p in pairs]
-            variant: dict[str, Any] = {"images": imgs, "mask_images": msks}
-            if not rrope:
-                variant["canvases"], variant["masks"] = prepare_references(imgs, s.bucket[0], s.bucket[1], masks=msks,
-                                                                           mask_mode=mode)
-            out.append(variant)
+            out.append(family.cache_variant(imgs, msks, s.bucket, mode))
         return out
+
+    def _uses(self, encoder: str) -> bool:
+        """Whether the cache runs ``encoder``: the DiT's family needs it and one was given (the planner is
+        optional)."""
+        return encoder in self.model_family.encoders and self.encoders.get(encoder) is not None
 
     def _write(self, item: dict[str, Any], key: str) -> None:
         s = item["sample"]
@@ -291,21 +283,19 @@ class FeatureCache:
                       "files": files})
 
     def _encode_validation(self, pipe: BindWeavePipeline, v: dict[str, Any], key: str) -> None:
-        from bindweave_core.pipeline import defaults_for
-
         settings = GenerationSettings(prompt=v["prompt"], width=v["width"], height=v["height"],
                                       num_frames=v["num_frames"], mask_mode=v["mask_mode"],
-                                      negative_prompt=defaults_for(self.family)["negative_prompt"])
+                                      negative_prompt=self.model_family.defaults()["negative_prompt"])
         images = [load_image(p) for p in v["references"]]
         planner = None
-        if self.mode == "slots" and self.encoders.get("planner") is not None:
+        if self._uses("planner"):
             planner = pipe.encode_planner(v["prompt"], images, settings.planner_negative_prompt)
         text = pipe.encode_text(v["prompt"], settings.negative_prompt)
         refs = pipe.encode_references(images, settings, family=self.family)
         # Stored as the training items are, so the same conditioning builder makes its DiT inputs.
         tensors = {"cond.text": text.positive, "uncond.text": text.negative}
         optional = {"slots": refs.slots, "ref_latents": refs.latents, "clip": refs.clip_tokens,
-                    "video_condition": refs.extra.get("video_condition"),
+                    "video_condition": refs.video_condition,
                     "cond.planner": planner.positive if planner else None,
                     "uncond.planner": planner.negative if planner else None}
         tensors.update({k: t for k, t in optional.items() if t is not None})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bindweave_core.config import DiTConfig
+from bindweave_core.families import family_for
 from bindweave_core.memory import dit_activation_bytes, token_count, weight_bytes
 
 from .config import TrainConfig, torch_dtype
@@ -55,7 +56,7 @@ def estimate_training(cfg: TrainConfig, config: DiTConfig, width: int, height: i
     state_bytes = 2 * 4 if t.optimizer == "adamw" else 2 * 1
     lora = lora_params * (4 + 4 + state_bytes)  # float32 weights and gradients, optimizer states
     element = 2 if t.mixed_precision in ("bf16", "fp16") or dtype != torch.float32 else 4
-    slots = config.num_ref_slots if config.uses_slots else 0
+    slots = family_for(config).slot_frames(config)
     tokens = token_count(width, height, num_frames, slots) * t.batch_size
     one_block = BACKWARD_FACTOR * dit_activation_bytes(config, width, height, num_frames, t.batch_size, element)
     if t.gradient_checkpointing:

@@ -23,6 +23,7 @@ from torch import nn
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit.transformer import BindWeaveTransformer
 from bindweave_core.errors import InputError
+from bindweave_core.families import family_for
 from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, _name_table
 from bindweave_core.lazy import Lazy
 
@@ -50,7 +51,7 @@ def dit_config(cfg: TrainConfig) -> DiTConfig:
 
     m = cfg.model
     if m.smoke:
-        return PRESETS["tiny-kaleido" if m.family == "kaleido" else "tiny"]
+        return PRESETS[family_for(m.family or "bindweave").smoke_preset]
     from bindweave_core.checkpoints.dit_loader import scan_dit
 
     config = scan_dit(m.dit).config
@@ -128,7 +129,7 @@ def load_training_dit(cfg: TrainConfig) -> BindWeaveTransformer:
     if m.smoke:
         from bindweave_core.smoke import smoke_dit
 
-        dit = smoke_dit(m.smoke_seed, "tiny-kaleido" if config.uses_rrope else "tiny")
+        dit = smoke_dit(m.smoke_seed, family_for(config).smoke_preset)
         if m.weight_format == "fp8":
             to_fp8(dit)
     else:

@@ -9,7 +9,8 @@ shift 5 as the official recipe), which spends more steps at high noise.
 Random numbers come from CPU generators seeded per step, so a run is reproducible on any device
 and resumes exactly. How the cached conditioning becomes DiT inputs is a registry of
 *conditioning builders*: ``slots`` (BindWeave, the default) and ``rrope`` (Kaleido-style sequence
-references, filled by :mod:`bindweave_core.kaleido`); ``register_conditioning`` adds others.
+references); ``register_conditioning`` adds others. Which mode and noise draw a DiT takes is its
+family object's (:mod:`bindweave_core.families`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from bindweave_core.conditioning import vae_condition
 from bindweave_core.config import DiTConfig
 from bindweave_core.denoiser import DiTBranch, batch_branches
 from bindweave_core.errors import InputError
+from bindweave_core.families import family_for, sigma_sampling_family, sigma_sampling_for
+from bindweave_core.families.bindweave import shifted_sigmas  # noqa: F401  (training's name for the spec 12 shift)
 
 # A builder turns one cached item (see training.cache.load_entry) into the DiT inputs of its branch.
 ConditioningBuilder = Callable[[dict[str, Any], torch.Tensor, DiTConfig], DiTBranch]
@@ -54,8 +57,9 @@ def rrope_branch(item: dict[str, Any], video_condition: torch.Tensor | None, con
     (the DiT shifts their positions and drops their outputs). The cache encodes them with
     :func:`bindweave_core.kaleido.encode_kaleido_references` (white letterbox, each alone)."""
     refs = item["ref_latents"]  # [1, n, 16, h, w]
-    if refs.shape[1] > config.max_references:
-        raise InputError(f"{refs.shape[1]} references; this model takes at most {config.max_references}.")
+    limit = family_for(config).max_references
+    if refs.shape[1] > limit:
+        raise InputError(f"{refs.shape[1]} references; this model takes at most {limit}.")
     return DiTBranch(**_context(item, config), reference_latents=refs)
 
 
@@ -65,13 +69,11 @@ register_conditioning("rrope", rrope_branch)
 
 def conditioning_mode(requested: str, config: DiTConfig) -> str:
     """``auto`` -> the DiT family's own mode; a mode the family cannot take is an error."""
-    mode = requested if requested != "auto" else ("rrope" if config.uses_rrope else "slots")
+    family = family_for(config)
+    mode = requested if requested != "auto" else family.conditioning
     if mode not in CONDITIONING:
         raise InputError(f"objective.conditioning {mode!r} is not available; choose one of {sorted(CONDITIONING)}.")
-    if mode == "slots" and not config.uses_slots:
-        raise InputError(f"a {config.family} DiT has no reference slots; use objective.conditioning: rrope or auto.")
-    if mode == "rrope" and not config.uses_rrope:
-        raise InputError(f"a {config.family} DiT was not trained for R-RoPE references; use slots or auto.")
+    family.check_training_conditioning(mode)
     return mode
 
 
@@ -82,27 +84,18 @@ def step_generator(*parts: Any) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """``shift u / (1 + (shift - 1) u)``: the flow-matching time shift applied to uniform ``u``."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def sample_sigmas(batch: int, generator: torch.Generator, shift: float = C.TRAIN_TIMESTEP_SHIFT,
                   fixed: float | None = None, method: str = "shifted",
                   latent_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Noise levels ``[B]``: ``shifted`` (spec 12) or ``kaleido`` (Kaleido's own resolution-shifted draw)."""
     if fixed is not None:
         return torch.full((batch,), float(fixed))
-    if method == "kaleido":
-        from bindweave_core.kaleido import kaleido_training_sigma
-
-        return torch.as_tensor(kaleido_training_sigma(batch, *latent_size, generator=generator), dtype=torch.float32)
-    return shifted_sigmas(torch.rand(batch, generator=generator, dtype=torch.float64), shift).float()
+    return sigma_sampling_family(method).training_sigmas(batch, generator, shift, latent_size)
 
 
 def sigma_method(requested: str, mode: str) -> str:
     """``auto``: Kaleido's draw for R-RoPE, the shifted schedule of spec section 12 otherwise."""
-    return requested if requested != "auto" else ("kaleido" if mode == "rrope" else "shifted")
+    return requested if requested != "auto" else sigma_sampling_for(mode)
 
 
 # ------------------------------------------------------------------------------------------ the loss

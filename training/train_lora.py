@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from bindweave_core.errors import BindWeaveError, InputError
+from bindweave_core.families import family_for
 from bindweave_core.lora import CONFIG_KEY, save_lora
 
 from .cache import FeatureCache, load_entry, load_tensors
@@ -312,10 +313,10 @@ def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int
     dit_config_ = dit.dit_config
     mode = conditioning_mode(cfg.objective.conditioning, dit_config_)
     builder = CONDITIONING[mode]
-    too_many = [s for s in report.good if len(s.references) > dit_config_.max_references]
+    too_many = [s for s in report.good if len(s.references) > family_for(dit_config_).max_references]
     if too_many:
         report.bad += [BadSample(s.name, f"{len(s.references)} references; a {dit_config_.family} model takes at "
-                                         f"most {dit_config_.max_references}") for s in too_many]
+                                         f"most {family_for(dit_config_).max_references}") for s in too_many]
         report.good = [s for s in report.good if s not in too_many]
         _finish_report(accelerator, report, out)
     swap = None
