@@ -23,7 +23,7 @@ from torch import nn
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit.transformer import BindWeaveTransformer
 from bindweave_core.errors import InputError
-from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, _name_table
+from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, dit_name_table
 from bindweave_core.lazy import Lazy
 
 from .config import TrainConfig, torch_dtype
@@ -159,7 +159,7 @@ def to_fp8(dit: nn.Module) -> nn.Module:
 
 def check_targets(targets: list[str]) -> None:
     """``lora.targets`` against the linears any Wan/BindWeave block has (no model needed: run before caching)."""
-    table = _name_table(1)
+    table = dit_name_table(1)
     known = sorted({ours[len("blocks.0."):] for kind, ours in table.values() if ours.startswith("blocks.0.")})
     wrong = [t for t in targets if f"blocks.0.{t}" not in table and t not in known]
     if wrong:
@@ -169,7 +169,7 @@ def check_targets(targets: list[str]) -> None:
 
 def lora_parameter_count(config: DiTConfig, targets: list[str], rank: int) -> int:
     """Trainable LoRA parameters of ``targets`` at ``rank`` over all blocks (counted on a meta model)."""
-    table = _name_table(1)
+    table = dit_name_table(1)
     with torch.device("meta"):
         block = BindWeaveTransformer(config.replace(num_layers=1)).blocks[0]
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -188,7 +188,7 @@ def target_pattern(dit: nn.Module, targets: list[str]) -> str:
     Names are relative to a block, in our (diffusers) naming (``attn1.to_q``) or the original one
     (``self_attn.q``); a name matching no linear of block 0 is an error that lists the valid ones.
     """
-    table = _name_table(1)  # every linear a Wan block can have (image-to-video ones included)
+    table = dit_name_table(1)  # every linear a Wan block can have (image-to-video ones included)
     known = sorted({ours[len("blocks.0."):] for kind, ours in table.values() if ours.startswith("blocks.0.")})
     present = {n for n, mod in dit.blocks[0].named_modules() if isinstance(mod, nn.Linear)}
     resolved, absent = [], []
