@@ -131,7 +131,7 @@ def _add_runtime_group(p: argparse.ArgumentParser) -> None:
     r.add_argument("--attention", choices=C.ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
                         "auto: sage, else flash, else sdpa")
-    r.add_argument("--offload", choices=("release", "model", "none"), default="release",
+    r.add_argument("--offload", choices=C.OFFLOAD_MODES, default="release",
                    help="release: load each model when needed and free it after (least memory)")
     r.add_argument("--condition-cache", metavar="DIR",
                    help="directory keeping the video condition, text, planner and reference states across runs "

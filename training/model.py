@@ -22,11 +22,12 @@ from torch import nn
 
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit.transformer import BindWeaveTransformer
+from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import InputError
 from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, dit_name_table
 from bindweave_core.lazy import Lazy
 
-from .config import TrainConfig, torch_dtype
+from .config import TrainConfig
 
 log = logging.getLogger("BindWeave")
 

@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
+from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import BindWeaveError, InputError
 from bindweave_core.lora import CONFIG_KEY, save_lora
 
 from .cache import FeatureCache, load_entry, load_tensors
 from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
-from .config import TrainConfig, torch_dtype
+from .config import TrainConfig
 from .dataset import BadSample, BatchOrder, DatasetReport, load_dataset
 from .model import add_lora, dit_config, export_lora, lora_parameter_count, load_training_dit, train_connector, \
     trainable_state
