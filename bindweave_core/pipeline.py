@@ -40,7 +40,7 @@ from .step_cache import StepCache
 
 log = logging.getLogger("BindWeave")
 
-OFFLOAD_MODES = ("model", "none", "release")
+OFFLOAD_MODES = C.OFFLOAD_MODES
 COMPONENTS = ("planner", "text_encoder", "clip_vision", "vae", "dit")
 
 
