@@ -262,6 +262,7 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int | None, start: Path | None,
          trackers: list[str]) -> RunResult:
+    """The phases of :class:`TrainingRun` in order (``cache_only``: up to the feature cache)."""
     job = TrainingRun(accelerator, cfg, stop_at_step, start, trackers)
     report = job.prepare_data()
     job.build_cache(report)
