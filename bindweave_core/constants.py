@@ -67,11 +67,13 @@ DEFAULT_STEP_CACHE = 0.05
 
 # --- option lists: defined once, imported by the CLI, the node specs and the training config ------------
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # torch dtypes by name: bindweave_core.dtypes.torch_dtype
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # torch's own names (training config)
 DIT_WEIGHT_FORMATS = ("default", "fp8", "fp8_fast")
 ENCODER_WEIGHT_FORMATS = ("default", "fp8")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sage", "flash")
 MASK_MODES = ("rectangle", "alpha")
 CFG_BATCH_MODES = ("auto", "batched", "separate")
+OFFLOAD_MODES = ("release", "model", "none")  # encoders between uses: free them, keep them on the CPU, keep them
 
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0

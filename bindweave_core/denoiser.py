@@ -54,17 +54,23 @@ def batch_branches(branches: list[DiTBranch]) -> tuple[dict, list[int] | None]:
     return kwargs, lengths
 
 
+def call_dit(dit: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, branches: list[DiTBranch]) -> torch.Tensor:
+    """The DiT on ``x`` ``[B, ...]`` (already in its dtype) with one branch per item, stacked by
+    :func:`batch_branches`. Gradients flow (training calls it too); ``dit`` may be wrapped (DDP, FSDP)."""
+    kwargs, lengths = batch_branches(branches)
+    return dit(x, timestep, kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_image"],
+               planner_states=kwargs["planner_states"], planner_lengths=lengths, condition=kwargs["condition"],
+               reference_latents=kwargs["reference_latents"])
+
+
 def dit_velocity(dit: BindWeaveTransformer, latents: torch.Tensor, timestep: torch.Tensor,
                  branches: list[DiTBranch]) -> torch.Tensor:
     """One DiT call over ``len(branches)`` items (latents are repeated for each branch)."""
-    kwargs, lengths = batch_branches(branches)
     dtype = dit.patch_embedding.weight.dtype
     n = len(branches)
     x = latents.to(dtype).repeat(n, 1, 1, 1, 1) if n > 1 else latents.to(dtype)
     t = timestep.repeat(n) if n > 1 and timestep.shape[0] == 1 else timestep
-    return dit(x, t, kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_image"],
-               planner_states=kwargs["planner_states"], planner_lengths=lengths, condition=kwargs["condition"],
-               reference_latents=kwargs["reference_latents"])
+    return call_dit(dit, x, t, branches)
 
 
 def make_predictor(dit: BindWeaveTransformer, cond: DiTBranch, uncond: DiTBranch):

@@ -12,10 +12,12 @@ if TYPE_CHECKING:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """``"bf16"`` -> ``torch.bfloat16`` (torch is imported only here, so option parsing stays light)."""
+    """``"bf16"`` (or torch's own name, ``"bfloat16"``) -> ``torch.bfloat16`` (torch is imported only here, so
+    option parsing stays light)."""
     import torch
 
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in table:
+    short = C.DTYPE_ALIASES.get(name, name)
+    if short not in table:
         raise InputError(f"unknown dtype {name!r}; choose one of {C.DTYPE_NAMES}.")
-    return table[name]
+    return table[short]

@@ -63,6 +63,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", help="default: the model family's official negative prompt (see "
                                              "bindweave_core/constants.py)")
     p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
+    _add_model_arguments(p)
+    _add_generation_arguments(p)
+    _add_runtime_group(p)
+    p.set_defaults(func=run_generate)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     models = p.add_argument_group("models (files or Hugging Face directories)")
     models.add_argument("--dit", help="BindWeave DiT: diffusers dir or single .safetensors")
     models.add_argument("--vae", help="Wan 2.1 VAE")
@@ -80,6 +87,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--family", choices=SMOKE_FAMILIES,
                         help="model family: picks the smoke model (default bindweave); with model files it "
                              "overrides the family read from the DiT checkpoint (default: the checkpoint's)")
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the model family's official values; the smoke model's own "
                              "are small enough for a CPU)")
     sd = SMOKE_DEFAULTS
@@ -108,6 +118,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--step-cache", type=float, nargs="?", const=C.DEFAULT_STEP_CACHE, default=0.0, metavar="THRESHOLD",
                    help=f"skip DiT evaluations while the output barely changes (EasyCache; approximate). Alone: the "
                         f"authors' Wan 2.1 threshold {C.DEFAULT_STEP_CACHE}; higher skips more. Default 0: off")
+
+
+def _add_runtime_group(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     r.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
@@ -117,14 +130,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--attention", choices=C.ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
                         "auto: sage, else flash, else sdpa")
-    r.add_argument("--offload", choices=("release", "model", "none"), default="release",
+    r.add_argument("--offload", choices=C.OFFLOAD_MODES, default="release",
                    help="release: load each model when needed and free it after (least memory)")
     r.add_argument("--condition-cache", metavar="DIR",
                    help="directory keeping the video condition, text, planner and reference states across runs "
                         "(reused while the models and inputs are unchanged; exact); default: none (memory only)")
     r.add_argument("--planner-cache", metavar="DIR", help="the same as --condition-cache (older name); default none")
     add_runtime_arguments(r)
-    p.set_defaults(func=run_generate)
 
 
 def file_fingerprint(path: str) -> dict[str, Any]:

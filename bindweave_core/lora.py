@@ -196,8 +196,10 @@ def original_name(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _name_table(num_layers: int) -> dict[str, tuple[str, str]]:
-    """alias -> (kind, our name) for every weight-bearing module and bare parameter of a DiT.
+def dit_name_table(num_layers: int) -> dict[str, tuple[str, str]]:
+    """alias -> (kind, our name) for every weight-bearing module and bare parameter of a DiT with
+    ``num_layers`` blocks (built on the meta device, cached): how LoRA keys of any layout find our modules,
+    and how the trainer checks ``lora.targets`` before any model loads.
 
     kind is ``module`` (a module with a ``weight``) or ``param`` (e.g. ``scale_shift_table``).
     Aliases: our name, the original name (only where diffusers' converter maps it back to ours),
@@ -281,7 +283,7 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
         raise CheckpointError(f"{source}: not a LoRA: it has no lora_A/lora_B, lora_down/lora_up or .diff weights "
                               f"(it looks like {describe(list(state_dict))}).")
 
-    table = _name_table(_num_layers(list(groups)))
+    table = dit_name_table(_num_layers(list(groups)))
     out = LoraWeights(metadata=metadata, skipped=skipped)
     unmatched, styles = [], set()
     for base, parts in groups.items():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .condition_cache import ConditionCache, digest, model_identity, path_identity, shared_cache
+from .condition_cache import ConditionCache, model_identity, shared_cache
 from .conditioning import PlannerStates, ReferenceCondition, TextStates
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
@@ -42,7 +42,7 @@ from .step_cache import StepCache
 
 log = logging.getLogger("BindWeave")
 
-OFFLOAD_MODES = ("model", "none", "release")
+OFFLOAD_MODES = C.OFFLOAD_MODES
 COMPONENTS = ("planner", "text_encoder", "clip_vision", "vae", "dit")
 
 
@@ -175,10 +175,7 @@ class BindWeavePipeline:
         weights converted to another layout, which then read as plain ``wan-t2v``).
         """
         from .checkpoints.dit_loader import load_dit, scan_dit
-        from .encoders.clip_vision import ClipVisionEncoder
-        from .encoders.planner import Planner
-        from .encoders.text import TextEncoder
-        from .encoders.vae import WanVAE
+        from .encoder_loaders import encoder_loaders
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -187,23 +184,13 @@ class BindWeavePipeline:
         if config is not None:
             family_for(config).check_dit(config, dit, scanned.family)
 
-        def identity(path: str, **extra: Any) -> dict[str, Any]:  # cache identity without loading the model
-            return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra})}
-
         loaders = dict(
             dit=Lazy(lambda: load_dit(dit, dtype=dtype, weight_format=weight_format, attention_backend=attention,
                                       config=config),
                      str(dit), family=family or scanned.family,
                      meta={"config": config or scanned.config, "dtype": dtype, "weight_format": weight_format}),
-            vae=Lazy(lambda: WanVAE.load(vae, dtype=dtype), str(vae), meta=identity(vae)),
-            text_encoder=Lazy(lambda: TextEncoder.load(text_encoder, dtype=dtype, tokenizer_dir=text_tokenizer),
-                              str(text_encoder), meta=identity(text_encoder, tokenizer=text_tokenizer and
-                                                               path_identity(text_tokenizer))),
-            clip_vision=Lazy(lambda: ClipVisionEncoder.load(clip_vision, dtype=dtype), str(clip_vision),
-                             meta=identity(clip_vision)) if clip_vision else None,
-            planner=Lazy(lambda: Planner.load(planner, dtype=dtype, tokenizer_dir=planner_tokenizer), str(planner),
-                         meta=identity(planner, tokenizer=planner_tokenizer and path_identity(planner_tokenizer)))
-            if planner else None,
+            **encoder_loaders(vae=vae, text_encoder=text_encoder, clip_vision=clip_vision, planner=planner,
+                              planner_tokenizer=planner_tokenizer, text_tokenizer=text_tokenizer, dtype=dtype),
         )
         return cls(**loaders, device=device, offload=offload, planner_cache=planner_cache, runtime=runtime,
                    condition_cache=condition_cache)

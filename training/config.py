@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,15 +204,25 @@ class TrainConfig:
         def bad(msg: str) -> InputError:
             return InputError(f"{source}: {msg}")
 
-        m, d, a, t, o = self.model, self.data, self.augment, self.train, self.objective
+        for check in (self._check_models, self._check_data, self._check_augment_and_cache, self._check_objective,
+                      self._check_training, self._check_validation, self._check_steps):
+            check(bad)
+
+    def _check_models(self, bad: Callable[[str], InputError]) -> None:
+        m, t = self.model, self.train
         if not m.smoke and not (m.dit and m.vae and m.text_encoder):
             raise bad("model.dit, model.vae and model.text_encoder are required (or model.smoke: true).")
         if m.dtype not in DTYPES:
             raise bad(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}.")
         if t.save_dtype not in DTYPES:
             raise bad(f"train.save_dtype must be one of {sorted(DTYPES)}, got {t.save_dtype!r}.")
-        if m.weight_format not in ("default", "fp8"):
-            raise bad(f"model.weight_format must be default or fp8, got {m.weight_format!r}.")
+        if m.weight_format not in WEIGHT_FORMATS:
+            raise bad(f"model.weight_format must be {_one_of(WEIGHT_FORMATS)}, got {m.weight_format!r}.")
+        if m.attention not in C.ATTENTION_BACKENDS:
+            raise bad(f"model.attention must be {_one_of(C.ATTENTION_BACKENDS)}, got {m.attention!r}.")
+
+    def _check_data(self, bad: Callable[[str], InputError]) -> None:
+        d = self.data
         if not d.path and not d.datasets:
             raise bad("data.path is required: a folder of samples or a JSONL file (or data.datasets).")
         if d.path and d.datasets:
@@ -239,13 +250,19 @@ class TrainConfig:
             if len(b) != 2 or any(not isinstance(v, int) or v < C.SIZE_MULTIPLE or v % C.SIZE_MULTIPLE for v in b):
                 raise bad(f"data.buckets entries are [width, height] in multiples of {C.SIZE_MULTIPLE}, got {b}.")
         if d.mask_mode not in C.MASK_MODES:
-            raise bad(f"data.mask_mode must be rectangle or alpha, got {d.mask_mode!r}.")
+            raise bad(f"data.mask_mode must be {_one_of(C.MASK_MODES)}, got {d.mask_mode!r}.")
+
+    def _check_augment_and_cache(self, bad: Callable[[str], InputError]) -> None:
+        a = self.augment
         if a.variants < 1:
             raise bad(f"augment.variants must be at least 1 (1 = no augmentation), got {a.variants}.")
         if len(a.scale) != 2 or not 0 < a.scale[0] <= a.scale[1]:
             raise bad(f"augment.scale is [min, max] with 0 < min <= max, got {a.scale}.")
-        if self.cache.offload not in ("release", "model", "none"):
-            raise bad(f"cache.offload must be release, model or none, got {self.cache.offload!r}.")
+        if self.cache.offload not in C.OFFLOAD_MODES:
+            raise bad(f"cache.offload must be {_one_of(C.OFFLOAD_MODES)}, got {self.cache.offload!r}.")
+
+    def _check_objective(self, bad: Callable[[str], InputError]) -> None:
+        m, o = self.model, self.objective
         if o.conditioning not in ("auto", "slots", "rrope"):
             raise bad(f"objective.conditioning must be auto, slots or rrope, got {o.conditioning!r}.")
         if o.sigma_sampling not in ("auto", "shifted", "kaleido"):
@@ -256,6 +273,9 @@ class TrainConfig:
             raise bad(f"objective.shift must be positive, got {o.shift}.")
         if o.fixed_sigma is not None and not 0 <= o.fixed_sigma <= 1:
             raise bad(f"objective.fixed_sigma must be in [0, 1], got {o.fixed_sigma}.")
+
+    def _check_training(self, bad: Callable[[str], InputError]) -> None:
+        t = self.train
         if self.lora.rank < 1 or not self.lora.targets:
             raise bad("lora.rank must be at least 1 and lora.targets non-empty.")
         if t.mixed_precision not in ("no", "fp16", "bf16"):
@@ -267,6 +287,8 @@ class TrainConfig:
         if t.activation_offload and not t.gradient_checkpointing:
             raise bad("train.activation_offload moves the checkpointed block inputs: it needs "
                       "train.gradient_checkpointing: true.")
+
+    def _check_validation(self, bad: Callable[[str], InputError]) -> None:
         v = self.validation
         for i, p in enumerate(v.prompts):
             if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or set(p) - {"prompt", "references"}:
@@ -275,6 +297,9 @@ class TrainConfig:
                 raise bad(f"validation.prompts[{i}].references needs 1-4 image paths.")
         if v.holdout < 0 or v.loss_every < 0:
             raise bad("validation.holdout and validation.loss_every must be >= 0.")
+
+    def _check_steps(self, bad: Callable[[str], InputError]) -> None:
+        t = self.train
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             if getattr(t, name) < 1:
                 raise bad(f"train.{name} must be at least 1, got {getattr(t, name)}.")
@@ -285,14 +310,14 @@ class TrainConfig:
 FRAME_SAMPLING = ("head", "uniform", "chunk")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16",
-          "fp16": "float16"}
+DTYPES = (*C.DTYPE_NAMES, *C.DTYPE_ALIASES)  # bf16 or bfloat16, ...: bindweave_core.dtypes.torch_dtype reads both
+# fp8_fast multiplies in fp8 (torch._scaled_mm), which has no backward pass: LoRA training cannot use it.
+WEIGHT_FORMATS = tuple(f for f in C.DIT_WEIGHT_FORMATS if f != "fp8_fast")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``("a", "b", "c")`` -> ``"a, b or c"`` (the error messages' spelling of a choice)."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 _SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(TrainConfig)}

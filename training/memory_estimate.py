@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from bindweave_core.config import DiTConfig
+from bindweave_core.dtypes import torch_dtype
 from bindweave_core.families import family_for
 from bindweave_core.memory import dit_activation_bytes, token_count, weight_bytes
 
-from .config import TrainConfig, torch_dtype
+from .config import TrainConfig
 
 GiB = 1 << 30
 CUDA_OVERHEAD = 2 * GiB  # context, cuBLAS/cuDNN workspaces, allocator slack

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -20,14 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from bindweave_core.condition_cache import digest, path_identity
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit.transformer import BindWeaveTransformer
+from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
-from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, _name_table
+from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, dit_name_table
 from bindweave_core.lazy import Lazy
 
-from .config import TrainConfig, torch_dtype
+from .config import TrainConfig
 
 log = logging.getLogger("BindWeave")
 
@@ -63,44 +64,18 @@ def build_encoders(cfg: TrainConfig) -> dict[str, Any]:
     m = cfg.model
     if m.smoke:
         return dict(_smoke_encoders(m.smoke_seed, m.family or "bindweave"))
-    from bindweave_core.encoders.clip_vision import ClipVisionEncoder
-    from bindweave_core.encoders.planner import Planner
-    from bindweave_core.encoders.text import TextEncoder
-    from bindweave_core.encoders.vae import WanVAE
+    from bindweave_core.encoder_loaders import encoder_loaders
 
-    dtype = torch_dtype(m.dtype)
-    return dict(
-        vae=Lazy(lambda: WanVAE.load(m.vae, dtype=dtype), m.vae),
-        text_encoder=Lazy(lambda: TextEncoder.load(m.text_encoder, dtype=dtype, tokenizer_dir=m.text_tokenizer),
-                          m.text_encoder),
-        clip_vision=Lazy(lambda: ClipVisionEncoder.load(m.clip_vision, dtype=dtype), m.clip_vision)
-        if m.clip_vision else None,
-        planner=Lazy(lambda: Planner.load(m.planner, dtype=dtype, tokenizer_dir=m.planner_tokenizer), m.planner)
-        if m.planner else None,
-    )
+    return encoder_loaders(vae=m.vae, text_encoder=m.text_encoder, clip_vision=m.clip_vision, planner=m.planner,
+                           planner_tokenizer=m.planner_tokenizer, text_tokenizer=m.text_tokenizer,
+                           dtype=torch_dtype(m.dtype))
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def path_identity(path: str | Path | None) -> Any:
-    """A file or folder as (resolved path, size, mtime) of every file: changes when any file does."""
+def _files(path: str | None) -> Any:
+    """The core's file identity of a model path; None for no path, [] for a path not there (its loader says so)."""
     if path is None:
         return None
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
-
-
-def module_identity(module: nn.Module) -> str:
-    """sha256 of a (small, in-memory) model's parameters and buffers."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return path_identity(path) if Path(path).exists() else []
 
 
 def encoder_identities(cfg: TrainConfig, encoders: dict[str, Any]) -> dict[str, str | None]:
@@ -115,10 +90,25 @@ def encoder_identities(cfg: TrainConfig, encoders: dict[str, Any]) -> dict[str, 
             out[name] = None
         elif isinstance(comp, Lazy):
             weights, tokenizer = files[name]
-            out[name] = _hash([path_identity(weights), path_identity(tokenizer), m.dtype])
+            # This list's format is kept: the cache keys it feeds also seed the reference augmentation.
+            out[name] = digest([_files(weights), _files(tokenizer), m.dtype])
         else:
-            out[name] = module_identity(comp if isinstance(comp, nn.Module) else comp.model)
+            out[name] = weights_digest(comp if isinstance(comp, nn.Module) else comp.model)
     return out
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of every parameter and buffer of a (small, in-memory) model: the smoke encoders' identity.
+
+    Not the core's ``model_identity``, which names an in-memory model for this process only: the feature
+    cache is on disk, and its keys also seed the reference augmentation, so this format is kept as it is.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ the DiT
@@ -158,11 +148,25 @@ def to_fp8(dit: nn.Module) -> nn.Module:
     return dit
 
 
+_BLOCK = "blocks.0."
+
+
+def _block_modules() -> list[str]:
+    """Names inside a block of every module a Wan/BindWeave block can have (image-to-video ones included)."""
+    return sorted({ours[len(_BLOCK):] for kind, ours in dit_name_table(1).values() if ours.startswith(_BLOCK)})
+
+
+def _in_block(target: str) -> str:
+    """A ``lora.targets`` name, ours (``attn1.to_q``) or the original (``self_attn.q``), as our name inside a
+    block; a name the table does not know comes back unchanged."""
+    hit = dit_name_table(1).get(_BLOCK + target)
+    return hit[1][len(_BLOCK):] if hit else target
+
+
 def check_targets(targets: list[str]) -> None:
     """``lora.targets`` against the linears any Wan/BindWeave block has (no model needed: run before caching)."""
-    table = _name_table(1)
-    known = sorted({ours[len("blocks.0."):] for kind, ours in table.values() if ours.startswith("blocks.0.")})
-    wrong = [t for t in targets if f"blocks.0.{t}" not in table and t not in known]
+    known = _block_modules()
+    wrong = [t for t in targets if _in_block(t) not in known]
     if wrong:
         raise InputError(f"lora.targets: {', '.join(map(repr, wrong))} is no linear layer of a DiT block; choose from "
                          f"{', '.join(known)} (or the original names such as self_attn.q, ffn.0).")
@@ -170,14 +174,12 @@ def check_targets(targets: list[str]) -> None:
 
 def lora_parameter_count(config: DiTConfig, targets: list[str], rank: int) -> int:
     """Trainable LoRA parameters of ``targets`` at ``rank`` over all blocks (counted on a meta model)."""
-    table = _name_table(1)
     with torch.device("meta"):
         block = BindWeaveTransformer(config.replace(num_layers=1)).blocks[0]
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     total = 0
     for t in set(targets):
-        hit = table.get(f"blocks.0.{t}")
-        m = linears.get(hit[1][len("blocks.0."):] if hit else t)
+        m = linears.get(_in_block(t))
         if m is not None:
             total += rank * (m.in_features + m.out_features)
     return total * config.num_layers
@@ -189,13 +191,11 @@ def target_pattern(dit: nn.Module, targets: list[str]) -> str:
     Names are relative to a block, in our (diffusers) naming (``attn1.to_q``) or the original one
     (``self_attn.q``); a name matching no linear of block 0 is an error that lists the valid ones.
     """
-    table = _name_table(1)  # every linear a Wan block can have (image-to-video ones included)
-    known = sorted({ours[len("blocks.0."):] for kind, ours in table.values() if ours.startswith("blocks.0.")})
+    known = _block_modules()
     present = {n for n, mod in dit.blocks[0].named_modules() if isinstance(mod, nn.Linear)}
     resolved, absent = [], []
     for t in targets:
-        hit = table.get(f"blocks.0.{t}")
-        name = hit[1][len("blocks.0."):] if hit else t
+        name = _in_block(t)
         if name not in present:
             if name not in known:
                 raise InputError(f"lora.targets: {t!r} is no linear layer of a DiT block; choose from "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bindweave_core import constants as C
 from bindweave_core.conditioning import vae_condition
 from bindweave_core.config import DiTConfig
-from bindweave_core.denoiser import DiTBranch, batch_branches
+from bindweave_core.denoiser import DiTBranch, call_dit
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for, sigma_sampling_family, sigma_sampling_for
 from bindweave_core.families.bindweave import shifted_sigmas  # noqa: F401  (training's name for the spec 12 shift)
@@ -112,8 +112,5 @@ def flow_matching_loss(dit: torch.nn.Module, latents: torch.Tensor, branches: li
     s = sigmas.to(device=device, dtype=torch.float32).view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
     target = noise - x0
-    kwargs, lengths = batch_branches([b.to(device, dtype) for b in branches])
-    pred = dit(noisy.to(dtype), s.flatten() * C.NUM_TRAIN_TIMESTEPS, kwargs["encoder_hidden_states"],
-               kwargs["encoder_hidden_states_image"], planner_states=kwargs["planner_states"],
-               planner_lengths=lengths, condition=kwargs["condition"], reference_latents=kwargs["reference_latents"])
+    pred = call_dit(dit, noisy.to(dtype), s.flatten() * C.NUM_TRAIN_TIMESTEPS, [b.to(device, dtype) for b in branches])
     return F.mse_loss(pred.float(), target)

@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 
 from bindweave_core.errors import InputError
+from bindweave_core.preflight import check_model_paths
 
 from .checkpointing import check_checkpoint, list_checkpoints, resolve_resume, run_identity
 from .config import TrainConfig
 from .model import check_targets, dit_config
 
 log = logging.getLogger("BindWeave")
+
+ENCODER_PATHS = ("vae", "text_encoder", "text_tokenizer", "clip_vision", "planner", "planner_tokenizer")
 
 
 def _require(module: str, why: str, fix: str) -> None:
@@ -98,6 +101,8 @@ def preflight(cfg: TrainConfig, resume: str | None = None, *, main_process: bool
     check_packages(cfg)
     check_targets(cfg.lora.targets)
     config = dit_config(cfg)  # the file header only
+    if not cfg.model.smoke:  # the encoders' files name them in the feature cache's keys
+        check_model_paths({f"model.{k}": getattr(cfg.model, k) for k in ENCODER_PATHS})
     t = cfg.train
     if t.blocks_to_swap:
         if t.blocks_to_swap >= config.num_layers:

@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
+from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import BindWeaveError, InputError
 from bindweave_core.families import family_for
 from bindweave_core.lora import CONFIG_KEY, save_lora
 
 from .cache import FeatureCache, load_entry, load_tensors
 from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
-from .config import TrainConfig, torch_dtype
+from .config import TrainConfig
 from .dataset import BadSample, BatchOrder, DatasetReport, load_dataset
 from .model import add_lora, dit_config, export_lora, lora_parameter_count, load_training_dit, train_connector, \
     trainable_state
@@ -262,280 +263,371 @@ def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 
 def _run(accelerator: Any, cfg: TrainConfig, cache_only: bool, stop_at_step: int | None, start: Path | None,
          trackers: list[str]) -> RunResult:
-    from accelerate.utils import DistributedType, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    t, d = cfg.train, cfg.data
-    out = cfg.output_dir
-    rank, world = accelerator.process_index, accelerator.num_processes
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if t.blocks_to_swap and world > 1:
-        raise InputError("train.blocks_to_swap is for one GPU (the DiT's blocks move between CPU and GPU, which "
-                         "data-parallel training cannot follow); use it with one process, or FSDP on several GPUs.")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        log.info("data-parallel run: process %d of %d (%s)", rank, world, accelerator.distributed_type)
-
-    # -- data
-    report = load_dataset(d.dataset_list(), d.num_frames, d.fps, d.buckets, d.mask_mode, sampling=d.frame_sampling,
-                          windows=d.frame_windows, upscale=d.upscale, progress=accelerator.is_local_main_process)
-    if not report.good:
-        _finish_report(accelerator, report, out)
-        raise InputError(f"no usable training samples in {d.path or [p for p, _ in d.dataset_list()]}: " +
-                         "; ".join(f"{b.path}: {b.reason}" for b in report.bad[:5]))
-    if accelerator.is_main_process:
-        _print_estimate(cfg, report.good)
-
-    # -- feature cache (each process encodes its share)
-    cache = FeatureCache(cfg, progress=accelerator.is_local_main_process)
-    request = _validation_request(cfg, report)
-    cache.ensure(report.good, accelerator.device, rank, world, request)
-    accelerator.wait_for_everyone()
-    cached = cache.collect(report.good, request)
-    extra = _extra_requests(cfg, request)
-    extra_entries = []
-    for req in extra:  # more preview prompts: only their conditioning is encoded
-        cache.ensure([], accelerator.device, rank, world, req)
-        extra_entries.append(cache.collect([], req).validation)
-    accelerator.wait_for_everyone()
-    report.bad += cached.bad
-    report.good = [s for s in report.good if s.name in cached.entries]
-    _finish_report(accelerator, report, out)
+    """The phases of :class:`TrainingRun` in order (``cache_only``: up to the feature cache)."""
+    job = TrainingRun(accelerator, cfg, stop_at_step, start, trackers)
+    report = job.prepare_data()
+    job.build_cache(report)
     if cache_only or not report.good:
         if not report.good:
             raise InputError("no sample could be encoded; see the reasons above.")
         return RunResult(step=0, report=report)
+    job.build_model(report)
+    job.prepare_optimizer()
+    job.prepare_loop(report)
+    try:
+        job.train_loop()
+        if not job.result.interrupted:
+            job.export()
+    finally:
+        job.close()
+    return job.result
 
-    # -- model
-    dit = load_training_dit(cfg)
-    dit_config_ = dit.dit_config
-    mode = conditioning_mode(cfg.objective.conditioning, dit_config_)
-    builder = CONDITIONING[mode]
-    too_many = [s for s in report.good if len(s.references) > family_for(dit_config_).max_references]
-    if too_many:
-        report.bad += [BadSample(s.name, f"{len(s.references)} references; a {dit_config_.family} model takes at "
-                                         f"most {family_for(dit_config_).max_references}") for s in too_many]
-        report.good = [s for s in report.good if s not in too_many]
-        _finish_report(accelerator, report, out)
-    swap = None
-    if t.blocks_to_swap:
-        # Before the LoRA goes in: only the frozen base weights stream; the adapters stay on the device.
-        from bindweave_core.dit.offload import enable_block_offload
 
-        # No prefetch: the backward pass recomputes the blocks in reverse order, where a prefetch of the
-        # next block in forward order would leave an unused upload on the device for every streamed block.
-        swap = enable_block_offload(dit, len(dit.blocks) - t.blocks_to_swap, accelerator.device, prefetch_blocks=0)
-    set_seed(t.seed)  # here, so nothing done before (cache, other runs) changes the LoRA's start or dropout
-    add_lora(dit, cfg)
-    connector_base = train_connector(dit) if cfg.lora.train_connector else None
-    if t.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-    dit.train()
-    compute_dtype = dit.patch_embedding.weight.dtype
-    params = [p for p in dit.parameters() if p.requires_grad]
-    if swap is not None:
-        for p in params:
-            p.data = p.data.to(accelerator.device)
-    optimizer = _make_optimizer(cfg, params)
-    # accelerate steps the scheduler once per process per optimizer step (diffusers' convention).
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * world,
-                              num_training_steps=t.max_steps * world)
-    placement = [swap is None, True, True]  # block swap placed the DiT itself
-    model, optimizer, scheduler = accelerator.prepare(dit, optimizer, scheduler, device_placement=placement)
-    unwrapped = accelerator.unwrap_model(model)
-    clip_params = list(model.parameters()) if fsdp else params  # FSDP clips through the wrapped model
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    register_hooks(accelerator, unwrapped)
-    if start is not None:
-        try:
-            accelerator.load_state(str(start))
-        except BindWeaveError:
-            raise
-        except Exception as e:  # accelerate / torch errors of a damaged optimizer, scheduler or RNG file
-            raise InputError(f"cannot resume from {start}: {type(e).__name__}: {e}. The checkpoint is damaged or "
-                             "from another run; resume from an earlier one or delete it.") from e
-        log.info("resumed from %s at step %d", start, state.step)
-    if trackers:
-        accelerator.init_trackers(t.wandb_project if t.wandb else "bindweave_lora", config=_flat_config(cfg))
+class TrainingRun:
+    """One training invocation in named phases: data -> feature cache -> model -> optimizer -> loop -> export.
 
-    # -- data order, conditions, logs
-    samples, held_out = _holdout(cfg, report.good)
-    entries = [cached.entries[s.name] for s in samples]
-    repeated = [i for i, s in enumerate(samples) for _ in range(s.repeats)]  # per-dataset repeats
-    order = BatchOrder([samples[i].group for i in repeated], t.batch_size, t.seed, rank, world)
-    if world > 1:
-        log.info("process %d of %d: %d batches of %d per epoch", rank, world, order.per_process,
-                 order.per_process * world)
-        log.debug("process %d, epoch 0 samples: %s", rank,
-                  json.dumps(sorted(samples[repeated[j]].name for b in order.epoch_batches(0) for j in b)))
-    video_conditions = {g: load_tensors(p)["condition"] for g, p in cached.video_conditions.items()}
-    previewer = None
-    if request is not None and fsdp:
-        log.warning("validation previews are skipped under FSDP (the sharded DiT cannot run on one process)")
-    elif request is not None and swap is not None:
-        log.warning("validation previews are skipped with train.blocks_to_swap (the core's sampler places the DiT "
-                    "itself, which would undo the swap); validation.holdout losses still run")
-    elif request is not None and accelerator.is_main_process:
-        previewers = [Previewer(cfg, req, entry, cache.encoders["vae"], builder, dit_config_, accelerator.device,
-                                f"-{k + 2}" if k >= 0 else "")
-                      for k, (req, entry) in enumerate([(request, cached.validation), *zip(extra, extra_entries)],
-                                                       start=-1)]
+    Each phase leaves what the next needs on ``self``; :func:`_run` calls them in order.
+    """
 
-        def previewer(dit: torch.nn.Module, step: int) -> None:
-            for one in previewers:
-                one(dit, step)
-    loss_log = LossLog(out / "loss.csv", state.step) if accelerator.is_main_process else None
-    val_log = (LossLog(out / "val_loss.csv", state.step, ("step", "val_loss"))
-               if accelerator.is_main_process and held_out else None)
-    progress = tqdm(total=t.max_steps, initial=state.step, desc="training", dynamic_ncols=True,
-                    disable=not accelerator.is_local_main_process)
-    result = RunResult(step=state.step, report=report, model=unwrapped)
-    identity = run_identity(cfg, dit_config_.family)
+    def __init__(self, accelerator: Any, cfg: TrainConfig, stop_at_step: int | None, start: Path | None,
+                 trackers: list[str]):
+        from accelerate.utils import DistributedType
 
-    def lora_now() -> Any:
-        """The LoRA as it is now (on the main process; every process must call it under FSDP)."""
-        if fsdp:  # gather the full parameters (a collective call)
-            full = accelerator.get_state_dict(model)
-            names = {n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad}
-            weights = {k: v for k, v in full.items() if k in names}
-        else:
-            weights = trainable_state(unwrapped)
-        return export_lora(weights, cfg.lora.alpha, connector_base) if accelerator.is_main_process else None
+        self.accelerator, self.cfg, self.stop_at_step, self.start, self.trackers = (
+            accelerator, cfg, stop_at_step, start, trackers)
+        self.out = cfg.output_dir
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        self.swap = None  # block swap of the DiT's frozen weights (train.blocks_to_swap)
+        self.previewers: list[Previewer] = []  # validation previews (main process; none under FSDP or block swap)
+        self.loss_log: LossLog | None = None
+        self.val_log: LossLog | None = None
+        self.progress: Any = None
 
-    def checkpoint() -> Path:
-        lora = lora_now()
-        return save_checkpoint(accelerator, out, state.step, t.keep_checkpoints,
-                               {"lora": lora, "metadata": lora_metadata(cfg, dit_config_.family, state.step),
-                                "dtype": torch_dtype(t.save_dtype), "run": identity})
+    # ------------------------------------------------------------------ data and feature cache
+    def prepare_data(self) -> DatasetReport:
+        """Check every sample (bad ones reported and left out) and print the memory estimate."""
+        accelerator, cfg, d, out = self.accelerator, self.cfg, self.cfg.data, self.out
+        if cfg.train.blocks_to_swap and self.world > 1:
+            raise InputError("train.blocks_to_swap is for one GPU (the DiT's blocks move between CPU and GPU, which "
+                             "data-parallel training cannot follow); use it with one process, or FSDP on several GPUs.")
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            log.info("data-parallel run: process %d of %d (%s)", self.rank, self.world, accelerator.distributed_type)
+        report = load_dataset(d.dataset_list(), d.num_frames, d.fps, d.buckets, d.mask_mode, sampling=d.frame_sampling,
+                              windows=d.frame_windows, upscale=d.upscale, progress=accelerator.is_local_main_process)
+        if not report.good:
+            _finish_report(accelerator, report, out)
+            raise InputError(f"no usable training samples in {d.path or [p for p, _ in d.dataset_list()]}: " +
+                             "; ".join(f"{b.path}: {b.reason}" for b in report.bad[:5]))
+        if accelerator.is_main_process:
+            _print_estimate(cfg, report.good)
+        return report
 
-    def forward_loss(batch_items: list[dict[str, Any]], groups: list[Any], gen: torch.Generator,
+    def build_cache(self, report: DatasetReport) -> None:
+        """Encode what the cache lacks (each process its share); samples that could not be encoded leave
+        ``report.good`` for ``report.bad``."""
+        accelerator, cfg, rank, world = self.accelerator, self.cfg, self.rank, self.world
+        cache = self.cache = FeatureCache(cfg, progress=accelerator.is_local_main_process)
+        request = self.request = _validation_request(cfg, report)
+        cache.ensure(report.good, accelerator.device, rank, world, request)
+        accelerator.wait_for_everyone()
+        cached = self.cached = cache.collect(report.good, request)
+        self.extra = _extra_requests(cfg, request)
+        self.extra_entries = []
+        for req in self.extra:  # more preview prompts: only their conditioning is encoded
+            cache.ensure([], accelerator.device, rank, world, req)
+            self.extra_entries.append(cache.collect([], req).validation)
+        accelerator.wait_for_everyone()
+        report.bad += cached.bad
+        report.good = [s for s in report.good if s.name in cached.entries]
+        _finish_report(accelerator, report, self.out)
+
+    # ------------------------------------------------------------------ the model
+    def build_model(self, report: DatasetReport) -> None:
+        """The frozen DiT (block swap when asked) with the LoRA injected, in training mode."""
+        from accelerate.utils import set_seed
+
+        cfg, t = self.cfg, self.cfg.train
+        dit = self.dit = load_training_dit(cfg)
+        dit_config_ = self.dit_config = dit.dit_config
+        mode = self.mode = conditioning_mode(cfg.objective.conditioning, dit_config_)
+        self.builder = CONDITIONING[mode]
+        too_many = [s for s in report.good if len(s.references) > family_for(dit_config_).max_references]
+        if too_many:
+            report.bad += [BadSample(s.name, f"{len(s.references)} references; a {dit_config_.family} model takes at "
+                                             f"most {family_for(dit_config_).max_references}") for s in too_many]
+            report.good = [s for s in report.good if s not in too_many]
+            _finish_report(self.accelerator, report, self.out)
+        if t.blocks_to_swap:
+            # Before the LoRA goes in: only the frozen base weights stream; the adapters stay on the device.
+            from bindweave_core.dit.offload import enable_block_offload
+
+            # No prefetch: the backward pass recomputes the blocks in reverse order, where a prefetch of the
+            # next block in forward order would leave an unused upload on the device for every streamed block.
+            self.swap = enable_block_offload(dit, len(dit.blocks) - t.blocks_to_swap, self.accelerator.device,
+                                             prefetch_blocks=0)
+        set_seed(t.seed)  # here, so nothing done before (cache, other runs) changes the LoRA's start or dropout
+        add_lora(dit, cfg)
+        self.connector_base = train_connector(dit) if cfg.lora.train_connector else None
+        if t.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        dit.train()
+        self.compute_dtype = dit.patch_embedding.weight.dtype
+
+    def prepare_optimizer(self) -> None:
+        """Optimizer and LR scheduler, accelerate's wrapping, checkpoint hooks; the resumed state when resuming."""
+        from diffusers.optimization import get_scheduler
+
+        accelerator, cfg, t, world = self.accelerator, self.cfg, self.cfg.train, self.world
+        params = [p for p in self.dit.parameters() if p.requires_grad]
+        if self.swap is not None:
+            for p in params:
+                p.data = p.data.to(accelerator.device)
+        optimizer = _make_optimizer(cfg, params)
+        # accelerate steps the scheduler once per process per optimizer step (diffusers' convention).
+        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps * world,
+                                  num_training_steps=t.max_steps * world)
+        placement = [self.swap is None, True, True]  # block swap placed the DiT itself
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.dit, optimizer, scheduler,
+                                                                         device_placement=placement)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        # FSDP clips through the wrapped model
+        self.clip_params = list(self.model.parameters()) if self.fsdp else params
+        state = self.state = TrainState()
+        accelerator.register_for_checkpointing(state)
+        register_hooks(accelerator, self.unwrapped)
+        start = self.start
+        if start is not None:
+            try:
+                accelerator.load_state(str(start))
+            except BindWeaveError:
+                raise
+            except Exception as e:  # accelerate / torch errors of a damaged optimizer, scheduler or RNG file
+                raise InputError(f"cannot resume from {start}: {type(e).__name__}: {e}. The checkpoint is damaged or "
+                                 "from another run; resume from an earlier one or delete it.") from e
+            log.info("resumed from %s at step %d", start, state.step)
+        if self.trackers:
+            accelerator.init_trackers(t.wandb_project if t.wandb else "bindweave_lora", config=_flat_config(cfg))
+
+    # ------------------------------------------------------------------ the loop
+    def prepare_loop(self, report: DatasetReport) -> None:
+        """Data order, held-out samples, video conditions, previewers, logs and progress bar."""
+        from tqdm.auto import tqdm
+
+        accelerator, cfg, t, rank, world = self.accelerator, self.cfg, self.cfg.train, self.rank, self.world
+        samples, self.held_out = _holdout(cfg, report.good)
+        self.samples = samples
+        self.entries = [self.cached.entries[s.name] for s in samples]
+        repeated = self.repeated = [i for i, s in enumerate(samples) for _ in range(s.repeats)]  # per-dataset repeats
+        order = self.order = BatchOrder([samples[i].group for i in repeated], t.batch_size, t.seed, rank, world)
+        if world > 1:
+            log.info("process %d of %d: %d batches of %d per epoch", rank, world, order.per_process,
+                     order.per_process * world)
+            log.debug("process %d, epoch 0 samples: %s", rank,
+                      json.dumps(sorted(samples[repeated[j]].name for b in order.epoch_batches(0) for j in b)))
+        self.video_conditions = {g: load_tensors(p)["condition"] for g, p in self.cached.video_conditions.items()}
+        self._make_previewers()
+        main = accelerator.is_main_process
+        self.loss_log = LossLog(self.out / "loss.csv", self.state.step) if main else None
+        self.val_log = (LossLog(self.out / "val_loss.csv", self.state.step, ("step", "val_loss"))
+                        if main and self.held_out else None)
+        self.progress = tqdm(total=t.max_steps, initial=self.state.step, desc="training", dynamic_ncols=True,
+                             disable=not accelerator.is_local_main_process)
+        self.result = RunResult(step=self.state.step, report=report, model=self.unwrapped)
+        self.identity = run_identity(cfg, self.dit_config.family)
+        o = cfg.objective
+        self.sigmas_by = sigma_method(o.sigma_sampling, self.mode)
+
+    def _make_previewers(self) -> None:
+        request = self.request
+        if request is not None and self.fsdp:
+            log.warning("validation previews are skipped under FSDP (the sharded DiT cannot run on one process)")
+        elif request is not None and self.swap is not None:
+            log.warning("validation previews are skipped with train.blocks_to_swap (the core's sampler places the DiT "
+                        "itself, which would undo the swap); validation.holdout losses still run")
+        elif request is not None and self.accelerator.is_main_process:
+            pairs = [(request, self.cached.validation), *zip(self.extra, self.extra_entries)]
+            self.previewers = [Previewer(self.cfg, req, entry, self.cache.encoders["vae"], self.builder,
+                                         self.dit_config, self.accelerator.device, f"-{k + 2}" if k >= 0 else "")
+                               for k, (req, entry) in enumerate(pairs, start=-1)]
+
+    def preview(self, step: int) -> None:
+        for one in self.previewers:
+            one(self.unwrapped, step)
+
+    def train_loop(self) -> None:
+        """Optimizer steps up to ``train.max_steps``; a ``stop_at_step`` or Ctrl-C stops early with a checkpoint."""
+        t, state, result = self.cfg.train, self.state, self.result
+        self.loss_sum, self.micro, self.started = torch.zeros((), device=self.accelerator.device), 0, time.perf_counter()
+        self.saved_at = -1
+        stop = StopRequest()
+        with stop:
+            while state.step < t.max_steps:
+                loss, sigmas, grad_norm = self._micro_step()
+                state.micro_step += 1
+                self.loss_sum += loss.detach()
+                self.micro += 1
+                if not self.accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                self._log_step(sigmas, grad_norm)
+                stopping = self._stop_requested(stop)
+                self._checkpoint_validate_preview(stopping)
+                if stopping and state.step < t.max_steps:
+                    result.interrupted = result.stopped_by_signal = True
+                    break
+                if self.stop_at_step is not None and state.step >= self.stop_at_step and state.step < t.max_steps:
+                    result.interrupted = True
+                    break
+        result.step = state.step
+
+    def _micro_step(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One micro-batch forward and backward; the optimizer steps when accelerate says gradients sync."""
+        accelerator, t, state = self.accelerator, self.cfg.train, self.state
+        with accelerator.accumulate(self.model):
+            batch = [self.repeated[j] for j in self.order.batch(state.micro_step)]
+            gen = step_generator(t.seed, "step", state.micro_step, self.rank)
+            variants = torch.randint(self.cfg.augment.variants, (len(batch),), generator=gen).tolist()
+            items = [load_entry(self.entries[i], v) for i, v in zip(batch, variants)]
+            noise_gen = step_generator(t.seed, "fixed-noise") if self.cfg.objective.fixed_noise else gen
+            loss, sigmas = self.forward_loss(items, [self.samples[i].group for i in batch], gen, noise_gen, self.model)
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and t.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(self.clip_params, t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, sigmas, grad_norm
+
+    def _log_step(self, sigmas: torch.Tensor, grad_norm: Any) -> None:
+        """The optimizer step's loss (mean over micro-batches and processes) to loss.csv, trackers, progress."""
+        step = self.state.step
+        step_loss = self.accelerator.reduce(self.loss_sum / self.micro, reduction="mean").item()
+        self.loss_sum.zero_()
+        self.micro = 0
+        self.result.losses.append(step_loss)
+        lr = self.scheduler.get_last_lr()[0]
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if self.loss_log is not None:
+            self.loss_log.write(step=step, loss=step_loss, lr=float(lr), grad_norm=norm,
+                                sigma=float(sigmas.mean()), seconds=round(time.perf_counter() - self.started, 3))
+        if self.trackers:
+            self.accelerator.log({"loss": step_loss, "lr": lr, "grad_norm": norm}, step=step)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{step_loss:.4f}")
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        stopping = stop.requested
+        if self.world > 1:  # every process stops at the same step (Ctrl-C may reach only some)
+            flag = torch.tensor(float(stopping), device=self.accelerator.device)
+            stopping = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return stopping
+
+    def _checkpoint_validate_preview(self, stopping: bool) -> None:
+        """What is due after an optimizer step: a checkpoint, a held-out loss, preview videos."""
+        t, v, step = self.cfg.train, self.cfg.validation, self.state.step
+        checkpoint_due = t.checkpoint_every and step % t.checkpoint_every == 0
+        if checkpoint_due or step == self.stop_at_step or (stopping and step < t.max_steps):
+            self.result.checkpoint = self.checkpoint()
+            self.saved_at = step
+        if self.held_out and ((t.checkpoint_every and step % t.checkpoint_every == 0 and not v.loss_every)
+                              or (v.loss_every and step % v.loss_every == 0)):
+            self.log_validation_loss()
+        if self.request is not None and step % v.every == 0:
+            if self.previewers:
+                self.preview(step)
+            self.accelerator.wait_for_everyone()  # the other processes wait for the preview
+
+    # ------------------------------------------------------------------ losses
+    def forward_loss(self, batch_items: list[dict[str, Any]], groups: list[Any], gen: torch.Generator,
                      noise_gen: torch.Generator, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        o, t, device = self.cfg.objective, self.cfg.train, self.accelerator.device
         latents = torch.cat([it["latents"] for it in batch_items])
-        sigmas = sample_sigmas(len(batch_items), gen, o.shift, o.fixed_sigma, sigmas_by, latents.shape[-2:])
+        sigmas = sample_sigmas(len(batch_items), gen, o.shift, o.fixed_sigma, self.sigmas_by, latents.shape[-2:])
         noise = torch.randn(latents.shape, generator=noise_gen)
-        branches = [builder(it, video_conditions.get(g), dit_config_) for it, g in zip(batch_items, groups)]
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=accelerator.device.type == "cuda")
+        branches = [self.builder(it, self.video_conditions.get(g), self.dit_config) for it, g in zip(batch_items, groups)]
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
                    if t.activation_offload and torch.is_grad_enabled() else contextlib.nullcontext())
         with offload:
-            loss = flow_matching_loss(net, latents, branches, sigmas, noise, device=accelerator.device,
-                                      dtype=compute_dtype)
+            loss = flow_matching_loss(net, latents, branches, sigmas, noise, device=device, dtype=self.compute_dtype)
         return loss, sigmas
 
-    def validation_loss() -> float:
+    def validation_loss(self) -> float:
         """Mean loss over the held-out samples: variant 0, a fixed sigma and noise per sample, no dropout."""
+        unwrapped = self.unwrapped
         was_training = unwrapped.training
         unwrapped.eval()
         total = 0.0
         try:
             with torch.no_grad():
-                for k, s in enumerate(held_out):
-                    gen = step_generator(t.seed, "holdout", k)
-                    item = load_entry(cached.entries[s.name], 0)
-                    total += float(forward_loss([item], [s.group], gen, gen, unwrapped)[0])
+                for k, s in enumerate(self.held_out):
+                    gen = step_generator(self.cfg.train.seed, "holdout", k)
+                    item = load_entry(self.cached.entries[s.name], 0)
+                    total += float(self.forward_loss([item], [s.group], gen, gen, unwrapped)[0])
         finally:
             unwrapped.train(was_training)
-        return total / len(held_out)
+        return total / len(self.held_out)
 
-    def log_validation_loss() -> None:
-        value = validation_loss()
-        result.val_losses.append((state.step, value))
-        if val_log is not None:
-            val_log.write(step=state.step, val_loss=value)
-        if trackers:
-            accelerator.log({"val_loss": value}, step=state.step)
-        log.info("step %d: held-out loss %.5f (%d samples)", state.step, value, len(held_out))
+    def log_validation_loss(self) -> None:
+        step = self.state.step
+        value = self.validation_loss()
+        self.result.val_losses.append((step, value))
+        if self.val_log is not None:
+            self.val_log.write(step=step, val_loss=value)
+        if self.trackers:
+            self.accelerator.log({"val_loss": value}, step=step)
+        log.info("step %d: held-out loss %.5f (%d samples)", step, value, len(self.held_out))
 
-    o = cfg.objective
-    sigmas_by = sigma_method(o.sigma_sampling, mode)
-    loss_sum, micro, started = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
-    saved_at = -1
-    stop = StopRequest()
-    try:
-        with stop:
-            while state.step < t.max_steps:
-                with accelerator.accumulate(model):
-                    batch = [repeated[j] for j in order.batch(state.micro_step)]
-                    gen = step_generator(t.seed, "step", state.micro_step, rank)
-                    variants = torch.randint(cfg.augment.variants, (len(batch),), generator=gen).tolist()
-                    items = [load_entry(entries[i], v) for i, v in zip(batch, variants)]
-                    noise_gen = step_generator(t.seed, "fixed-noise") if o.fixed_noise else gen
-                    loss, sigmas = forward_loss(items, [samples[i].group for i in batch], gen, noise_gen, model)
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(clip_params, t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.micro_step += 1
-                loss_sum += loss.detach()
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                state.step += 1
-                step_loss = accelerator.reduce(loss_sum / micro, reduction="mean").item()
-                loss_sum.zero_()
-                micro = 0
-                result.losses.append(step_loss)
-                lr = scheduler.get_last_lr()[0]
-                norm = float(grad_norm) if grad_norm is not None else float("nan")
-                if loss_log is not None:
-                    loss_log.write(step=state.step, loss=step_loss, lr=float(lr), grad_norm=norm,
-                                   sigma=float(sigmas.mean()), seconds=round(time.perf_counter() - started, 3))
-                if trackers:
-                    accelerator.log({"loss": step_loss, "lr": lr, "grad_norm": norm}, step=state.step)
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}")
-                stopping = stop.requested
-                if world > 1:  # every process stops at the same step (Ctrl-C may reach only some)
-                    flag = torch.tensor(float(stopping), device=accelerator.device)
-                    stopping = accelerator.reduce(flag, reduction="sum").item() > 0
-                checkpoint_due = t.checkpoint_every and state.step % t.checkpoint_every == 0
-                if checkpoint_due or state.step == stop_at_step or (stopping and state.step < t.max_steps):
-                    result.checkpoint = checkpoint()
-                    saved_at = state.step
-                if held_out and ((t.checkpoint_every and state.step % t.checkpoint_every == 0
-                                  and not cfg.validation.loss_every)
-                                 or (cfg.validation.loss_every and state.step % cfg.validation.loss_every == 0)):
-                    log_validation_loss()
-                if request is not None and state.step % cfg.validation.every == 0:
-                    if previewer is not None:
-                        previewer(unwrapped, state.step)
-                    accelerator.wait_for_everyone()  # the other processes wait for the preview
-                if stopping and state.step < t.max_steps:
-                    result.interrupted = result.stopped_by_signal = True
-                    break
-                if stop_at_step is not None and state.step >= stop_at_step and state.step < t.max_steps:
-                    result.interrupted = True
-                    break
-        result.step = state.step
-        if not result.interrupted:
-            if saved_at != state.step:
-                result.checkpoint = checkpoint()
-            if held_out and (not result.val_losses or result.val_losses[-1][0] != state.step):
-                log_validation_loss()
-            if previewer is not None and state.step % cfg.validation.every:
-                previewer(unwrapped, state.step)
-            lora = lora_now()
-            if accelerator.is_main_process:
-                result.lora_path = save_lora(lora, out / f"{t.name}.safetensors",
-                                             metadata=lora_metadata(cfg, dit_config_.family, state.step),
-                                             dtype=torch_dtype(t.save_dtype))
-                log.info("LoRA saved: %s (%d layers, step %d)", result.lora_path, len(lora.layers), state.step)
-            accelerator.wait_for_everyone()
-    finally:
-        progress.close()
-        for f in (loss_log, val_log):
+    # ------------------------------------------------------------------ checkpoints and export
+    def lora_now(self) -> Any:
+        """The LoRA as it is now (on the main process; every process must call it under FSDP)."""
+        accelerator, model = self.accelerator, self.model
+        if self.fsdp:  # gather the full parameters (a collective call)
+            full = accelerator.get_state_dict(model)
+            names = {n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters() if p.requires_grad}
+            weights = {k: v for k, v in full.items() if k in names}
+        else:
+            weights = trainable_state(self.unwrapped)
+        return export_lora(weights, self.cfg.lora.alpha, self.connector_base) if accelerator.is_main_process else None
+
+    def checkpoint(self) -> Path:
+        t, step = self.cfg.train, self.state.step
+        lora = self.lora_now()
+        return save_checkpoint(self.accelerator, self.out, step, t.keep_checkpoints,
+                               {"lora": lora, "metadata": lora_metadata(self.cfg, self.dit_config.family, step),
+                                "dtype": torch_dtype(t.save_dtype), "run": self.identity})
+
+    def export(self) -> None:
+        """After the last step: a final checkpoint, held-out loss and preview where not done yet, the LoRA file."""
+        accelerator, cfg, t, step, result = self.accelerator, self.cfg, self.cfg.train, self.state.step, self.result
+        if self.saved_at != step:
+            result.checkpoint = self.checkpoint()
+        if self.held_out and (not result.val_losses or result.val_losses[-1][0] != step):
+            self.log_validation_loss()
+        if self.previewers and step % cfg.validation.every:
+            self.preview(step)
+        lora = self.lora_now()
+        if accelerator.is_main_process:
+            result.lora_path = save_lora(lora, self.out / f"{t.name}.safetensors",
+                                         metadata=lora_metadata(cfg, self.dit_config.family, step),
+                                         dtype=torch_dtype(t.save_dtype))
+            log.info("LoRA saved: %s (%d layers, step %d)", result.lora_path, len(lora.layers), step)
+        accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Close the progress bar and logs; take the DiT's blocks off the swap."""
+        if self.progress is not None:
+            self.progress.close()
+        for f in (self.loss_log, self.val_log):
             if f is not None:
                 f.close()
-        if swap is not None:
+        if self.swap is not None:
             from bindweave_core.dit.offload import disable_block_offload
 
-            disable_block_offload(unwrapped)
-    return result
+            disable_block_offload(self.unwrapped)
 
 
 def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
