@@ -390,7 +390,7 @@ def _is_fp8(module: nn.Module) -> bool:
 
 def _add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
     """``weight += delta``; fp8 weights are dequantised, merged and requantised with a fresh scale."""
-    from .dit.fp8 import quantize_weight
+    from .fp8 import quantize_weight
 
     w = module.weight
     if _is_fp8(module):

@@ -20,7 +20,7 @@ from bindweave_core.checkpoints.inspect import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
-from bindweave_core.dit.fp8 import FP8Linear
+from bindweave_core.fp8 import FP8Linear
 from bindweave_core.encoders.planner import (
     QWEN25_VL_7B_CONFIG,
     QWEN25_VL_7B_IMAGE_SETTINGS,

@@ -141,7 +141,7 @@ def load_training_dit(cfg: TrainConfig) -> BindWeaveTransformer:
 
 def to_fp8(dit: nn.Module) -> nn.Module:
     """Quantise the block linears of an in-memory DiT to fp8 storage (what ``weight_format: fp8`` loads)."""
-    from bindweave_core.dit.fp8 import FP8Linear, fp8_candidate_modules, quantize_weight
+    from bindweave_core.fp8 import FP8Linear, fp8_candidate_modules, quantize_weight
 
     for name in fp8_candidate_modules(dit):
         parent_name, _, leaf = name.rpartition(".")

@@ -31,7 +31,7 @@ import torch
 
 from .. import constants as C
 from ..config import PRESETS, DiTConfig
-from ..dit.fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
+from ..fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
 from ..dit.transformer import BindWeaveTransformer
 from ..errors import CheckpointError
 from .identify import describe, identify, strip_wrapper_prefix

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dit.fp8 import FP8_DTYPE, quantize_weight
+from ..fp8 import FP8_DTYPE, quantize_weight
 from ..errors import CheckpointError
 from .safetensors_io import TensorInfo, iter_tensors
 

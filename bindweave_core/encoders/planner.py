@@ -138,7 +138,7 @@ class Planner:
                 storage with per-tensor scales (quantising high-precision files on the way in).
             config: a Qwen2.5-VL config dict for files that are not the released 7B model.
         """
-        from ..dit.fp8 import swap_in_fp8_linears
+        from ..fp8 import swap_in_fp8_linears
 
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")

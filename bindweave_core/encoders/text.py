@@ -36,7 +36,7 @@ from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, component_dir, iter_tensors, read_header
 from ..config import PRESETS
-from ..dit.fp8 import swap_in_fp8_linears
+from ..fp8 import swap_in_fp8_linears
 from ..errors import CheckpointError, InputError
 from ..model_files import where_to_get
 
