@@ -182,7 +182,7 @@ class BindWeavePipeline:
         ``family`` overrides the family read from the DiT checkpoint (e.g. ``kaleido`` for Kaleido
         weights converted to another layout, which then read as plain ``wan-t2v``).
         """
-        from .checkpoints.dit_loader import load_dit, scan_dit
+        from .dit.loading import load_dit, scan_dit
         from .encoders.clip_vision import ClipVisionEncoder
         from .encoders.planner import Planner
         from .encoders.text import TextEncoder

@@ -103,7 +103,7 @@ class LoadDiT(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, dtype, weight_format, attention, resident_blocks=-1) -> io.NodeOutput:
-        from bindweave_core.checkpoints.dit_loader import load_dit
+        from bindweave_core.dit.loading import load_dit
         from bindweave_core.smoke import smoke_dit
 
         if model_name in (SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE):

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bindweave_core import constants as C
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS

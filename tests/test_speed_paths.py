@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bindweave_core.checkpoints.dit_loader import load_dit
+from bindweave_core.dit.loading import load_dit
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import attention as A

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
 from bindweave_core.fp8 import FP8Linear

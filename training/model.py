@@ -51,7 +51,7 @@ def dit_config(cfg: TrainConfig) -> DiTConfig:
     m = cfg.model
     if m.smoke:
         return PRESETS["tiny-kaleido" if m.family == "kaleido" else "tiny"]
-    from bindweave_core.checkpoints.dit_loader import scan_dit
+    from bindweave_core.dit.loading import scan_dit
 
     config = scan_dit(m.dit).config
     return config.replace(family=m.family) if m.family and m.family != config.family else config
@@ -132,7 +132,7 @@ def load_training_dit(cfg: TrainConfig) -> BindWeaveTransformer:
         if m.weight_format == "fp8":
             to_fp8(dit)
     else:
-        from bindweave_core.checkpoints.dit_loader import load_dit
+        from bindweave_core.dit.loading import load_dit
 
         dit = load_dit(m.dit, dtype=torch_dtype(m.dtype), weight_format=m.weight_format, attention_backend=m.attention,
                        config=config)

@@ -8,13 +8,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from .identify import identify
-from .safetensors_io import read_header
+from .checkpoints.identify import identify
+from .checkpoints.safetensors_io import read_header
+from .errors import CheckpointError
 
 # Kind -> module defining ``inspect_report(path, infos, metadata) -> dict`` (imported on use).
 INSPECTOR_MODULES: dict[str, str] = {
-    "dit": "bindweave_core.checkpoints.dit_loader",
+    "dit": "bindweave_core.dit.loading",
     "vae": "bindweave_core.encoders.vae",
     "umt5": "bindweave_core.encoders.text",
     "clip_vision": "bindweave_core.encoders.clip_vision",
