@@ -146,9 +146,9 @@ class BindWeavePipeline:
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = offload
         # Conditions reused while their inputs are unchanged (video condition, text, planner, references).
-        # ``planner_cache`` (a directory or an encoders.planner.PlannerCache) is the older name of a disk cache.
+        # ``planner_cache`` (a directory) is the older name of a disk condition cache.
         if condition_cache is None and planner_cache is not None:
-            condition_cache = ConditionCache(getattr(planner_cache, "directory", planner_cache))
+            condition_cache = ConditionCache(planner_cache)
         self.condition_cache = condition_cache if condition_cache is not None else shared_cache()
         self.last_step_cache = None  # StepCacheStats of the last sample() with the step cache on
         self.runtime = runtime or RuntimeOptions()  # block offload, compile, multi-GPU, VAE tiling, memory check

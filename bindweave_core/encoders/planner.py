@@ -46,7 +46,6 @@ from ..model_files import where_to_get
 
 log = logging.getLogger("BindWeave")
 
-from .planner_cache import PlannerCache, image_digest
 from .planner_checkpoint import (
     FP8_MODULE_PREFIX,
     TOKENIZER_HELP,
@@ -76,13 +75,14 @@ from .planner_inputs import (
     check_prompt,
     fit_to_grid,
     grid_size,
+    image_digest,
     make_processor,
     pre_resize,
     prepare_images,
 )
 
 # The planner's public names, wherever they are defined (callers import them from here).
-__all__ = ["Planner", "PlannerCache", "image_digest", "inspect_report", "scan_planner", "tiny_tokenizer",
+__all__ = ["Planner", "image_digest", "inspect_report", "scan_planner", "tiny_tokenizer",
            "QWEN25_VL_7B_CONFIG", "TINY_CONFIG", "QWEN25_VL_7B_IMAGE_SETTINGS", "ImageSettings", "build_inputs",
            "chat_text", "check_images", "check_prompt", "fit_to_grid", "grid_size", "make_processor", "pre_resize",
            "prepare_images", "WEIGHT_FORMATS"]
@@ -101,7 +101,7 @@ class Planner:
         self.tokenizer = tokenizer
         self.image_settings = image_settings
         self.processor = make_processor(tokenizer, image_settings)
-        self.identity = identity  # stable id of the weights + tokenizer + settings, for the disk cache
+        self.identity = identity  # stable id of the weights + tokenizer + settings, for the condition cache
         self.source = source
         self.has_lm_head = has_lm_head
         check_tokenizer(tokenizer, model.config, source or "tokenizer")
@@ -240,26 +240,20 @@ class Planner:
         out = self.model.model(**batch, use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def encode(self, prompt: str, images: Any, negative_prompt: str = C.DEFAULT_PLANNER_NEGATIVE_PROMPT,
-               cache: PlannerCache | None = None) -> PlannerStates:
-        """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3)."""
+    def encode(self, prompt: str, images: Any,
+               negative_prompt: str = C.DEFAULT_PLANNER_NEGATIVE_PROMPT) -> PlannerStates:
+        """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3).
+
+        Not cached here: the pipeline keeps the states in its condition cache (``condition_cache.py``).
+        """
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt", allow_empty=True)
         tokens = len(self.tokenizer(prompt)["input_ids"])
         if tokens > C.TEXT_LEN:  # UMT5 cuts such a prompt (encoders/text.py warns); say that this branch does not
             log.info("the planner reads the whole prompt: %d tokens (no limit), with the images", tokens)
-        originals = check_images(images)
-        key = cache.key(self.identity, prompt, negative_prompt, originals) if cache is not None else None
-        if cache is not None:
-            hit = cache.load(key, device=self.device, dtype=self.dtype)
-            if hit is not None:
-                return hit
-        prepared = self.prepare_images(originals)
-        states = PlannerStates(positive=self.hidden_states(prompt, prepared, prepared=True),
-                               negative=self.hidden_states(negative_prompt, prepared, prepared=True))
-        if cache is not None:
-            cache.store(key, states, {"prompt": prompt, "negative_prompt": negative_prompt, "planner": self.source})
-        return states
+        prepared = self.prepare_images(check_images(images))
+        return PlannerStates(positive=self.hidden_states(prompt, prepared, prepared=True),
+                             negative=self.hidden_states(negative_prompt, prepared, prepared=True))
 
     # ------------------------------------------------------------------ prompt refinement
     @torch.no_grad()

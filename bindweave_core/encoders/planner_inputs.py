@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,6 +98,15 @@ def as_rgb(image: Any) -> Image.Image:
     from ..images import load_rgb
 
     return load_rgb(image)
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of an image's RGB pixels and size (what the planner sees before its resizes): the images'
+    part of the planner's condition-cache key."""
+    rgb = as_rgb(image)
+    h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
 
 
 def pre_resize(image: Image.Image) -> Image.Image:
