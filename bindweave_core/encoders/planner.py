@@ -43,9 +43,7 @@ from ..checkpoints.materialize import materialize
 from ..conditioning import PlannerStates
 from ..errors import CheckpointError
 from ..model_files import where_to_get
-
-log = logging.getLogger("BindWeave")
-
+from .base import Encoder, seeded_init_
 from .planner_checkpoint import (
     FP8_MODULE_PREFIX,
     TOKENIZER_HELP,
@@ -81,6 +79,8 @@ from .planner_inputs import (
     prepare_images,
 )
 
+log = logging.getLogger("BindWeave")
+
 # The planner's public names, wherever they are defined (callers import them from here).
 __all__ = ["Planner", "image_digest", "inspect_report", "scan_planner", "tiny_tokenizer",
            "QWEN25_VL_7B_CONFIG", "TINY_CONFIG", "QWEN25_VL_7B_IMAGE_SETTINGS", "ImageSettings", "build_inputs",
@@ -88,29 +88,33 @@ __all__ = ["Planner", "image_digest", "inspect_report", "scan_planner", "tiny_to
            "prepare_images", "WEIGHT_FORMATS"]
 
 # ------------------------------------------------------------------------------------ the planner
-class Planner:
+def _tiny_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if p.dim() == 1 and "norm" in name or name.endswith("ln_q.weight"):
+        return 1.0 + 0.1 * noise  # RMSNorm gains near 1
+    fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
+    return noise * fan_in ** -0.5
+
+
+class Planner(Encoder):
     """Qwen2.5-VL (``transformers.Qwen2_5_VLForConditionalGeneration``) + its processor.
 
     ``model`` is a plain ``nn.Module``: move it with ``planner.model.to(device)``; inputs follow it.
     Results come back on the model's device in the model's dtype.
     """
 
+    inspect_report = staticmethod(inspect_report)
+
     def __init__(self, model: nn.Module, tokenizer: Any, image_settings: ImageSettings = QWEN25_VL_7B_IMAGE_SETTINGS,
                  *, identity: str, source: str = "", has_lm_head: bool = True) -> None:
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model.eval().requires_grad_(False), source=source)
         self.tokenizer = tokenizer
         self.image_settings = image_settings
         self.processor = make_processor(tokenizer, image_settings)
         self.identity = identity  # stable id of the weights + tokenizer + settings, for the condition cache
-        self.source = source
         self.has_lm_head = has_lm_head
         check_tokenizer(tokenizer, model.config, source or "tokenizer")
 
     # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @property
     def dtype(self) -> torch.dtype:
         return self.model.model.language_model.norm.weight.dtype
@@ -193,8 +197,7 @@ class Planner:
                  "fp8 decoder weights" if fp8_modules else str(dtype).replace("torch.", ""),
                  ", fp8-scaled file" if ckpt.fp8_scaled else "", path)
         planner = cls(model, tokenizer, settings, identity=identity, source=str(path), has_lm_head=ckpt.has_lm_head)
-        planner.checkpoint_info = ckpt
-        return planner
+        return planner.loaded_from(ckpt)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> Planner:
@@ -204,14 +207,7 @@ class Planner:
         with torch.random.fork_rng(devices=[]):  # the classes' own init draws from the global RNG
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration(config_object(TINY_CONFIG))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
-                if p.dim() == 1 and "norm" in name or name.endswith("ln_q.weight"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))  # RMSNorm gains near 1
-                else:
-                    fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
-                    p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+        seeded_init_(model, seed, _tiny_value)
         identity = json_hash({"tiny": seed, "config": TINY_CONFIG, "settings": QWEN25_VL_7B_IMAGE_SETTINGS.__dict__})
         return cls(model.float(), tiny_tokenizer(), QWEN25_VL_7B_IMAGE_SETTINGS, identity=identity,
                    source=f"tiny(seed={seed})")

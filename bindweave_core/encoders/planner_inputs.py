@@ -14,7 +14,6 @@ from PIL import Image
 from .. import constants as C
 from ..errors import InputError
 
-
 # ------------------------------------------------------------------------------------ chat template
 SYSTEM_PROMPT = "You are a helpful assistant."  # the Qwen2.5-VL chat template's default
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
