@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,12 +31,16 @@ from .condition_cache import ConditionCache, digest, model_identity, path_identi
 from .conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
+from .encoders.base import Encoder
 from .errors import InputError
 from .lazy import Lazy
 from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .step_cache import StepCache
+
+if TYPE_CHECKING:
+    from .encoders.vae import WanVAE
 
 log = logging.getLogger("BindWeave")
 
@@ -137,7 +141,8 @@ def default_device() -> torch.device:
 class BindWeavePipeline:
     """Holds the five models (or functions that load them) and runs a generation."""
 
-    def __init__(self, *, dit: Any, vae: Any, text_encoder: Any, clip_vision: Any = None, planner: Any = None,
+    def __init__(self, *, dit: Any, vae: Encoder | Lazy | None, text_encoder: Encoder | Lazy | None,
+                 clip_vision: Encoder | Lazy | None = None, planner: Encoder | Lazy | None = None,
                  device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None,
                  runtime: RuntimeOptions | None = None, condition_cache: ConditionCache | None = None):
         if offload not in OFFLOAD_MODES:
@@ -370,7 +375,7 @@ class BindWeavePipeline:
         return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
                                   masks=pixel_masks, extra={"video_condition": out["video_condition"]})
 
-    def video_condition(self, vae: Any, settings: GenerationSettings) -> torch.Tensor:
+    def video_condition(self, vae: WanVAE, settings: GenerationSettings) -> torch.Tensor:
         """The all-zero video's condition (kept in the condition cache per VAE, size, frames, dtype, device)."""
         return vae.video_condition(settings.num_frames, settings.height, settings.width,
                                    cache=self.condition_cache).cpu()
