@@ -47,7 +47,7 @@ from bindweave_core.checkpoints.materialize import target_dtype  # noqa: E402
 from bindweave_core.config import PRESETS, DiTConfig  # noqa: E402
 from bindweave_core.dit.attention import resolve_backend  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
-from bindweave_core.dit.fp8 import (  # noqa: E402
+from bindweave_core.fp8 import (  # noqa: E402
     FP8Linear,
     convert_to_fp8,
     fp8_candidate_modules,

@@ -42,7 +42,7 @@ import dit_speed as S  # noqa: E402
 from bindweave_core import constants as C  # noqa: E402
 from bindweave_core.config import PRESETS  # noqa: E402
 from bindweave_core.dit import attention as A  # noqa: E402
-from bindweave_core.dit import fp8 as FP8  # noqa: E402
+from bindweave_core import fp8 as FP8  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
 from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
 from bindweave_core.memory import GiB, RunShape, estimate_vram, token_count  # noqa: E402

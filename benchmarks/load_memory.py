@@ -78,7 +78,7 @@ def cpu_seconds() -> float:
 
 def child(path: str, dtype: str, weight_format: str, quantizer: str = "current") -> None:
     from bindweave_core.checkpoints import materialize
-    from bindweave_core.checkpoints.dit_loader import load_dit
+    from bindweave_core.dit.loading import load_dit
 
     if quantizer == "reference":
         materialize.quantize_weight = reference_quantize_weight

@@ -15,7 +15,7 @@ EXIT_CANCELLED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoints.inspect import format_report, inspect_checkpoint
+    from .inspection import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path)
     sys.stdout.write((json.dumps(report, indent=2) if args.json else format_report(report)) + "\n")

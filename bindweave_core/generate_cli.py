@@ -207,7 +207,7 @@ def build_pipeline(args: argparse.Namespace):
 
 
 def _dit_family(path: str, override: str | None) -> str:
-    from .checkpoints.dit_loader import scan_dit
+    from .dit.loading import scan_dit
 
     return override or scan_dit(path).family
 

@@ -23,7 +23,7 @@ Everything is keyed by our DiT's names (diffusers Wan names: ``blocks.0.attn1.to
   ``modulation`` tables (read as ``blocks.N.modulation.diff``).
 
 The original <-> diffusers renaming is diffusers' own Wan converter (through
-``dit_loader._original_to_diffusers``); the reverse direction is a short table whose every entry is
+``checkpoints.dit_layout.original_to_diffusers``); the reverse direction is a short table whose every entry is
 checked against that converter.
 
 The scale of a pair is ``alpha / rank`` (``alpha`` absent: 1), as in peft, kohya and ComfyUI:
@@ -205,7 +205,7 @@ def dit_name_table(num_layers: int) -> dict[str, tuple[str, str]]:
     Aliases: our name, the original name (only where diffusers' converter maps it back to ours),
     and both with dots as underscores (kohya).
     """
-    from .checkpoints.dit_loader import _original_to_diffusers
+    from .checkpoints.dit_layout import original_to_diffusers
     from .config import PRESETS
     from .dit.transformer import BindWeaveTransformer
 
@@ -218,7 +218,7 @@ def dit_name_table(num_layers: int) -> dict[str, tuple[str, str]]:
         for leaf, p in module._parameters.items():
             if p is not None and leaf not in ("weight", "bias"):
                 entries.append(("param", f"{mod_name}.{leaf}" if mod_name else leaf, ""))
-    converted, _ = _original_to_diffusers([original_name(ours) + suffix for _, ours, suffix in entries], "")
+    converted, _ = original_to_diffusers([original_name(ours) + suffix for _, ours, suffix in entries], "")
     table: dict[str, tuple[str, str]] = {}
     for kind, ours, suffix in entries:
         names = [ours]
@@ -392,7 +392,7 @@ def _is_fp8(module: nn.Module) -> bool:
 
 def _add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
     """``weight += delta``; fp8 weights are dequantised, merged and requantised with a fresh scale."""
-    from .dit.fp8 import quantize_weight
+    from .fp8 import quantize_weight
 
     w = module.weight
     if _is_fp8(module):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,7 @@ from .condition_cache import ConditionCache, model_identity, shared_cache
 from .conditioning import PlannerStates, ReferenceCondition, TextStates
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
+from .encoders.base import Encoder
 from .errors import InputError
 from .families import ModelFamily, family_for
 from .lazy import Lazy
@@ -39,6 +40,9 @@ from .preflight import check_device, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .step_cache import StepCache
+
+if TYPE_CHECKING:
+    from .encoders.vae import WanVAE
 
 log = logging.getLogger("BindWeave")
 
@@ -129,7 +133,8 @@ def default_device() -> torch.device:
 class BindWeavePipeline:
     """Holds the five models (or functions that load them) and runs a generation."""
 
-    def __init__(self, *, dit: Any, vae: Any, text_encoder: Any, clip_vision: Any = None, planner: Any = None,
+    def __init__(self, *, dit: Any, vae: Encoder | Lazy | None, text_encoder: Encoder | Lazy | None,
+                 clip_vision: Encoder | Lazy | None = None, planner: Encoder | Lazy | None = None,
                  device: str | torch.device | None = None, offload: str = "model", planner_cache: Any = None,
                  runtime: RuntimeOptions | None = None, condition_cache: ConditionCache | None = None):
         if offload not in OFFLOAD_MODES:
@@ -138,9 +143,9 @@ class BindWeavePipeline:
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = offload
         # Conditions reused while their inputs are unchanged (video condition, text, planner, references).
-        # ``planner_cache`` (a directory or an encoders.planner.PlannerCache) is the older name of a disk cache.
+        # ``planner_cache`` (a directory) is the older name of a disk condition cache.
         if condition_cache is None and planner_cache is not None:
-            condition_cache = ConditionCache(getattr(planner_cache, "directory", planner_cache))
+            condition_cache = ConditionCache(planner_cache)
         self.condition_cache = condition_cache if condition_cache is not None else shared_cache()
         self.last_step_cache = None  # StepCacheStats of the last sample() with the step cache on
         self.runtime = runtime or RuntimeOptions()  # block offload, compile, multi-GPU, VAE tiling, memory check
@@ -174,7 +179,7 @@ class BindWeavePipeline:
         ``family`` overrides the family read from the DiT checkpoint (e.g. ``kaleido`` for Kaleido
         weights converted to another layout, which then read as plain ``wan-t2v``).
         """
-        from .checkpoints.dit_loader import load_dit, scan_dit
+        from .dit.loading import load_dit, scan_dit
         from .encoder_loaders import encoder_loaders
 
         device = torch.device(device) if device is not None else default_device()
@@ -322,7 +327,7 @@ class BindWeavePipeline:
         """Whether the VAE encodes tiled (a key of the cached reference conditions)."""
         return self.runtime.vae_tiling or bool(getattr(self._loaded.get("vae"), "tiling", False))
 
-    def video_condition(self, vae: Any, settings: GenerationSettings) -> torch.Tensor:
+    def video_condition(self, vae: WanVAE, settings: GenerationSettings) -> torch.Tensor:
         """The all-zero video's condition (kept in the condition cache per VAE, size, frames, dtype, device)."""
         return vae.video_condition(settings.num_frames, settings.height, settings.width,
                                    cache=self.condition_cache).cpu()

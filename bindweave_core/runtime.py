@@ -114,7 +114,7 @@ def dit_description(pipe: Any) -> tuple[Any, torch.dtype, str] | None:
     """``(config, dtype, weight_format)`` of the pipeline's DiT, loaded or not (None if unknown)."""
     import torch
 
-    from .dit.fp8 import FP8Linear
+    from .fp8 import FP8Linear
     from .lazy import Lazy
 
     dit = pipe.current("dit")

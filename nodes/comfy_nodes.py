@@ -5,7 +5,9 @@ The inputs, tooltips and descriptions are defined once in ``specs.py``.
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
+from typing import ClassVar
 
 import comfy.model_management as mm
 import torch
@@ -13,6 +15,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
+from bindweave_core.encoders.base import Encoder
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
 from bindweave_core.memory import dit_activation_bytes, estimate_vram
@@ -26,11 +29,8 @@ from .convert import collect_references, latent_output, latent_stats, latents_fr
 from .specs import (
     DECODE,
     DIT_FOLDERS,
-    LOAD_CLIP_VISION,
+    ENCODER_LOADERS,
     LOAD_DIT,
-    LOAD_PLANNER,
-    LOAD_TEXT_ENCODER,
-    LOAD_VAE,
     LORA,
     NATIVE_CONDITIONING,
     NATIVE_MODEL,
@@ -42,6 +42,7 @@ from .specs import (
     SMOKE_CHOICE,
     SMOKE_KALEIDO_CHOICE,
     TEXT_ENCODE,
+    EncoderLoader,
     In,
     NodeSpec,
 )
@@ -104,7 +105,7 @@ class LoadDiT(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, dtype, weight_format, attention, resident_blocks=-1) -> io.NodeOutput:
-        from bindweave_core.checkpoints.dit_loader import load_dit
+        from bindweave_core.dit.loading import load_dit
         from bindweave_core.smoke import smoke_dit
 
         if model_name in (SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE):
@@ -116,62 +117,40 @@ class LoadDiT(io.ComfyNode):
         return io.NodeOutput(host.wrap(dit, "dit", resident_blocks=None if resident_blocks < 0 else resident_blocks))
 
 
-class LoadVAE(io.ComfyNode):
+class EncoderLoaderNode(io.ComfyNode):
+    """The loader node of one encoder (a row of ``specs.ENCODER_LOADERS``): the smoke model or the chosen
+    file, loaded by the encoder's own ``load`` (or ``tiny``) and handed to ComfyUI's memory manager."""
+
+    row: ClassVar[EncoderLoader]
+
     @classmethod
     def define_schema(cls):
-        return schema(LOAD_VAE)
+        return schema(cls.row.spec)
 
     @classmethod
-    def execute(cls, vae_name, dtype) -> io.NodeOutput:
-        from bindweave_core.encoders.vae import WanVAE
-
-        vae = WanVAE.tiny(0) if vae_name == SMOKE_CHOICE else WanVAE.load(
-            host.resolve(vae_name, ("vae",)), dtype=host.torch_dtype(dtype, "vae"))
-        return io.NodeOutput(host.wrap(vae, "vae"))
-
-
-class LoadTextEncoder(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return schema(LOAD_TEXT_ENCODER)
-
-    @classmethod
-    def execute(cls, text_encoder_name, dtype, tokenizer_dir="") -> io.NodeOutput:
-        from bindweave_core.encoders.text import TextEncoder
-
-        text = TextEncoder.tiny(0) if text_encoder_name == SMOKE_CHOICE else TextEncoder.load(
-            host.resolve(text_encoder_name, ("text_encoders",)), dtype=host.torch_dtype(dtype, "text"),
-            tokenizer_dir=tokenizer_dir or None)
-        return io.NodeOutput(host.wrap(text, "text_encoder"))
+    def execute(cls, dtype, **inputs) -> io.NodeOutput:
+        row = cls.row
+        module, _, name = row.encoder.partition(":")
+        encoder: type[Encoder] = getattr(importlib.import_module(module), name)
+        choice = inputs.pop(row.file_input)
+        if choice == SMOKE_CHOICE:
+            return io.NodeOutput(host.wrap(encoder.tiny(0), row.memory_kind))
+        options = {i.name: inputs.get(i.name, i.default) for i in row.options}
+        options = {k: (None if v == "" else v) for k, v in options.items()}  # an empty text box: not given
+        if row.comfy_tokenizer:
+            options["tokenizer_dir"] = host.qwen_tokenizer_dir()
+        loaded = encoder.load(host.resolve(choice, row.folders), dtype=host.torch_dtype(dtype, row.dtype_kind),
+                              **options)
+        return io.NodeOutput(host.wrap(loaded, row.memory_kind))
 
 
-class LoadCLIPVision(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return schema(LOAD_CLIP_VISION)
-
-    @classmethod
-    def execute(cls, clip_name, dtype) -> io.NodeOutput:
-        from bindweave_core.encoders.clip_vision import ClipVisionEncoder
-
-        clip = ClipVisionEncoder.tiny(0) if clip_name == SMOKE_CHOICE else ClipVisionEncoder.load(
-            host.resolve(clip_name, ("clip_vision",)), dtype=host.torch_dtype(dtype, "text"))
-        return io.NodeOutput(host.wrap(clip, "clip_vision"))
+def encoder_loader_node(row: EncoderLoader) -> type[EncoderLoaderNode]:
+    """The node class of one encoder loader (named as ``row.class_name``)."""
+    return type(row.class_name, (EncoderLoaderNode,), {"row": row, "__module__": __name__,
+                                                       "__qualname__": row.class_name})
 
 
-class LoadPlanner(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return schema(LOAD_PLANNER)
-
-    @classmethod
-    def execute(cls, planner_name, dtype, weight_format) -> io.NodeOutput:
-        from bindweave_core.encoders.planner import Planner
-
-        planner = Planner.tiny(0) if planner_name == SMOKE_CHOICE else Planner.load(
-            host.resolve(planner_name, ("text_encoders",)), dtype=host.torch_dtype(dtype, "text"),
-            tokenizer_dir=host.qwen_tokenizer_dir(), weight_format=weight_format)
-        return io.NodeOutput(host.wrap(planner, "planner"))
+LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner = (encoder_loader_node(row) for row in ENCODER_LOADERS)
 
 
 # ------------------------------------------------------------------------------------------ conditioning

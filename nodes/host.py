@@ -20,6 +20,7 @@ import folder_paths
 import torch
 
 from bindweave_core import dtypes
+from bindweave_core.encoders.base import Encoder
 from bindweave_core.errors import OutOfMemoryError
 from bindweave_core.sampling import ProgressCallback
 
@@ -125,7 +126,7 @@ class Loaded:
     """A BindWeave model inside ComfyUI: our wrapper (``component``) and the ModelPatcher that lets
     ComfyUI's memory manager load and offload its module (``patcher.model``)."""
 
-    component: Any
+    component: Encoder | torch.nn.Module  # an encoder, or the DiT
     patcher: comfy.model_patcher.ModelPatcher
     kind: str
     # DiT block offload: blocks kept on the GPU while sampling (None: ComfyUI loads the whole model)
@@ -142,7 +143,7 @@ class Loaded:
         return Loaded(self.component, self.patcher.clone(), self.kind, self.resident_blocks)
 
 
-def wrap(component: Any, kind: str, resident_blocks: int | None = None) -> Loaded:
+def wrap(component: Encoder | torch.nn.Module, kind: str, resident_blocks: int | None = None) -> Loaded:
     """A ModelPatcher over ``component``. With ``resident_blocks`` (DiT block offload) ComfyUI loads it
     to the offload device, where its weight patches (LoRAs) are applied; the sampler then streams the
     blocks to the GPU itself (:func:`make_room` first)."""

@@ -130,48 +130,69 @@ LOAD_DIT = NodeSpec(
     (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
 )
 
-LOAD_VAE = NodeSpec(
-    "BindWeaveVAELoader", "Load BindWeave VAE", f"{CATEGORY}/loaders",
-    "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
-    (In("vae_name", "combo", "The Wan 2.1 VAE file.", files=("vae",), smoke=(SMOKE_CHOICE,), directories=True),
-     _dtype("VAE")),
-    (Out(VAE, "vae", "The Wan 2.1 VAE."),),
-)
+@dataclass(frozen=True)
+class EncoderLoader:
+    """One encoder loader node. The four (VAE, UMT5, CLIP vision, planner) differ only in these fields:
+    ``spec`` is the node's interface and ``nodes/comfy_nodes.py`` builds one node class per row."""
 
-LOAD_TEXT_ENCODER = NodeSpec(
-    "BindWeaveTextEncoderLoader", "Load BindWeave UMT5", f"{CATEGORY}/loaders",
-    "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
-    "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
-    (In("text_encoder_name", "combo", "The UMT5-XXL encoder file.", files=("text_encoders",), smoke=(SMOKE_CHOICE,),
-        directories=True),
-     _dtype("text encoder"),
-     In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): the "
-                                   "folder of the google/umt5-xxl tokenizer. Leave empty otherwise.", default="",
-        optional=True)),
-    (Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."),),
-)
+    class_name: str  # the node's Python class in comfy_nodes
+    node_id: str
+    display_name: str
+    description: str
+    file_input: str  # the combo of model files (plus the smoke model and models/bindweave directories)
+    file_tooltip: str
+    folders: tuple[str, ...]  # the ComfyUI model folders listed by the combo and searched for the choice
+    what: str  # the model, as the dtype tooltip names it
+    output: Out
+    encoder: str  # the bindweave_core encoder class, "module:Class" (imported when a node runs)
+    memory_kind: str  # what the model is to ComfyUI's memory manager (host.wrap)
+    dtype_kind: str  # whose ComfyUI default "auto" means (host.torch_dtype)
+    options: tuple[In, ...] = ()  # further inputs, passed on to the encoder's load() by name
+    comfy_tokenizer: bool = False  # load() gets ComfyUI's bundled Qwen2.5 tokenizer folder (the planner)
 
-LOAD_CLIP_VISION = NodeSpec(
-    "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision", f"{CATEGORY}/loaders",
-    "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
-    (In("clip_name", "combo", "The CLIP ViT-H/14 vision file.", files=("clip_vision",), smoke=(SMOKE_CHOICE,),
-        directories=True),
-     _dtype("CLIP vision encoder")),
-    (Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."),),
-)
+    @property
+    def spec(self) -> NodeSpec:
+        files = In(self.file_input, "combo", self.file_tooltip, files=self.folders, smoke=(SMOKE_CHOICE,),
+                   directories=True)
+        return NodeSpec(self.node_id, self.display_name, f"{CATEGORY}/loaders", self.description,
+                        (files, _dtype(self.what), *self.options), (self.output,))
 
-LOAD_PLANNER = NodeSpec(
-    "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)", f"{CATEGORY}/loaders",
-    "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
-    "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
-    "directory in models/bindweave (which can also refine prompts).",
-    (In("planner_name", "combo", "The Qwen2.5-VL-7B file or directory.", files=("text_encoders",),
-        smoke=(SMOKE_CHOICE,), directories=True),
-     _dtype("planner"),
-     In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
-        options=C.ENCODER_WEIGHT_FORMATS, default="default")),
-    (Out(PLANNER, "planner", "The Qwen2.5-VL planner."),),
+
+ENCODER_LOADERS: tuple[EncoderLoader, ...] = (
+    EncoderLoader(
+        "LoadVAE", "BindWeaveVAELoader", "Load BindWeave VAE",
+        "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
+        "vae_name", "The Wan 2.1 VAE file.", ("vae",), "VAE", Out(VAE, "vae", "The Wan 2.1 VAE."),
+        "bindweave_core.encoders.vae:WanVAE", "vae", "vae"),
+    EncoderLoader(
+        "LoadTextEncoder", "BindWeaveTextEncoderLoader", "Load BindWeave UMT5",
+        "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
+        "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
+        "text_encoder_name", "The UMT5-XXL encoder file.", ("text_encoders",), "text encoder",
+        Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."),
+        "bindweave_core.encoders.text:TextEncoder", "text_encoder", "text",
+        options=(In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): "
+                                               "the folder of the google/umt5-xxl tokenizer. Leave empty otherwise.",
+                    default="", optional=True),)),
+    EncoderLoader(
+        "LoadCLIPVision", "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision",
+        "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
+        "clip_name", "The CLIP ViT-H/14 vision file.", ("clip_vision",), "CLIP vision encoder",
+        Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."),
+        "bindweave_core.encoders.clip_vision:ClipVisionEncoder", "clip_vision", "text"),
+    EncoderLoader(
+        "LoadPlanner", "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)",
+        "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
+        "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
+        "directory in models/bindweave (which can also refine prompts).",
+        "planner_name", "The Qwen2.5-VL-7B file or directory.", ("text_encoders",), "planner",
+        Out(PLANNER, "planner", "The Qwen2.5-VL planner."),
+        "bindweave_core.encoders.planner:Planner", "planner", "text",
+        options=(In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
+                    options=C.ENCODER_WEIGHT_FORMATS, default="default"),),
+        comfy_tokenizer=True),
 )
+LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER = (row.spec for row in ENCODER_LOADERS)
 
 PLANNER_ENCODE = NodeSpec(
     "BindWeavePlannerEncode", "BindWeave Planner Encode", f"{CATEGORY}/conditioning",

@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from bindweave_core import constants as C
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
 from bindweave_core.encoders.clip_vision import ClipVisionEncoder, inspect_report
 from bindweave_core.errors import CheckpointError, InputError
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.pipeline import GenerationSettings
 from helpers import randomize_
 

@@ -150,3 +150,40 @@ def test_pipeline_reuses_text_planner_and_references_exactly():
     finally:
         for c in counters.values():
             c.close()
+
+
+def test_planner_states_cached_on_disk_per_prompt_images_and_planner(tmp_path):
+    """What the planner's own disk cache (``PlannerCache``, removed) did, through the condition cache:
+    a repeat runs no forward (also from a new cache over the same folder, as ``--planner-cache DIR`` gives);
+    another prompt, negative prompt, image pixel or planner misses."""
+    from bindweave_core.encoders.planner import Planner
+
+    planner = Planner.tiny(seed=0)
+    pipe = BindWeavePipeline(dit=None, vae=None, text_encoder=None, planner=planner, device="cpu",
+                             planner_cache=tmp_path)
+    calls = Calls(planner.model.model)
+    images = [load_image(EXAMPLE).resize((56, 84))]
+    changed = [images[0].copy()]
+    changed[0].putpixel((0, 0), (1, 2, 3))
+    try:
+        first = pipe.encode_planner("A dog runs.", images, "blurry")
+        assert calls.n == 2  # positive and negative
+        again = BindWeavePipeline(dit=None, vae=None, text_encoder=None, planner=planner, device="cpu",
+                                  planner_cache=tmp_path).encode_planner("A dog runs.", images, "blurry")
+        assert calls.n == 2
+        assert torch.equal(first.positive, again.positive) and torch.equal(first.negative, again.negative)
+        direct = planner.encode("A dog runs.", images, negative_prompt="blurry")
+        assert torch.equal(first.positive, direct.positive) and torch.equal(first.negative, direct.negative)
+        calls.n = 0
+        pipe.encode_planner("A cat runs.", images, "blurry")
+        pipe.encode_planner("A dog runs.", changed, "blurry")
+        pipe.encode_planner("A dog runs.", images, "ugly")
+        assert calls.n == 6
+    finally:
+        calls.close()
+    assert len(list(tmp_path.glob("planner-*.safetensors"))) == 4
+    assert Planner.tiny(seed=1).identity != planner.identity
+    other = BindWeavePipeline(dit=None, vae=None, text_encoder=None, planner=Planner.tiny(seed=1), device="cpu",
+                              planner_cache=tmp_path)
+    other.encode_planner("A dog runs.", images, "blurry")
+    assert len(list(tmp_path.glob("planner-*.safetensors"))) == 5

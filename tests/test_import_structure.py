@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 from helpers import REPO
@@ -78,3 +79,43 @@ def test_bindweave_core_has_no_import_cycle():
     assert sum(len(v) for v in graph.values()) > 100  # the walk sees the real imports
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# checkpoints/ reads files (headers, tensors, key layouts, GGUF / fp8 formats); the models sit above it.
+LAYERS_BELOW = {"bindweave_core.checkpoints": ("bindweave_core.dit", "bindweave_core.encoders")}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(path: Path, modules: set[str], above: tuple[str, ...]) -> list[str]:
+    """Modules of the ``above`` packages that ``path`` imports, or names in a string (``importlib``)."""
+    found = [m for m in imports_of(path, modules) if any(_within(m, p) for p in above)]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [node.value for p in above if _within(node.value, p)]
+    return sorted(set(found))
+
+
+def test_the_layer_check_sees_static_and_string_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)  # module names are taken relative to REPO
+    sample = tmp_path / "bindweave_core" / "checkpoints" / "sample.py"
+    sample.parent.mkdir(parents=True)
+    sample.write_text('import importlib\nfrom bindweave_core.dit import transformer\n'
+                      'importlib.import_module("bindweave_core.encoders.vae")\n')
+    modules = {"bindweave_core.dit", "bindweave_core.dit.transformer"}
+    assert upward_imports(sample, modules, ("bindweave_core.dit", "bindweave_core.encoders")) == [
+        "bindweave_core.dit.transformer", "bindweave_core.encoders.vae"]
+    assert upward_imports(sample, modules, ("bindweave_core.training",)) == []
+
+
+def test_checkpoints_imports_nothing_from_the_models():
+    modules = {module_name(p) for p in CORE.rglob("*.py")}
+    problems = []
+    for package, above in LAYERS_BELOW.items():
+        folder = REPO.joinpath(*package.split("."))
+        files = sorted(folder.rglob("*.py"))
+        assert len(files) > 5, folder  # the walk sees the package
+        problems += [f"{module_name(p)} -> {m}" for p in files for m in upward_imports(p, modules, above)]
+    assert not problems, "lower layer imports an upper one: " + "; ".join(problems)

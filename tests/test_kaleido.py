@@ -20,13 +20,13 @@ from test_vae import original_state_dict
 
 from bindweave_core import cli
 from bindweave_core import constants as C
-from bindweave_core.checkpoints.dit_loader import load_dit
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit
+from bindweave_core.dit.loading import load_dit
 from bindweave_core.encoders.text import TextEncoder
 from bindweave_core.encoders.vae import WanVAE
 from bindweave_core.errors import CheckpointError, InputError
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.kaleido import (
     find_kaleido_bundle,
     kaleido_placement,
@@ -383,9 +383,9 @@ def test_cli_runs_a_kaleido_download_folder(tmp_path):
 
 def test_real_size_sat_header_is_kaleido_14b(tmp_path):
     """Full-size shapes (headers only, no data): the SAT names map onto the kaleido-14b preset."""
-    from bindweave_core.checkpoints.dit_loader import infer_config
     from bindweave_core.checkpoints.safetensors_io import TensorInfo
     from bindweave_core.checkpoints.sat_layout import map_sat_keys
+    from bindweave_core.dit.loading import infer_config
 
     full = PRESETS["kaleido-14b"]
     sat = to_sat(build_dit(full, device="meta"))

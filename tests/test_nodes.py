@@ -123,3 +123,24 @@ def test_node_docs_are_up_to_date():
     """docs/nodes.md is generated from the specs; regenerate it with python tools/node_docs.py."""
     result = subprocess.run([sys.executable, "tools/node_docs.py", "--check"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_encoder_loader_rows_name_encoders_whose_load_takes_their_options():
+    """Each row of the encoder loader table names an encoder class (the protocol of encoders/base.py) whose
+    load() accepts every option the node passes it; the rows' specs are the nodes' specs."""
+    import importlib
+    import inspect
+
+    from bindweave_core.encoders.base import Encoder
+    from nodes.specs import ENCODER_LOADERS
+
+    assert len(ENCODER_LOADERS) == 4 and len({r.class_name for r in ENCODER_LOADERS}) == 4
+    for row in ENCODER_LOADERS:
+        assert SPECS[row.node_id] == row.spec and row.spec.inputs[0].name == row.file_input
+        module, _, name = row.encoder.partition(":")
+        encoder = getattr(importlib.import_module(module), name)
+        assert issubclass(encoder, Encoder) and not inspect.isabstract(encoder), row.encoder
+        accepted = set(inspect.signature(encoder.load).parameters)
+        passed = {i.name for i in row.options} | ({"tokenizer_dir"} if row.comfy_tokenizer else set())
+        assert {"dtype"} | passed <= accepted, (row.encoder, passed - accepted)
+        assert row.spec.inputs[0].files == row.folders and row.spec.category == "BindWeave/loaders"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bindweave_core.checkpoints.dit_loader import load_dit
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit import build_dit
+from bindweave_core.dit.loading import load_dit
 from helpers import PARITY_FILE, need
 
 CASES = ["base_i2v", "ref1_slots4_L7", "ref3_slots4_L7"]

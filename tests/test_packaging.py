@@ -15,7 +15,7 @@ from helpers import REPO
 def test_core_imports_without_comfyui():
     code = ("import sys, importlib.util\n"
             "assert importlib.util.find_spec('comfy') is None and importlib.util.find_spec('comfy_api') is None\n"
-            "import bindweave_core, bindweave_core.dit, bindweave_core.checkpoints.dit_loader\n"
+            "import bindweave_core, bindweave_core.dit, bindweave_core.dit.loading\n"
             "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') for m in sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

@@ -16,18 +16,17 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bindweave_core import constants as C
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
-from bindweave_core.dit.fp8 import FP8Linear
+from bindweave_core.fp8 import FP8Linear
 from bindweave_core.encoders.planner import (
     QWEN25_VL_7B_CONFIG,
     QWEN25_VL_7B_IMAGE_SETTINGS,
     TINY_CONFIG,
     ImageSettings,
     Planner,
-    PlannerCache,
     build_inputs,
     inspect_report,
     make_processor,
@@ -464,33 +463,6 @@ def test_released_7b_key_layout_is_complete(tmp_path, fp8, lm_head):
     assert report["family"] == "qwen2.5-vl-7b" and report["fp8_scaled"] == fp8 and report["lm_head"] == lm_head
     assert report["parameters"] == qwen25_vl_7b_parameters() - (0 if lm_head else 152064 * 3584)
     assert report["config"]["num_layers"] == 28 and report["config"]["vision_layers"] == 32
-
-
-# ------------------------------------------------------------------------------------------ cache
-def test_cache_hits_without_running_the_model(tmp_path, tiny):
-    cache = PlannerCache(tmp_path / "cache")
-    calls = []
-    handle = tiny.model.model.register_forward_pre_hook(lambda m, args: calls.append(1))
-    try:
-        images = small_images(2)
-        first = tiny.encode("A dog runs.", images, cache=cache)
-        assert len(calls) == 2
-        second = tiny.encode("A dog runs.", images, cache=cache)
-        assert len(calls) == 2
-        assert torch.equal(first.positive, second.positive) and torch.equal(first.negative, second.negative)
-        tiny.encode("A cat runs.", images, cache=cache)
-        assert len(calls) == 4
-        changed = [im.copy() for im in images]
-        changed[1].putpixel((0, 0), (1, 2, 3))
-        tiny.encode("A dog runs.", changed, cache=cache)
-        assert len(calls) == 6
-        tiny.encode("A dog runs.", images, negative_prompt="blurry", cache=cache)
-        assert len(calls) == 8
-    finally:
-        handle.remove()
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
-    other = Planner.tiny(seed=1)
-    assert other.identity != tiny.identity
 
 
 # ------------------------------------------------------------------------------------------ refinement

@@ -34,8 +34,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bindweave_core.checkpoints.dit_loader import load_dit
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.dit.loading import load_dit
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.materialize import expand_scale
 from bindweave_core.cli import main as cli_main
 from bindweave_core.config import PRESETS, DiTConfig

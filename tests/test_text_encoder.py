@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from bindweave_core.checkpoints.inspect import inspect_checkpoint
+from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
-from bindweave_core.dit.fp8 import FP8Linear
+from bindweave_core.fp8 import FP8Linear
 from bindweave_core.encoders.text import (
     TextEncoder,
     clean_prompt,

@@ -244,9 +244,9 @@ def _dit_inputs(seed: int = 0) -> dict:
 
 
 def test_fp8_base_peft_lora_trains_and_checkpointing_gives_the_same_gradients(tmp_path):
-    from bindweave_core.checkpoints.dit_loader import CONFIG_METADATA_KEY, load_dit
     from bindweave_core.checkpoints.writers import atomic_save_file
-    from bindweave_core.dit.fp8 import FP8Linear
+    from bindweave_core.dit.loading import CONFIG_METADATA_KEY, load_dit
+    from bindweave_core.fp8 import FP8Linear
 
     base = smoke_dit(0)
     path = atomic_save_file(dict(base.state_dict()), tmp_path / "dit.safetensors",

@@ -53,7 +53,7 @@ def dit_config(cfg: TrainConfig) -> DiTConfig:
     m = cfg.model
     if m.smoke:
         return PRESETS[family_for(m.family or "bindweave").smoke_preset]
-    from bindweave_core.checkpoints.dit_loader import scan_dit
+    from bindweave_core.dit.loading import scan_dit
 
     config = scan_dit(m.dit).config
     return config.replace(family=m.family) if m.family and m.family != config.family else config
@@ -123,7 +123,7 @@ def load_training_dit(cfg: TrainConfig) -> BindWeaveTransformer:
         if m.weight_format == "fp8":
             to_fp8(dit)
     else:
-        from bindweave_core.checkpoints.dit_loader import load_dit
+        from bindweave_core.dit.loading import load_dit
 
         dit = load_dit(m.dit, dtype=torch_dtype(m.dtype), weight_format=m.weight_format, attention_backend=m.attention,
                        config=config)
@@ -132,7 +132,7 @@ def load_training_dit(cfg: TrainConfig) -> BindWeaveTransformer:
 
 def to_fp8(dit: nn.Module) -> nn.Module:
     """Quantise the block linears of an in-memory DiT to fp8 storage (what ``weight_format: fp8`` loads)."""
-    from bindweave_core.dit.fp8 import FP8Linear, fp8_candidate_modules, quantize_weight
+    from bindweave_core.fp8 import FP8Linear, fp8_candidate_modules, quantize_weight
 
     for name in fp8_candidate_modules(dit):
         parent_name, _, leaf = name.rpartition(".")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dit.fp8 import FP8_DTYPE, quantize_weight
 from ..errors import CheckpointError
+from ..fp8 import FP8_DTYPE, quantize_weight
 from .safetensors_io import TensorInfo, iter_tensors
 
 log = logging.getLogger("BindWeave")

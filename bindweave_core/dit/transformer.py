@@ -270,7 +270,7 @@ class BindWeaveTransformer(WanTransformer3DModel):
         total_frames = frames + slots
         grid = (total_frames // p_t, height // p_h, width // p_w)
 
-        dtype = self.patch_embedding.weight.dtype  # the compute dtype (never fp8: see dit.fp8)
+        dtype = self.patch_embedding.weight.dtype  # the compute dtype (never fp8: see bindweave_core.fp8)
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)
         num_ref_tokens = 0
         if reference_latents is not None:

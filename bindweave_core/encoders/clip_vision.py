@@ -32,30 +32,22 @@ import torch.nn.functional as F
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
-from ..checkpoints.safetensors_io import TensorInfo, component_dir, read_header
+from ..checkpoints.safetensors_io import TensorInfo, component_dir
 from ..conditioning import clip_context
 from ..config import PRESETS
 from ..errors import CheckpointError, InputError
 from ..model_files import where_to_get
+from .base import Encoder, check_before_load, header, problems_and_sizes, seeded_init_, size_differences
 
 log = logging.getLogger("BindWeave")
 
 # OpenCLIP ViT-H/14 vision tower as transformers describes it (ComfyUI's clip_vision_config_h.json and the
 # Wan diffusers repo's image_encoder/config.json): exact GELU, LayerNorm eps 1e-5.
-CLIP_VIT_H_CONFIG: dict[str, Any] = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "num_channels": 3,
-    "image_size": C.CLIP_IMAGE_SIZE,
-    "patch_size": 14,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-    "projection_dim": 1024,
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-}
+CLIP_VIT_H_CONFIG: dict[str, Any] = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, num_channels=3,
+    image_size=C.CLIP_IMAGE_SIZE, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1024,
+    attention_dropout=0.0, dropout=0.0)
+RELEASED = "CLIP ViT-H/14"
 _SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size", "patch_size")
 _HF_MARKER = "vision_model.encoder.layers.0."
 _LAYER_INDEX = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
@@ -72,8 +64,7 @@ class ClipCheckpoint(ScannedCheckpoint):
     config: dict[str, Any]
 
     def size_differences(self) -> list[str]:
-        return [f"{k} {self.config[k]} (ViT-H/14: {CLIP_VIT_H_CONFIG[k]})" for k in _SIZE_KEYS
-                if self.config.get(k) != CLIP_VIT_H_CONFIG[k]]
+        return size_differences(self.config, CLIP_VIT_H_CONFIG, _SIZE_KEYS, "ViT-H/14")
 
 
 def _not_clip(path: Path, keys: list[str]) -> CheckpointError:
@@ -222,9 +213,7 @@ def _module_key(model: torch.nn.Module, key: str) -> str:
 
 def scan_clip(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = None) -> ClipCheckpoint:
     """Read a CLIP vision checkpoint's headers: layout, config and key problems."""
-    path = Path(path)
-    if infos is None:
-        infos, _ = read_header(path)
+    path, infos = header(path, infos)
     sig = identify(infos)
     if sig is not None and sig.kind == "clip_vision" and sig.layout == "open-clip":
         prefix = next(k[: k.index(_OPEN_CLIP_MARKER)] for k in infos if _OPEN_CLIP_MARKER in k)
@@ -243,32 +232,34 @@ def scan_clip(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = Non
     return ckpt
 
 
-def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic random weights (independent of the global RNG and of transformers' init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.02 * noise)
-            elif p.ndim >= 2 and "position_embedding" not in name:
-                p.copy_(noise * math.prod(p.shape[1:]) ** -0.5)
-            else:
-                p.copy_(0.5 * noise)
+def _tiny_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if "norm" in name and name.endswith("weight"):
+        return 1.0 + 0.1 * noise
+    if name.endswith("bias"):
+        return 0.02 * noise
+    if p.ndim >= 2 and "position_embedding" not in name:
+        return noise * math.prod(p.shape[1:]) ** -0.5
+    return 0.5 * noise
 
 
-class ClipVisionEncoder:
+def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
+    """The CLIP vision part of ``python -m bindweave_core inspect``."""
+    ckpt = scan_clip(path, infos)
+    cfg = ckpt.config
+    problems = problems_and_sizes(ckpt, ckpt.size_differences(), RELEASED)
+    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
+            "parameters": ckpt.parameter_count, "extras": ckpt.extras(),
+            "config": {"num_layers": cfg["num_hidden_layers"], "num_heads": cfg["num_attention_heads"],
+                       "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"],
+                       "ffn_dim": cfg["intermediate_size"], "image_dim": cfg["hidden_size"],
+                       "image_size": cfg["image_size"], "patch_size": cfg["patch_size"]},
+            "problems": problems}
+
+
+class ClipVisionEncoder(Encoder):
     """CLIP vision tower: letterboxed reference canvases -> penultimate-layer tokens."""
 
-    def __init__(self, model: torch.nn.Module, *, source: str = "") -> None:
-        self.model = model
-        self.source = source
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    inspect_report = staticmethod(inspect_report)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -289,19 +280,16 @@ class ClipVisionEncoder:
         """Load ``clip_vision_h.safetensors`` or a diffusers ``image_encoder/`` folder (weights read once)."""
         path = component_dir(Path(path), "image_encoder")
         ckpt = scan_clip(path)
-        ckpt.require_matching_keys("a CLIP vision tower", "clip_vision")
-        if ckpt.size_differences():
-            log.warning("%s is not CLIP ViT-H/14: %s", path, ", ".join(ckpt.size_differences()))
+        check_before_load(ckpt, "a CLIP vision tower", "clip_vision", ckpt.size_differences(), RELEASED)
         model = build_model(ckpt.config)
         tensors = {_module_key(model, k): v for k, v in ckpt.tensors.items()}
         scales = {_module_key(model, k): v for k, v in ckpt.scales.items()}
         materialize(model, tensors, scales=scales, dtype=dtype, device=device, strict=True, source=path)
         _tower(model).embeddings.position_ids = _tower(model).embeddings.position_ids.to(device)
         model.eval().requires_grad_(False)
-        model.checkpoint_info = ckpt
         log.info("loaded CLIP vision tower (%d layers, width %d, %s) from %s", ckpt.config["num_hidden_layers"],
                  ckpt.config["hidden_size"], str(dtype).replace("torch.", ""), path)
-        return cls(model, source=str(path))
+        return cls(model, source=str(path)).loaded_from(ckpt)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> ClipVisionEncoder:
@@ -312,7 +300,7 @@ class ClipVisionEncoder:
         config = dict(CLIP_VIT_H_CONFIG, hidden_size=PRESETS["tiny"].image_dim, intermediate_size=64,
                       num_hidden_layers=3)
         model = build_model(config, device="cpu")
-        _seeded_init_(model, seed)
+        seeded_init_(model, seed, _tiny_value)
         return cls(model.eval().requires_grad_(False), source=f"tiny(seed={seed})")
 
     # -------------------------------------------------------------------------------- encoding
@@ -351,19 +339,3 @@ class ClipVisionEncoder:
                              f"1 to {C.MAX_REFERENCES} as a [n, H, W, 3] tensor.")
         tokens = self.encode_canvases(canvases, antialias)
         return clip_context(list(tokens.split(1, dim=0)))
-
-
-def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
-    """The CLIP vision part of ``python -m bindweave_core inspect``."""
-    ckpt = scan_clip(path, infos)
-    cfg = ckpt.config
-    problems = ckpt.problems()
-    if ckpt.size_differences():
-        problems.append("not the CLIP ViT-H/14 BindWeave needs: " + ", ".join(ckpt.size_differences()))
-    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
-            "parameters": ckpt.parameter_count, "extras": ckpt.extras(),
-            "config": {"num_layers": cfg["num_hidden_layers"], "num_heads": cfg["num_attention_heads"],
-                       "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"],
-                       "ffn_dim": cfg["intermediate_size"], "image_dim": cfg["hidden_size"],
-                       "image_size": cfg["image_size"], "patch_size": cfg["patch_size"]},
-            "problems": problems}

@@ -43,10 +43,7 @@ from ..checkpoints.materialize import materialize
 from ..conditioning import PlannerStates
 from ..errors import CheckpointError
 from ..model_files import where_to_get
-
-log = logging.getLogger("BindWeave")
-
-from .planner_cache import PlannerCache, image_digest
+from .base import Encoder, seeded_init_
 from .planner_checkpoint import (
     FP8_MODULE_PREFIX,
     TOKENIZER_HELP,
@@ -76,41 +73,48 @@ from .planner_inputs import (
     check_prompt,
     fit_to_grid,
     grid_size,
+    image_digest,
     make_processor,
     pre_resize,
     prepare_images,
 )
 
+log = logging.getLogger("BindWeave")
+
 # The planner's public names, wherever they are defined (callers import them from here).
-__all__ = ["Planner", "PlannerCache", "image_digest", "inspect_report", "scan_planner", "tiny_tokenizer",
+__all__ = ["Planner", "image_digest", "inspect_report", "scan_planner", "tiny_tokenizer",
            "QWEN25_VL_7B_CONFIG", "TINY_CONFIG", "QWEN25_VL_7B_IMAGE_SETTINGS", "ImageSettings", "build_inputs",
            "chat_text", "check_images", "check_prompt", "fit_to_grid", "grid_size", "make_processor", "pre_resize",
            "prepare_images", "WEIGHT_FORMATS"]
 
 # ------------------------------------------------------------------------------------ the planner
-class Planner:
+def _tiny_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if p.dim() == 1 and "norm" in name or name.endswith("ln_q.weight"):
+        return 1.0 + 0.1 * noise  # RMSNorm gains near 1
+    fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
+    return noise * fan_in ** -0.5
+
+
+class Planner(Encoder):
     """Qwen2.5-VL (``transformers.Qwen2_5_VLForConditionalGeneration``) + its processor.
 
     ``model`` is a plain ``nn.Module``: move it with ``planner.model.to(device)``; inputs follow it.
     Results come back on the model's device in the model's dtype.
     """
 
+    inspect_report = staticmethod(inspect_report)
+
     def __init__(self, model: nn.Module, tokenizer: Any, image_settings: ImageSettings = QWEN25_VL_7B_IMAGE_SETTINGS,
                  *, identity: str, source: str = "", has_lm_head: bool = True) -> None:
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model.eval().requires_grad_(False), source=source)
         self.tokenizer = tokenizer
         self.image_settings = image_settings
         self.processor = make_processor(tokenizer, image_settings)
-        self.identity = identity  # stable id of the weights + tokenizer + settings, for the disk cache
-        self.source = source
+        self.identity = identity  # stable id of the weights + tokenizer + settings, for the condition cache
         self.has_lm_head = has_lm_head
         check_tokenizer(tokenizer, model.config, source or "tokenizer")
 
     # ------------------------------------------------------------------ properties
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @property
     def dtype(self) -> torch.dtype:
         return self.model.model.language_model.norm.weight.dtype
@@ -138,7 +142,7 @@ class Planner:
                 storage with per-tensor scales (quantising high-precision files on the way in).
             config: a Qwen2.5-VL config dict for files that are not the released 7B model.
         """
-        from ..dit.fp8 import swap_in_fp8_linears
+        from ..fp8 import swap_in_fp8_linears
 
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
@@ -193,8 +197,7 @@ class Planner:
                  "fp8 decoder weights" if fp8_modules else str(dtype).replace("torch.", ""),
                  ", fp8-scaled file" if ckpt.fp8_scaled else "", path)
         planner = cls(model, tokenizer, settings, identity=identity, source=str(path), has_lm_head=ckpt.has_lm_head)
-        planner.checkpoint_info = ckpt
-        return planner
+        return planner.loaded_from(ckpt)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> Planner:
@@ -204,14 +207,7 @@ class Planner:
         with torch.random.fork_rng(devices=[]):  # the classes' own init draws from the global RNG
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration(config_object(TINY_CONFIG))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
-                if p.dim() == 1 and "norm" in name or name.endswith("ln_q.weight"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))  # RMSNorm gains near 1
-                else:
-                    fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
-                    p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+        seeded_init_(model, seed, _tiny_value)
         identity = json_hash({"tiny": seed, "config": TINY_CONFIG, "settings": QWEN25_VL_7B_IMAGE_SETTINGS.__dict__})
         return cls(model.float(), tiny_tokenizer(), QWEN25_VL_7B_IMAGE_SETTINGS, identity=identity,
                    source=f"tiny(seed={seed})")
@@ -240,26 +236,20 @@ class Planner:
         out = self.model.model(**batch, use_cache=False, return_dict=True)
         return out.last_hidden_state
 
-    def encode(self, prompt: str, images: Any, negative_prompt: str = C.DEFAULT_PLANNER_NEGATIVE_PROMPT,
-               cache: PlannerCache | None = None) -> PlannerStates:
-        """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3)."""
+    def encode(self, prompt: str, images: Any,
+               negative_prompt: str = C.DEFAULT_PLANNER_NEGATIVE_PROMPT) -> PlannerStates:
+        """Positive and negative planner states; the negative prompt sees the same images (spec sections 2, 3).
+
+        Not cached here: the pipeline keeps the states in its condition cache (``condition_cache.py``).
+        """
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt", allow_empty=True)
         tokens = len(self.tokenizer(prompt)["input_ids"])
         if tokens > C.TEXT_LEN:  # UMT5 cuts such a prompt (encoders/text.py warns); say that this branch does not
             log.info("the planner reads the whole prompt: %d tokens (no limit), with the images", tokens)
-        originals = check_images(images)
-        key = cache.key(self.identity, prompt, negative_prompt, originals) if cache is not None else None
-        if cache is not None:
-            hit = cache.load(key, device=self.device, dtype=self.dtype)
-            if hit is not None:
-                return hit
-        prepared = self.prepare_images(originals)
-        states = PlannerStates(positive=self.hidden_states(prompt, prepared, prepared=True),
-                               negative=self.hidden_states(negative_prompt, prepared, prepared=True))
-        if cache is not None:
-            cache.store(key, states, {"prompt": prompt, "negative_prompt": negative_prompt, "planner": self.source})
-        return states
+        prepared = self.prepare_images(check_images(images))
+        return PlannerStates(positive=self.hidden_states(prompt, prepared, prepared=True),
+                             negative=self.hidden_states(negative_prompt, prepared, prepared=True))
 
     # ------------------------------------------------------------------ prompt refinement
     @torch.no_grad()

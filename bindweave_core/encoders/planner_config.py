@@ -7,7 +7,6 @@ from typing import Any
 from .. import constants as C
 from ..config import PRESETS
 
-
 # ------------------------------------------------------------------------------------ the real model
 # Qwen/Qwen2.5-VL-7B-Instruct config.json (flat layout, as released), so no download is needed.
 QWEN25_VL_7B_CONFIG: dict[str, Any] = {

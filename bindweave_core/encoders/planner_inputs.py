@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from PIL import Image
 
 from .. import constants as C
 from ..errors import InputError
-
 
 # ------------------------------------------------------------------------------------ chat template
 SYSTEM_PROMPT = "You are a helpful assistant."  # the Qwen2.5-VL chat template's default
@@ -97,6 +97,15 @@ def as_rgb(image: Any) -> Image.Image:
     from ..images import load_rgb
 
     return load_rgb(image)
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of an image's RGB pixels and size (what the planner sees before its resizes): the images'
+    part of the planner's condition-cache key."""
+    rgb = as_rgb(image)
+    h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
 
 
 def pre_resize(image: Image.Image) -> Image.Image:

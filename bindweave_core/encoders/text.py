@@ -34,11 +34,12 @@ import torch
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
 from ..checkpoints.materialize import ScannedCheckpoint, materialize, split_scales
-from ..checkpoints.safetensors_io import TensorInfo, component_dir, iter_tensors, read_header
+from ..checkpoints.safetensors_io import TensorInfo, component_dir, iter_tensors
 from ..config import PRESETS
-from ..dit.fp8 import swap_in_fp8_linears
 from ..errors import CheckpointError, InputError
+from ..fp8 import swap_in_fp8_linears
 from ..model_files import where_to_get
+from .base import Encoder, check_before_load, header, problems_and_sizes, seeded_init_, size_differences
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
@@ -52,23 +53,12 @@ log = logging.getLogger("BindWeave")
 
 # google/umt5-xxl encoder, as in the Wan diffusers repo's text_encoder/config.json and ComfyUI's
 # umt5_config_xxl.json. "gated-gelu" = tanh-approximated GELU gate (gelu_new), no attention scaling.
-UMT5_XXL_CONFIG: dict[str, Any] = {
-    "vocab_size": 256384,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.1,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-    "tie_word_embeddings": False,
-}
+UMT5_XXL_CONFIG: dict[str, Any] = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    tie_word_embeddings=False)
+RELEASED = "UMT5-XXL"
 UMT5_EXTRA_IDS = 300  # <extra_id_0..299> sit after the 256,000 sentencepiece pieces (ids 256000..256299)
 SPIECE_KEY = "spiece_model"  # ComfyUI's embedded sentencepiece model (uint8 tensor of the .model bytes)
 WEIGHT_FORMATS = C.ENCODER_WEIGHT_FORMATS
@@ -122,8 +112,7 @@ class UMT5Checkpoint(ScannedCheckpoint):
 
     def size_differences(self) -> list[str]:
         """How this model's size differs from UMT5-XXL (empty for the real model)."""
-        return [f"{k} {self.config[k]} (UMT5-XXL: {UMT5_XXL_CONFIG[k]})" for k in _SIZE_KEYS
-                if self.config.get(k) != UMT5_XXL_CONFIG[k]]
+        return size_differences(self.config, UMT5_XXL_CONFIG, _SIZE_KEYS, RELEASED)
 
 
 def _wan_to_hf(key: str) -> str | None:
@@ -236,9 +225,7 @@ def _expected_keys(model: torch.nn.Module) -> set[str]:
 
 def scan_umt5(path: str | os.PathLike, infos: dict[str, TensorInfo] | None = None) -> UMT5Checkpoint:
     """Read a UMT5 checkpoint's headers: layout, config, fp8 scales, tokenizer and key problems."""
-    path = Path(path)
-    if infos is None:
-        infos, _ = read_header(path)
+    path, infos = header(path, infos)
     layout, mapping, tokenizer_key, ignored, foreign = map_keys(list(infos), path)
     tensors, scales, markers = split_scales(mapping, infos)
     config = infer_config(tensors, path)
@@ -383,18 +370,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
 
 
 # ------------------------------------------------------------------------------------------ encoder
-def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic random weights (independent of the global RNG and of transformers' init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g)
-            if "layer_norm" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.startswith("shared.") or "relative_attention_bias" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise * p.shape[-1] ** -0.5)
+def _tiny_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if "layer_norm" in name:
+        return 1.0 + 0.1 * noise
+    if name.startswith("shared.") or "relative_attention_bias" in name:
+        return noise
+    return noise * p.shape[-1] ** -0.5
 
 
 def warn_if_truncated(tokenizer: Any, texts: list[str], text_len: int = C.TEXT_LEN) -> list[int]:
@@ -409,21 +390,35 @@ def warn_if_truncated(tokenizer: Any, texts: list[str], text_len: int = C.TEXT_L
     return counts
 
 
-class TextEncoder:
+# ------------------------------------------------------------------------------------------ inspect
+def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
+    """The UMT5 part of ``python -m bindweave_core inspect``."""
+    ckpt = scan_umt5(path, infos)
+    cfg = ckpt.config
+    problems = problems_and_sizes(ckpt, ckpt.size_differences(), "UMT5-XXL encoder")
+    if ckpt.tokenizer is not None:
+        tokenizer = f"embedded sentencepiece model ({math.prod(ckpt.tokenizer.shape):,} bytes)"
+    else:
+        tokenizer = "not included: give the tokenizer folder (tokenizer_dir)"
+    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
+            "parameters": ckpt.parameter_count, "tokenizer": tokenizer, "extras": ckpt.extras(),
+            "config": {"num_layers": cfg["num_layers"], "num_heads": cfg["num_heads"], "head_dim": cfg["d_kv"],
+                       "ffn_dim": cfg["d_ff"], "text_dim": cfg["d_model"], "vocab_size": cfg["vocab_size"]},
+            "problems": problems}
+
+
+class TextEncoder(Encoder):
     """UMT5 encoder + tokenizer: prompts -> ``[B, 512, d_model]`` states, zero past the real tokens."""
+
+    inspect_report = staticmethod(inspect_report)
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, text_len: int = C.TEXT_LEN,
                  clean_prompts: bool = True, source: str = "") -> None:
-        self.model = model
+        super().__init__(model, source=source)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # the zeroing below assumes padding after the tokens
         self.text_len = text_len
         self.clean_prompts = clean_prompts
-        self.source = source
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -451,9 +446,7 @@ class TextEncoder:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
         path = component_dir(Path(path), "text_encoder")
         ckpt = scan_umt5(path)
-        ckpt.require_matching_keys("a UMT5 encoder", "text_encoder")
-        if ckpt.size_differences():
-            log.warning("%s is not UMT5-XXL: %s", path, ", ".join(ckpt.size_differences()))
+        check_before_load(ckpt, "a UMT5 encoder", "text_encoder", ckpt.size_differences(), RELEASED)
         tokenizer = _find_tokenizer(ckpt, tokenizer_dir)  # before the weights: fail fast
         if len(tokenizer) > ckpt.config["vocab_size"]:
             raise CheckpointError(f"the tokenizer has {len(tokenizer):,} tokens but the model only "
@@ -469,11 +462,10 @@ class TextEncoder:
         materialize(model, ckpt.tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
                     keep_fp32=keep_fp32, strict=True, source=path)
         model.eval().requires_grad_(False)
-        model.checkpoint_info = ckpt
         log.info("loaded UMT5 text encoder (%s layout%s, %s) from %s", ckpt.layout,
                  ", fp8 scaled" if ckpt.fp8_scaled else "",
                  "fp8 storage" if fp8_modules else str(dtype).replace("torch.", ""), path)
-        return cls(model, tokenizer, source=str(path))
+        return cls(model, tokenizer, source=str(path)).loaded_from(ckpt)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> TextEncoder:
@@ -482,7 +474,7 @@ class TextEncoder:
         config = dict(UMT5_XXL_CONFIG, vocab_size=128, d_model=PRESETS["tiny"].text_dim, d_kv=8, d_ff=64,
                       num_layers=2, num_heads=4, dropout_rate=0.0)
         model = build_model(config, device="cpu")
-        _seeded_init_(model, seed)
+        seeded_init_(model, seed, _tiny_value)
         return cls(model.eval().requires_grad_(False), tokenizer, source=f"tiny(seed={seed})")
 
     # -------------------------------------------------------------------------------- encoding
@@ -508,22 +500,3 @@ class TextEncoder:
         lengths = mask.gt(0).sum(dim=1)
         real = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]
         return states.masked_fill(~real[..., None], 0.0)
-
-
-# ------------------------------------------------------------------------------------------ inspect
-def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> dict:
-    """The UMT5 part of ``python -m bindweave_core inspect``."""
-    ckpt = scan_umt5(path, infos)
-    cfg = ckpt.config
-    problems = ckpt.problems()
-    if ckpt.size_differences():
-        problems.append("not the UMT5-XXL encoder BindWeave needs: " + ", ".join(ckpt.size_differences()))
-    if ckpt.tokenizer is not None:
-        tokenizer = f"embedded sentencepiece model ({math.prod(ckpt.tokenizer.shape):,} bytes)"
-    else:
-        tokenizer = "not included: give the tokenizer folder (tokenizer_dir)"
-    return {"layout": ckpt.layout, "fp8_scaled": ckpt.fp8_scaled, "fp8_scales": ckpt.fp8_scale_kinds,
-            "parameters": ckpt.parameter_count, "tokenizer": tokenizer, "extras": ckpt.extras(),
-            "config": {"num_layers": cfg["num_layers"], "num_heads": cfg["num_heads"], "head_dim": cfg["d_kv"],
-                       "ffn_dim": cfg["d_ff"], "text_dim": cfg["d_model"], "vocab_size": cfg["vocab_size"]},
-            "problems": problems}

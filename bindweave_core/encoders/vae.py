@@ -40,6 +40,7 @@ from ..conditioning import video_condition as assemble_video_condition
 from ..errors import CheckpointError, InputError
 from ..model_files import where_to_get
 from ..references import check_size
+from .base import Encoder, seeded_init_
 
 log = logging.getLogger("BindWeave")
 
@@ -47,13 +48,8 @@ log = logging.getLogger("BindWeave")
 # the per-channel statistics of the original Wan code (wan/modules/vae.py), which diffusers also
 # uses as AutoencoderKLWan's defaults; tests compare this table with diffusers' defaults.
 WAN21_VAE_CONFIG: dict[str, Any] = {
-    "base_dim": 96,
-    "z_dim": 16,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-    "dropout": 0.0,
+    "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+    "temperal_downsample": [False, True, True], "dropout": 0.0,
     "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
     "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -199,6 +195,14 @@ def inspect_report(path: Path, infos: dict[str, TensorInfo], metadata: dict[str,
             "extras": ckpt.extras()}
 
 
+def _tiny_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    if name.endswith(".gamma"):
+        return 1.0 + 0.1 * noise
+    if name.endswith(".bias"):
+        return 0.05 * noise
+    return noise / math.sqrt(p[0].numel())  # keeps activations O(1) through the stack
+
+
 # ---------------------------------------------------------------------------------------- checks
 def _check_frames(num_frames: int) -> None:
     if num_frames < 1 or (num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
@@ -214,13 +218,13 @@ def _check_video(video: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------- model
-class WanVAE:
+class WanVAE(Encoder):
     """The Wan 2.1 VAE with BindWeave's normalisation and reference/video conditions (spec 8, 11)."""
 
+    inspect_report = staticmethod(inspect_report)
+
     def __init__(self, model: Any, source: str = "") -> None:
-        self.model = model.eval().requires_grad_(False)  # diffusers AutoencoderKLWan
-        self.source = source
-        self.checkpoint_info: VAECheckpoint | None = None  # set by load()
+        super().__init__(model.eval().requires_grad_(False), source=source)  # diffusers AutoencoderKLWan
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
@@ -240,9 +244,7 @@ class WanVAE:
         materialize(model, ckpt.tensors, dtype=dtype, device=device, strict=True, source=ckpt.path)
         log.info("loaded Wan 2.1 VAE (%s layout, %s) from %s", ckpt.layout, str(dtype).replace("torch.", ""),
                  ckpt.path)
-        vae = cls(model, source=str(ckpt.path))
-        vae.checkpoint_info = ckpt
-        return vae
+        return cls(model, source=str(ckpt.path)).loaded_from(ckpt)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:
@@ -255,28 +257,11 @@ class WanVAE:
         with torch.device("meta"):
             model = AutoencoderKLWan(**TINY_VAE_CONFIG)
         model = model.to_empty(device="cpu")
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
-                noise = torch.randn(p.shape, generator=g)
-                if name.endswith(".gamma"):
-                    p.copy_(1.0 + 0.1 * noise)
-                elif name.endswith(".bias"):
-                    p.copy_(0.05 * noise)
-                else:  # keep activations O(1) through the stack
-                    p.copy_(noise / math.sqrt(p[0].numel()))
+        seeded_init_(model, seed, _tiny_value)
         # nn.Module.to: diffusers' override warns about fp32 modules this class does not have
         return cls(torch.nn.Module.to(model, device=device, dtype=dtype), source=f"tiny (seed {seed})")
 
     # ---------------------------------------------------------------------------- placement
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> WanVAE:
         torch.nn.Module.to(self.model, device=device, dtype=dtype)
         return self

@@ -1,20 +1,10 @@
 """Load a BindWeave / Wan DiT from the files users have, whatever their key layout.
 
-Layouts (detected from the keys):
-
-* ``diffusers``: ``ByteDance/BindWeave`` (sharded ``diffusion_pytorch_model-*.safetensors`` + index,
-  connector ``condition_embedder.text_projector.linear_1/2``), or any diffusers Wan transformer;
-* ``wan-original``: the original Wan single file (``blocks.N.self_attn.q.weight``, ...), connector as
-  ``text_projection.0/.2``, optionally fp8 (e4m3fn) with per-tensor ``scale_weight`` entries (the
-  repacked ``*_fp8_scaled*.safetensors`` files ComfyUI users download);
-* GGUF single files (ComfyUI-GGUF's Wan repacks, ``models/unet/`` or ``models/diffusion_models/``):
-  original Wan names, quantised linear weights kept quantised and dequantised layer by layer as the
-  model runs (``dit.gguf_linear``); see ``checkpoints/gguf_io.py``;
-* ``sat``: SAT training checkpoints (Kaleido-14B-S2V's ``model/`` folder or its
-  ``mp_rank_00_model_states.pt``), mapped by ``checkpoints/sat_layout.py``; read as family ``kaleido``.
-
-The model is built on the meta device and every tensor is read from the memory-mapped file, cast
-(or dequantised, or quantised to fp8) on its way in, and assigned in place.
+The key layouts (diffusers, original Wan, GGUF, SAT) are read by ``checkpoints/dit_layout.py``; this
+module reads the architecture off the tensor shapes, checks the keys against the model and loads it:
+the model is built on the meta device and every tensor is read from the memory-mapped file, cast (or
+dequantised, or quantised to fp8) on its way in, and assigned in place. GGUF linear weights stay
+quantised and are dequantised layer by layer as the model runs (``dit.gguf_linear``).
 """
 
 from __future__ import annotations
@@ -30,22 +20,20 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
+from ..checkpoints.dit_layout import map_dit_keys
+from ..checkpoints.materialize import ScannedCheckpoint, materialize
+from ..checkpoints.safetensors_io import TensorInfo, read_header
 from ..config import PRESETS, DiTConfig
-from ..dit.fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
-from ..dit.transformer import BindWeaveTransformer
 from ..errors import CheckpointError
-from .identify import describe, identify, strip_wrapper_prefix
-from .materialize import ScannedCheckpoint, materialize, split_scales
-from .safetensors_io import TensorInfo, read_header
+from ..fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
+from .transformer import BindWeaveTransformer
 
 log = logging.getLogger("BindWeave")
 
 WEIGHT_FORMATS = C.DIT_WEIGHT_FORMATS
-# fp8_fast: fp8 storage + fp8 matmul (torch._scaled_mm) where the GPU has fp8 tensor cores (dit.fp8)
+# fp8_fast: fp8 storage + fp8 matmul (torch._scaled_mm) where the GPU has fp8 tensor cores (bindweave_core.fp8)
 WEIGHT_FORMAT_ALIASES = {"fp8_scaled_mm": "fp8_fast"}
 CONFIG_METADATA_KEY = "bindweave_config"  # our own files carry their DiTConfig as JSON metadata
-_CONNECTOR_ORIGINAL = {"text_projection.0.": "condition_embedder.text_projector.linear_1.",
-                       "text_projection.2.": "condition_embedder.text_projector.linear_2."}
 # Modules kept in float32 when loading at lower precision (as diffusers does for Wan).
 _KEEP_FP32 = tuple(BindWeaveTransformer._keep_in_fp32_modules)
 
@@ -69,55 +57,6 @@ class DiTCheckpoint(ScannedCheckpoint):
         if self.metadata.get("format") != "gguf":
             return {}
         return dict(Counter(i.quant or str(i.dtype).replace("torch.", "") for i in self.tensors.values()))
-
-
-# ---------------------------------------------------------------------------------------- keys
-def _original_to_diffusers(keys: list[str], prefix: str) -> tuple[dict[str, str], list[str]]:
-    """``{diffusers key: stored key}`` for original-layout keys, plus keys it cannot place."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    placeable, foreign = [], []
-    for k in keys:
-        unplaceable = not k.startswith(prefix) or "motion_encoder" in k or "face_adapter" in k
-        (foreign if unplaceable else placeable).append(k)
-    stripped = {k[len(prefix):]: k for k in placeable}
-    # diffusers' converter only renames keys: feed it key -> key and read the renaming back.
-    renamed = convert_wan_transformer_to_diffusers({k: k for k in stripped})
-    mapping = {}
-    for new, short in renamed.items():
-        for old_prefix, new_prefix in _CONNECTOR_ORIGINAL.items():
-            if new.startswith(old_prefix):
-                new = new_prefix + new[len(old_prefix):]
-        mapping[new] = stripped[short]
-    return mapping, foreign
-
-
-def _layout_of(keys: list[str], path: Path) -> tuple[str, str]:
-    sig = identify(keys)
-    if sig is None or sig.kind != "dit":
-        raise CheckpointError(
-            f"{path}: this is not a BindWeave/Wan DiT; it looks like {describe(keys)}. Load it with the "
-            "matching loader, or point this loader at the BindWeave transformer (ByteDance/BindWeave, or a "
-            "single file such as Wan2_1-I2V-14B-Bindweave_fp8_scaled_KJ.safetensors).")
-    marker = {"wan-original": "blocks.0.", "sat": "mixins.patch_embed."}.get(sig.layout, "patch_embedding.")
-    return sig.layout, strip_wrapper_prefix(keys, marker)
-
-
-def _map_keys(infos: dict[str, TensorInfo], path: Path):
-    keys = list(infos)
-    layout, prefix = _layout_of(keys, path)
-    if layout == "sat":
-        from .sat_layout import map_sat_keys
-
-        tensors, ignored, foreign = map_sat_keys(infos, prefix)
-        return layout, tensors, {}, ignored, foreign
-    if layout == "wan-original":
-        mapping, foreign = _original_to_diffusers(keys, prefix)
-    else:
-        mapping = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
-        foreign = [k for k in keys if not k.startswith(prefix)]
-    tensors, scales, ignored = split_scales(mapping, infos)
-    return layout, tensors, scales, ignored, foreign
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -176,7 +115,7 @@ def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTChe
     """Read a DiT checkpoint's headers: layout, family, config, dtypes and key problems."""
     path = Path(path)
     infos, metadata = read_header(path)
-    layout, tensors, scales, ignored, foreign = _map_keys(infos, path)
+    layout, tensors, scales, ignored, foreign = map_dit_keys(infos, path)
     cfg = config or infer_config(tensors, metadata, path if path.is_dir() else None)
     if config is None and layout == "sat" and cfg.family == "wan-t2v":
         cfg = cfg.replace(family="kaleido")  # the released SAT-layout T2V weights are Kaleido's R-RoPE model
@@ -214,7 +153,7 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
     tensors = ckpt.tensors
     gguf_linears = {k[: -len(".weight")]: i.quant for k, i in tensors.items() if i.quant and k.endswith(".weight")}
     if gguf_linears:
-        from ..dit.gguf_linear import swap_in_gguf_linears
+        from .gguf_linear import swap_in_gguf_linears
 
         if weight_format != "default":
             log.warning("%s is a GGUF file: its weights stay GGUF-quantised; weight_format=%s does not apply",

@@ -5,21 +5,31 @@ from __future__ import annotations
 import importlib
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from .identify import identify
-from .safetensors_io import read_header
+from .checkpoints.identify import identify
+from .checkpoints.safetensors_io import read_header
+from .errors import CheckpointError
 
-# Kind -> module defining ``inspect_report(path, infos, metadata) -> dict`` (imported on use).
-INSPECTOR_MODULES: dict[str, str] = {
-    "dit": "bindweave_core.checkpoints.dit_loader",
-    "vae": "bindweave_core.encoders.vae",
-    "umt5": "bindweave_core.encoders.text",
-    "clip_vision": "bindweave_core.encoders.clip_vision",
-    "qwen2.5-vl": "bindweave_core.encoders.planner_checkpoint",
+# Kind -> "module:object" whose ``inspect_report(path, infos, metadata) -> dict`` adds the model's part
+# (the encoders' classes, see encoders/base.py; the DiT loader's function). Imported on use.
+INSPECTORS: dict[str, str] = {
+    "dit": "bindweave_core.dit.loading:inspect_report",
+    "vae": "bindweave_core.encoders.vae:WanVAE.inspect_report",
+    "umt5": "bindweave_core.encoders.text:TextEncoder.inspect_report",
+    "clip_vision": "bindweave_core.encoders.clip_vision:ClipVisionEncoder.inspect_report",
+    "qwen2.5-vl": "bindweave_core.encoders.planner:Planner.inspect_report",
 }
+
+
+def inspector(kind: str) -> Callable[[Path, dict, dict], dict]:
+    module, _, attribute = INSPECTORS[kind].partition(":")
+    found: Any = importlib.import_module(module)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -51,12 +61,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         sample = ", ".join(sorted(infos)[:5])
         report["problems"].append(f"not recognised: {len(infos)} tensors ({sample}{' ...' if len(infos) > 5 else ''})"
                                   " match no model BindWeave loads (DiT, VAE, UMT5, CLIP vision, Qwen2.5-VL)")
-    elif sig.kind not in INSPECTOR_MODULES:
+    elif sig.kind not in INSPECTORS:
         report["problems"].append(f"not recognised as a BindWeave model file: this is {sig.description}")
-    if sig is not None and sig.kind in INSPECTOR_MODULES:
+    if sig is not None and sig.kind in INSPECTORS:
         try:
-            module = importlib.import_module(INSPECTOR_MODULES[sig.kind])
-            report.update(module.inspect_report(path, infos, metadata))
+            report.update(inspector(sig.kind)(path, infos, metadata))
         except CheckpointError as e:
             report["problems"].append(str(e))
     return report

@@ -1,4 +1,4 @@
-"""fp8 (e4m3) weight storage for the DiT's linear layers.
+"""fp8 (e4m3) weight storage for linear layers (the DiT's blocks, the UMT5 and planner decoders).
 
 Weights are stored as ``float8_e4m3fn`` with one float32 scale per tensor (the layout of the
 "fp8_scaled" files ComfyUI users download: ``<layer>.weight`` + ``<layer>.scale_weight``) and
