@@ -6,8 +6,9 @@ whole model really is resident) before reading the peak RSS. Target: peak / file
 
 ``--compare-quantize`` times the bf16 -> fp8 load with the quantiser it replaced (row chunks of
 float32 copies, kept below as the reference) and with the current one, alternately, ``--repeats``
-times each, and prints the ratio of the best times (wall and CPU): the machine may be shared, so
-only same-run, back-to-back figures mean anything.
+times each, and prints the ratio of the best times (wall and CPU), for the whole load and for the
+time spent inside the quantiser alone, and whether both produced the same fp8 bytes and scales.
+The machine may be shared, so only same-run, back-to-back figures mean anything.
 
     python benchmarks/load_memory.py [--layers 3] [--dtype bf16] [--keep DIR] [--compare-quantize]
 """
@@ -76,40 +77,59 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def timed(quantize, totals: dict[str, float]):
+    """``quantize`` that adds its wall and process CPU seconds (all threads) to ``totals``."""
+    def run(weight: torch.Tensor, *args, **kwargs):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        result = quantize(weight, *args, **kwargs)
+        totals["quantize_seconds"] += time.perf_counter() - t0
+        totals["quantize_cpu_seconds"] += cpu_seconds() - c0
+        return result
+    return run
+
+
 def child(path: str, dtype: str, weight_format: str, quantizer: str = "current") -> None:
     from bindweave_core.checkpoints import materialize
     from bindweave_core.checkpoints.dit_loader import load_dit
 
-    if quantizer == "reference":
-        materialize.quantize_weight = reference_quantize_weight
+    totals = {"quantize_seconds": 0.0, "quantize_cpu_seconds": 0.0}
+    base = reference_quantize_weight if quantizer == "reference" else materialize.quantize_weight
+    materialize.quantize_weight = timed(base, totals)
     baseline = status_bytes("VmRSS")
     t0, c0 = time.perf_counter(), cpu_seconds()
     model = load_dit(path, dtype=DTYPES[dtype], weight_format=weight_format)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     # page every weight in, without allocating a copy of any of them
     touched = sum(float(p.view(torch.uint8).max()) for p in model.parameters())
+    # a checksum of the quantised bytes and scales (equal checksums: the quantisers agree)
+    digest = sum(int(p.view(torch.uint8).view(-1)[::4099].long().sum()) for p in model.parameters()
+                 if p.dtype == torch.float8_e4m3fn)
+    scales = sum(float(b) for n, b in model.named_buffers() if n.endswith("scale_weight"))
     peak = status_bytes("VmHWM")
     print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "cpu_seconds": cpu,
-                      "checksum": touched}))
+                      "checksum": touched, "fp8_digest": digest, "scale_sum": scales, **totals}))
 
 
 def compare_quantize(directory: Path, size: int, repeats: int) -> None:
-    times: dict[str, list[tuple[float, float]]] = {"reference": [], "current": []}
-    sums = {}
+    runs: dict[str, list[dict]] = {"reference": [], "current": []}
     for _ in range(repeats):
         for quantizer in ("reference", "current"):
             out = subprocess.run([sys.executable, __file__, "--child", str(directory), "bf16", "fp8", quantizer],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            times[quantizer].append((r["seconds"], r["cpu_seconds"]))
-            sums[quantizer] = r["checksum"]
+            runs[quantizer].append(r)
             print(f"  load -> fp8 with the {quantizer:9s} quantiser: {r['seconds']:.1f} s wall, "
-                  f"{r['cpu_seconds']:.1f} s CPU", flush=True)
-    ref_wall, ref_cpu = min(t[0] for t in times["reference"]), min(t[1] for t in times["reference"])
-    cur_wall, cur_cpu = min(t[0] for t in times["current"]), min(t[1] for t in times["current"])
-    print(f"bf16 -> fp8 load of {size / 1e9:.2f} GB: reference {ref_wall:.1f} s wall / {ref_cpu:.1f} s CPU, current "
-          f"{cur_wall:.1f} s / {cur_cpu:.1f} s; speed-up {ref_wall / cur_wall:.1f}x wall, {ref_cpu / cur_cpu:.1f}x CPU "
-          f"(best of {repeats}); same bytes: {sums['reference'] == sums['current']}")
+                  f"{r['cpu_seconds']:.1f} s CPU; of which quantising {r['quantize_seconds']:.1f} s wall, "
+                  f"{r['quantize_cpu_seconds']:.1f} s CPU", flush=True)
+    same = all(r[k] == runs["reference"][0][k] for r in runs["current"] for k in ("fp8_digest", "scale_sum"))
+    for label, wall, cpu in (("whole load", "seconds", "cpu_seconds"),
+                             ("quantising alone", "quantize_seconds", "quantize_cpu_seconds")):
+        best = {q: (min(r[wall] for r in rs), min(r[cpu] for r in rs)) for q, rs in runs.items()}
+        (ref_wall, ref_cpu), (cur_wall, cur_cpu) = best["reference"], best["current"]
+        print(f"bf16 -> fp8 of {size / 1e9:.2f} GB, {label}: reference {ref_wall:.2f} s wall / {ref_cpu:.2f} s CPU, "
+              f"current {cur_wall:.2f} s / {cur_cpu:.2f} s; speed-up {ref_wall / cur_wall:.1f}x wall, "
+              f"{ref_cpu / cur_cpu:.1f}x CPU (best of {repeats})")
+    print(f"same fp8 bytes and scales: {same}")
 
 
 def main() -> None:
