@@ -18,23 +18,17 @@ Scales are float32 everywhere: the upcast path dequantises ``weight.float() * sc
 rounding to the compute dtype, and activations are divided by their scale in float32 (in row
 chunks, so no full float32 copy of a large activation is made).
 
-Quantising high-precision weights while loading (:func:`quantize_weight`): the scale comes from one
-min/max pass. A bf16 or fp16 weight on the CPU then goes through a lookup table: its 16-bit values
-have only 65536 bit patterns, so the float32 division and the e4m3 rounding are run once on all of
-them (the same torch ops as the elementwise path, so the codes are identical by construction) and
-the tensor is converted with one gather of its bit patterns, in chunks spread over
-``torch.get_num_threads()`` workers. float32 weights and other devices take the elementwise path: a
-reused float32 scratch buffer, divided and rounded in place (``benchmarks/load_memory.py
---compare-quantize`` times both against the quantiser they replaced).
+Quantising high-precision weights while loading (:func:`quantize_weight`) streams each tensor
+through one reused float32 scratch buffer: one min/max pass, then one pass that divides and
+converts (``benchmarks/load_memory.py`` compares it with the row-chunked version it
+replaced).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,10 +45,6 @@ FP8_ACTIVATION_SCALES = ("dynamic", "static")
 # elements per quantisation step: a reused 16 MiB float32 scratch (no fresh pages per step, and few
 # enough steps that the thread pool's per-op cost stays small on a busy machine)
 _QUANT_CHUNK = 1 << 22
-# lookup-table path: dtypes whose every bit pattern fits a 65536-entry table, and its work sizes
-_LUT_DTYPES = (torch.bfloat16, torch.float16)
-_LUT_TASK = 1 << 20  # elements per worker task (about a millisecond of work)
-_LUT_STEP = 1 << 15  # elements per gather: the int64 index buffer (256 KiB) stays in L2 cache
 _ACT_CHUNK_ELEMENTS = 1 << 24  # activation rows are quantised in float32 chunks of about this size
 SCALED_MM_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 tensor cores
 
@@ -112,26 +102,10 @@ def quantize_weight(weight: torch.Tensor, rows_per_chunk: int | None = None) -> 
     """Per-tensor scaled e4m3 quantisation: returns ``(fp8 weight, float32 scale)`` with
     ``fp8 = e4m3(weight_fp32 / scale)``, ``scale = max|weight| / 448``.
 
-    bf16/fp16 weights on the CPU are converted through a lookup table of all their bit patterns
-    (:func:`fp8_lookup_table`), everything else in float32 chunks; both give the same bytes.
-    ``rows_per_chunk`` is accepted for compatibility and ignored.
+    The division runs in float32 through a reused scratch buffer (``rows_per_chunk`` is accepted
+    for compatibility and ignored), so no full float32 copy of a large weight is ever made.
     """
     scale = (tensor_amax(weight) / FP8_MAX).clamp(min=1e-12)
-    if weight.device.type == "cpu" and weight.dtype in _LUT_DTYPES:
-        return _quantize_by_lookup(weight.detach(), scale), scale.reshape(())
-    return _quantize_elementwise(weight, scale), scale.reshape(())
-
-
-def _round_scaled_(values: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = e4m3(values / scale)`` with ``values`` a float32 buffer (overwritten): the one formula
-    both quantisation paths run. ``|w| / (amax / 448)`` can land 1 ulp past 448: e4m3fn rounds that
-    to 448, so no clamp is needed."""
-    values.div_(scale)
-    out.copy_(values)
-
-
-def _quantize_elementwise(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The division in float32 through one reused scratch buffer (no full float32 copy of a large weight)."""
     flat = weight.reshape(-1)
     out = torch.empty(flat.shape, dtype=FP8_DTYPE, device=weight.device)
     chunk = min(_QUANT_CHUNK, flat.numel()) if weight.device.type == "cpu" else min(1 << 26, flat.numel())
@@ -140,45 +114,9 @@ def _quantize_elementwise(weight: torch.Tensor, scale: torch.Tensor) -> torch.Te
         n = min(chunk, flat.numel() - start)
         buf = scratch[:n]
         buf.copy_(flat[start: start + n])
-        _round_scaled_(buf, scale, out[start: start + n])
-    return out.view(weight.shape)
-
-
-def fp8_lookup_table(dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
-    """The e4m3 code (uint8) of ``value / scale`` for every 16-bit pattern of ``dtype`` (bf16 or
-    fp16), indexed by the pattern read as an unsigned integer; NaN and inf patterns included."""
-    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype).float()
-    codes = torch.empty(values.shape, dtype=FP8_DTYPE)
-    _round_scaled_(values, scale.float().cpu(), codes)
-    return codes.view(torch.uint8)
-
-
-def _quantize_by_lookup(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """One table gather of the weight's bit patterns; tasks of ``_LUT_TASK`` elements shared by
-    ``torch.get_num_threads()`` workers (numpy's gather releases the GIL and uses one core each)."""
-    table = fp8_lookup_table(weight.dtype, scale).numpy()
-    patterns = weight.contiguous().view(torch.uint16).reshape(-1).numpy()
-    out = torch.empty(weight.shape, dtype=FP8_DTYPE)
-    codes = out.view(torch.uint8).reshape(-1).numpy()
-    starts = range(0, patterns.size, _LUT_TASK)
-
-    def gather(start: int) -> None:
-        stop = min(start + _LUT_TASK, patterns.size)
-        index = np.empty(min(_LUT_STEP, stop - start), dtype=np.intp)
-        for lo in range(start, stop, _LUT_STEP):
-            hi = min(lo + _LUT_STEP, stop)
-            step_index = index[: hi - lo]
-            step_index[...] = patterns[lo:hi]
-            np.take(table, step_index, out=codes[lo:hi], mode="wrap")  # indices are < 65536: no wrapping
-
-    workers = max(1, min(torch.get_num_threads(), len(starts)))
-    if workers == 1:
-        for start in starts:
-            gather(start)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="fp8-quantize") as pool:
-            list(pool.map(gather, starts))
-    return out
+        buf.div_(scale)  # |w| / (amax / 448) can land 1 ulp past 448: e4m3fn rounds that to 448, no clamp needed
+        out[start: start + n].copy_(buf)
+    return out.view(weight.shape), scale.reshape(())
 
 
 def fp8_candidate_modules(model: nn.Module) -> list[str]:
