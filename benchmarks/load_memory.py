@@ -6,10 +6,13 @@ whole model really is resident) before reading the peak RSS. Target: peak / file
 
 ``--compare-quantize`` times the bf16 -> fp8 load with the quantiser it replaced (row chunks of
 float32 copies, kept below as the reference) and with the current one, alternately, ``--repeats``
-times each, and prints the ratio of the best times (wall and CPU): the machine may be shared, so
-only same-run, back-to-back figures mean anything.
+times each, and prints the ratio of the best times (wall and CPU), for the whole load and for the
+time spent inside the quantiser alone, and whether all produced the same fp8 bytes and scales.
+``--quantizers reference,current,lookup`` adds a tried alternative (a 65536-entry table gather).
+The machine may be shared, so only same-run, back-to-back figures mean anything.
 
     python benchmarks/load_memory.py [--layers 3] [--dtype bf16] [--keep DIR] [--compare-quantize]
+                                     [--repeats 3] [--quantizers reference,current,lookup]
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +74,38 @@ def reference_quantize_weight(weight: torch.Tensor, rows_per_chunk: int = 1024) 
     return out, scale.reshape(())
 
 
+def lookup_quantize_weight(weight: torch.Tensor, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tried alternative (``--quantizers ...,lookup``): bf16/fp16 have only 65536 bit patterns, so the
+    float32 division and e4m3 rounding are run once per pattern (the same ops: identical bytes) and the
+    weight is converted by one gather of its patterns (numpy, in tasks over torch.get_num_threads()
+    threads). On 2 AVX2 cores it was no faster than the elementwise path when the cores were free (the
+    gather costs about what torch's float32 -> e4m3 cast does), faster only when they were shared."""
+    from bindweave_core.dit.fp8 import FP8_DTYPE, FP8_MAX, quantize_weight, tensor_amax
+
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+        return quantize_weight(weight)
+    scale = (tensor_amax(weight) / FP8_MAX).clamp(min=1e-12)
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(weight.dtype).float()
+    table = values.div_(scale).to(FP8_DTYPE).view(torch.uint8).numpy()
+    patterns = weight.detach().contiguous().view(torch.uint16).reshape(-1).numpy()
+    out = torch.empty(weight.shape, dtype=FP8_DTYPE)
+    codes, task, step = out.view(torch.uint8).reshape(-1).numpy(), 1 << 20, 1 << 15
+
+    def gather(start: int) -> None:
+        index = np.empty(step, dtype=np.intp)
+        for lo in range(start, min(start + task, patterns.size), step):
+            n = min(step, start + task - lo, patterns.size - lo)
+            index[:n] = patterns[lo: lo + n]
+            np.take(table, index[:n], out=codes[lo: lo + n], mode="wrap")
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(gather, range(0, patterns.size, task)))
+    return out, scale.reshape(())
+
+
+QUANTIZERS = {"reference": reference_quantize_weight, "lookup": lookup_quantize_weight}
+
+
 def cpu_seconds() -> float:
     import resource
 
@@ -76,40 +113,60 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def timed(quantize, totals: dict[str, float]):
+    """``quantize`` that adds its wall and process CPU seconds (all threads) to ``totals``."""
+    def run(weight: torch.Tensor, *args, **kwargs):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        result = quantize(weight, *args, **kwargs)
+        totals["quantize_seconds"] += time.perf_counter() - t0
+        totals["quantize_cpu_seconds"] += cpu_seconds() - c0
+        return result
+    return run
+
+
 def child(path: str, dtype: str, weight_format: str, quantizer: str = "current") -> None:
     from bindweave_core.checkpoints import materialize
     from bindweave_core.dit.loading import load_dit
 
-    if quantizer == "reference":
-        materialize.quantize_weight = reference_quantize_weight
+    totals = {"quantize_seconds": 0.0, "quantize_cpu_seconds": 0.0}
+    base = QUANTIZERS.get(quantizer, materialize.quantize_weight)
+    materialize.quantize_weight = timed(base, totals)
     baseline = status_bytes("VmRSS")
     t0, c0 = time.perf_counter(), cpu_seconds()
     model = load_dit(path, dtype=DTYPES[dtype], weight_format=weight_format)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     # page every weight in, without allocating a copy of any of them
     touched = sum(float(p.view(torch.uint8).max()) for p in model.parameters())
+    # a checksum of the quantised bytes and scales (equal checksums: the quantisers agree)
+    digest = sum(int(p.view(torch.uint8).view(-1)[::4099].long().sum()) for p in model.parameters()
+                 if p.dtype == torch.float8_e4m3fn)
+    scales = sum(float(b) for n, b in model.named_buffers() if n.endswith("scale_weight"))
     peak = status_bytes("VmHWM")
     print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "cpu_seconds": cpu,
-                      "checksum": touched}))
+                      "checksum": touched, "fp8_digest": digest, "scale_sum": scales, **totals}))
 
 
-def compare_quantize(directory: Path, size: int, repeats: int) -> None:
-    times: dict[str, list[tuple[float, float]]] = {"reference": [], "current": []}
-    sums = {}
+def compare_quantize(directory: Path, size: int, repeats: int, quantizers: list[str]) -> None:
+    runs: dict[str, list[dict]] = {q: [] for q in quantizers}
     for _ in range(repeats):
-        for quantizer in ("reference", "current"):
+        for quantizer in quantizers:
             out = subprocess.run([sys.executable, __file__, "--child", str(directory), "bf16", "fp8", quantizer],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            times[quantizer].append((r["seconds"], r["cpu_seconds"]))
-            sums[quantizer] = r["checksum"]
+            runs[quantizer].append(r)
             print(f"  load -> fp8 with the {quantizer:9s} quantiser: {r['seconds']:.1f} s wall, "
-                  f"{r['cpu_seconds']:.1f} s CPU", flush=True)
-    ref_wall, ref_cpu = min(t[0] for t in times["reference"]), min(t[1] for t in times["reference"])
-    cur_wall, cur_cpu = min(t[0] for t in times["current"]), min(t[1] for t in times["current"])
-    print(f"bf16 -> fp8 load of {size / 1e9:.2f} GB: reference {ref_wall:.1f} s wall / {ref_cpu:.1f} s CPU, current "
-          f"{cur_wall:.1f} s / {cur_cpu:.1f} s; speed-up {ref_wall / cur_wall:.1f}x wall, {ref_cpu / cur_cpu:.1f}x CPU "
-          f"(best of {repeats}); same bytes: {sums['reference'] == sums['current']}")
+                  f"{r['cpu_seconds']:.1f} s CPU; of which quantising {r['quantize_seconds']:.1f} s wall, "
+                  f"{r['quantize_cpu_seconds']:.1f} s CPU", flush=True)
+    same = all(r[k] == runs[quantizers[0]][0][k] for rs in runs.values() for r in rs for k in ("fp8_digest", "scale_sum"))
+    for label, wall, cpu in (("whole load", "seconds", "cpu_seconds"),
+                             ("quantising alone", "quantize_seconds", "quantize_cpu_seconds")):
+        best = {q: (min(r[wall] for r in rs), min(r[cpu] for r in rs)) for q, rs in runs.items()}
+        ref_wall, ref_cpu = best[quantizers[0]]
+        print(f"bf16 -> fp8 of {size / 1e9:.2f} GB, {label} (best of {repeats}): {quantizers[0]} {ref_wall:.2f} s wall / "
+              f"{ref_cpu:.2f} s CPU; " + "; ".join(
+                  f"{q} {w:.2f} s / {c:.2f} s = {ref_wall / w:.1f}x wall, {ref_cpu / c:.1f}x CPU"
+                  for q, (w, c) in best.items() if q != quantizers[0]))
+    print(f"same fp8 bytes and scales: {same}")
 
 
 def main() -> None:
@@ -120,6 +177,9 @@ def main() -> None:
     ap.add_argument("--compare-quantize", action="store_true",
                     help="time bf16 -> fp8 loading with the previous and the current quantiser, alternately")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quantizers", default="reference,current",
+                    help="with --compare-quantize: which quantisers, the first one the baseline "
+                         f"(current, {', '.join(QUANTIZERS)})")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -136,7 +196,7 @@ def main() -> None:
             size = write_checkpoint(directory, args.layers, DTYPES[args.dtype])
         if args.compare_quantize:
             print(f"checkpoint: {size / 1e9:.2f} GB bf16 at 14B width", flush=True)
-            compare_quantize(directory, size, args.repeats)
+            compare_quantize(directory, size, args.repeats, args.quantizers.split(","))
             return
         print(f"checkpoint: {size / 1e9:.2f} GB, {args.dtype}, {args.layers} blocks at 14B width (dim 5120, ffn 13824)")
         cases = [(args.dtype, "default", "same dtype"), ("fp32" if args.dtype != "fp32" else "bf16", "default", "cast"),
