@@ -80,7 +80,7 @@ def lookup_quantize_weight(weight: torch.Tensor, rows_per_chunk: int | None = No
     weight is converted by one gather of its patterns (numpy, in tasks over torch.get_num_threads()
     threads). On 2 AVX2 cores it was no faster than the elementwise path when the cores were free (the
     gather costs about what torch's float32 -> e4m3 cast does), faster only when they were shared."""
-    from bindweave_core.dit.fp8 import FP8_DTYPE, FP8_MAX, quantize_weight, tensor_amax
+    from bindweave_core.fp8 import FP8_DTYPE, FP8_MAX, quantize_weight, tensor_amax
 
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
         return quantize_weight(weight)
