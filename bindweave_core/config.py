@@ -56,23 +56,10 @@ class DiTConfig:
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Arguments for diffusers' ``WanTransformer3DModel`` with the same architecture."""
-        return dict(
-            patch_size=tuple(self.patch_size),
-            num_attention_heads=self.num_heads,
-            attention_head_dim=self.head_dim,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            text_dim=self.text_dim,
-            freq_dim=self.freq_dim,
-            ffn_dim=self.ffn_dim,
-            num_layers=self.num_layers,
-            cross_attn_norm=self.cross_attn_norm,
-            qk_norm=self.qk_norm,
-            eps=self.eps,
-            image_dim=self.image_dim,
-            added_kv_proj_dim=self.dim if self.image_dim is not None else None,
-            rope_max_seq_len=self.rope_max_seq_len,
-        )
+        ours = {name: getattr(self, name) for name in _DIFFUSERS_SAME_NAMES}
+        theirs = {diffusers: getattr(self, name) for diffusers, name in _DIFFUSERS_NAMES.items()}
+        return {**ours, **theirs, "patch_size": tuple(self.patch_size),
+                "added_kv_proj_dim": self.dim if self.image_dim is not None else None}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -127,9 +114,9 @@ class DiTConfig:
         return dataclasses.replace(self, **changes)
 
 
-# diffusers' WanTransformer3DModel.__init__ names that differ from ours (the others are the same words:
-# patch_size, in_channels, out_channels, text_dim, freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm,
-# eps, image_dim, rope_max_seq_len).
+# diffusers' WanTransformer3DModel.__init__ names that are the same words as ours, and those that differ.
+_DIFFUSERS_SAME_NAMES = ("in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers",
+                         "cross_attn_norm", "qk_norm", "eps", "image_dim", "rope_max_seq_len")
 _DIFFUSERS_NAMES = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim"}
 # diffusers names we derive rather than store: checked against the config in from_dict.
 _DIFFUSERS_CHECKED = ("added_kv_proj_dim", "pos_embed_seq_len")

@@ -154,7 +154,7 @@ def enable_context_parallel(model: nn.Module, *, ulysses_degree: int | None = No
     apply_context_parallel(model, cp, CP_PLAN)
     model._parallel_config = config
     model.attention_state.parallel_config = config
-    model._rope_cache.clear()  # a cached full-length table would not match the sharded tokens
+    model.clear_rotary_cache()  # a cached full-length table would not match the sharded tokens
     if not anything:
         def check(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]

@@ -219,6 +219,10 @@ class BindWeaveTransformer(WanTransformer3DModel):
         return temb, timestep_proj.unflatten(1, (6, -1)), context, text_lengths
 
     # ----------------------------------------------------------------------------- positions
+    def clear_rotary_cache(self) -> None:
+        """Forget the cached (cos, sin) tables (e.g. after sharding the sequence over GPUs)."""
+        self._rope_cache.clear()
+
     def rotary_for(self, key: tuple, positions: torch.Tensor | None, device: torch.device):
         """(cos, sin) for a layout ``key``; explicit ``positions`` bypass the cache."""
         if positions is not None:
