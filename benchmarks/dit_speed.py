@@ -46,6 +46,7 @@ from bindweave_core import constants as C  # noqa: E402
 from bindweave_core.checkpoints.materialize import target_dtype  # noqa: E402
 from bindweave_core.config import PRESETS, DiTConfig  # noqa: E402
 from bindweave_core.dit.attention import resolve_backend  # noqa: E402
+from bindweave_core.dtypes import torch_dtype  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
 from bindweave_core.fp8 import (  # noqa: E402
     FP8Linear,
@@ -59,8 +60,8 @@ from bindweave_core.dit.transformer import BindWeaveTransformer  # noqa: E402
 from bindweave_core.memory import GiB, RunShape, estimate_vram, token_count  # noqa: E402
 
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FORMATS = ("bf16", "fp16", "fp32", "fp8", "fp8_fast")
+DTYPES = {name: torch_dtype(name) for name in C.DTYPE_NAMES}
+FORMATS = (*C.DTYPE_NAMES, *(f for f in C.DIT_WEIGHT_FORMATS if f != "default"))  # a dtype or an fp8 storage
 DIFFUSERS_BACKEND = {"sdpa": "native", "sage": "sage", "flash": "flash"}
 
 

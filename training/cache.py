@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bindweave_core.checkpoints.writers import atomic_save_file
+from bindweave_core.condition_cache import digest
 from bindweave_core.errors import BindWeaveError
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.families import family_for
@@ -49,10 +50,6 @@ from .objective import conditioning_mode
 log = logging.getLogger("BindWeave")
 
 CACHE_VERSION = 2  # bump when what is stored (or how it is computed) changes
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_identity(path: Path, contents: bool = False) -> Any:
@@ -100,12 +97,12 @@ class FeatureCache:
     def sample_key(self, s: Sample) -> str:
         files = [file_identity(p, self.cfg.cache.hash_contents) for p in s.files()]
         masks = [r.mask is not None for r in s.references]
-        return _hash({**self._settings(), "files": files, "masks": masks, "prompt": s.prompt,
+        return digest({**self._settings(), "files": files, "masks": masks, "prompt": s.prompt,
                       "mask_mode": s.mask_mode or self.cfg.data.mask_mode, "bucket": list(s.bucket),
                       "frames": s.num_frames, "start": s.start})
 
     def video_condition_key(self, group: tuple[int, int, int]) -> str:
-        return _hash({"v": CACHE_VERSION, "vae": self.model_ids["vae"], "dtype": self.cfg.model.dtype,
+        return digest({"v": CACHE_VERSION, "vae": self.model_ids["vae"], "dtype": self.cfg.model.dtype,
                       "group": list(group)})
 
     def path(self, kind: str, key: str, suffix: str = ".safetensors") -> Path:
@@ -279,7 +276,7 @@ class FeatureCache:
     # ------------------------------------------------------------------ validation conditioning
     def validation_key(self, v: dict[str, Any]) -> str:
         files = [file_identity(Path(p), self.cfg.cache.hash_contents) for p in v["references"]]
-        return _hash({**self._settings(), "validation": {k: val for k, val in v.items() if k != "references"},
+        return digest({**self._settings(), "validation": {k: val for k, val in v.items() if k != "references"},
                       "files": files})
 
     def _encode_validation(self, pipe: BindWeavePipeline, v: dict[str, Any], key: str) -> None:
