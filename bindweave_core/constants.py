@@ -52,6 +52,10 @@ DEFAULT_WIDTH = 1280
 DEFAULT_HEIGHT = 720
 DEFAULT_FRAMES = 81
 DEFAULT_FPS = 16
+# H.264 output: libx264's thread count decides its output bytes, and by default it follows the machine's
+# core count; a fixed count makes the same frames the same file on every machine (benchmarks/mp4_encode.py).
+MP4_CRF = 18
+MP4_ENCODER_THREADS = 4
 
 # --- sampling [10] ----------------------------------------------------------------------------
 DEFAULT_STEPS = 50

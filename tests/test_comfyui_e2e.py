@@ -29,7 +29,7 @@ from nodes.specs import MODEL_FOLDER, SMOKE_CHOICE, SPECS
 COMFYUI = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
-    not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) "
+    not COMFYUI, reason="needs a ComfyUI server: set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) "
                         "to run the end-to-end tests in a real ComfyUI server")]
 sys.path.insert(0, str(REPO / "tools"))
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -153,7 +153,7 @@ def _browser_skip() -> str | None:
 def test_workflow_loads_in_the_frontend_without_missing_nodes(server, path):
     reason = _browser_skip()
     if reason:
-        pytest.skip(f"headless browser unavailable: {reason}")
+        pytest.skip(f"needs a browser: {reason}")
     from comfy_browser import comfy_page, load_workflow
 
     async def run():

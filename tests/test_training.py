@@ -284,6 +284,18 @@ def test_loss_falls(trained):
     assert last < 0.8 * first, (first, last)
 
 
+def test_saved_files_are_readable_by_other_users(trained):
+    """safetensors 0.8 creates 0600 files; ours follow the umask like any other file (0644 under 022), so a
+    ComfyUI running as another user can load the LoRA."""
+    from bindweave_core.atomic import current_umask
+
+    cfg, result = trained
+    want = 0o666 & ~current_umask()
+    written = [result.lora_path, *sorted(Path(cfg.output_dir).rglob("*.safetensors"))]
+    assert len(written) >= 2
+    assert {str(p): os.stat(p).st_mode & 0o777 for p in written} == {str(p): want for p in written}
+
+
 def test_saved_lora_reproduces_the_trained_model(trained):
     cfg, result = trained
     lora = load_lora(result.lora_path)

@@ -51,7 +51,9 @@ class TrainState:
 def register_hooks(accelerator: Any, model: nn.Module) -> None:
     """Save/load only the trainable parameters of ``model`` (the unwrapped DiT) in accelerate's states."""
     from accelerate.utils import DistributedType
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from bindweave_core.checkpoints.writers import atomic_save_file
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP  # accelerate saves sharded models itself
 
@@ -60,7 +62,7 @@ def register_hooks(accelerator: Any, model: nn.Module) -> None:
             return
         if accelerator.is_main_process:
             state = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
-            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+            atomic_save_file(state, Path(output_dir) / TRAINABLE_FILE)
         weights.clear()  # accelerate would otherwise write the whole (frozen) model
 
     def load_hook(models: list, input_dir: str) -> None:
