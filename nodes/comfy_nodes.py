@@ -5,7 +5,6 @@ The inputs, tooltips and descriptions are defined once in ``specs.py``.
 
 from __future__ import annotations
 
-import importlib
 from functools import lru_cache
 from typing import ClassVar
 
@@ -15,10 +14,9 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
-from bindweave_core.encoders.base import Encoder
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
-from bindweave_core.memory import dit_activation_bytes, estimate_vram
+from bindweave_core.memory import FIT_MARGIN, dit_activation_bytes, estimate_vram
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
@@ -27,21 +25,24 @@ from bindweave_core.sampling import guidance_batch
 from . import host
 from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
 from .specs import (
+    CLIP_VISION_LOADER,
     DECODE,
     DIT_FOLDERS,
-    ENCODER_LOADERS,
     LOAD_DIT,
     LORA,
     NATIVE_CONDITIONING,
     NATIVE_MODEL,
     NOISE,
     PLANNER_ENCODE,
+    PLANNER_LOADER,
     REFERENCE_ENCODE,
     SAMPLER,
     SIGMAS,
     SMOKE_CHOICE,
     SMOKE_KALEIDO_CHOICE,
     TEXT_ENCODE,
+    TEXT_ENCODER_LOADER,
+    VAE_LOADER,
     EncoderLoader,
     In,
     NodeSpec,
@@ -78,11 +79,18 @@ def _input(i: In):
     return _io_type(i.type).Input(i.name, **common)
 
 
+def _output_id(name: str, spec: NodeSpec) -> str:
+    """An output's id; ComfyUI 0.3.64 refuses a node whose output id is also an input's (Planner Encode's
+    prompt), so such an output gets another id under the same displayed name."""
+    return f"{name}_output" if any(i.name == name for i in spec.inputs) else name
+
+
 def schema(spec: NodeSpec) -> io.Schema:
     return io.Schema(
         node_id=spec.node_id, display_name=spec.display_name, category=spec.category, description=spec.description,
         inputs=[_input(i) for i in spec.inputs],
-        outputs=[_io_type(o.type).Output(o.name, display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+        outputs=[_io_type(o.type).Output(_output_id(o.name, spec), display_name=o.name, tooltip=o.tooltip)
+                 for o in spec.outputs],
     )
 
 
@@ -112,14 +120,15 @@ class LoadDiT(io.ComfyNode):
             dit = smoke_dit(0, family_for(SMOKE_DIT_FAMILIES[model_name]).smoke_preset)
             dit.set_attention_backend(attention)
         else:
-            dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit"),
+            dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit", "DiT"),
                            weight_format=weight_format, attention_backend=attention)
         return io.NodeOutput(host.wrap(dit, "dit", resident_blocks=None if resident_blocks < 0 else resident_blocks))
 
 
 class EncoderLoaderNode(io.ComfyNode):
-    """The loader node of one encoder (a row of ``specs.ENCODER_LOADERS``): the smoke model or the chosen
-    file, loaded by the encoder's own ``load`` (or ``tiny``) and handed to ComfyUI's memory manager."""
+    """The shared body of the four encoder loaders (one row of ``specs.ENCODER_LOADERS`` each): the smoke
+    model or the chosen file, loaded by the encoder's own ``load`` (or ``tiny``) and handed to ComfyUI's
+    memory manager."""
 
     row: ClassVar[EncoderLoader]
 
@@ -130,8 +139,7 @@ class EncoderLoaderNode(io.ComfyNode):
     @classmethod
     def execute(cls, dtype, **inputs) -> io.NodeOutput:
         row = cls.row
-        module, _, name = row.encoder.partition(":")
-        encoder: type[Encoder] = getattr(importlib.import_module(module), name)
+        encoder = row.encoder()
         choice = inputs.pop(row.file_input)
         if choice == SMOKE_CHOICE:
             return io.NodeOutput(host.wrap(encoder.tiny(0), row.memory_kind))
@@ -139,18 +147,25 @@ class EncoderLoaderNode(io.ComfyNode):
         options = {k: (None if v == "" else v) for k, v in options.items()}  # an empty text box: not given
         if row.comfy_tokenizer:
             options["tokenizer_dir"] = host.qwen_tokenizer_dir()
-        loaded = encoder.load(host.resolve(choice, row.folders), dtype=host.torch_dtype(dtype, row.dtype_kind),
-                              **options)
+        loaded = encoder.load(host.resolve(choice, row.folders),
+                              dtype=host.torch_dtype(dtype, row.memory_kind, row.what), **options)
         return io.NodeOutput(host.wrap(loaded, row.memory_kind))
 
 
-def encoder_loader_node(row: EncoderLoader) -> type[EncoderLoaderNode]:
-    """The node class of one encoder loader (named as ``row.class_name``)."""
-    return type(row.class_name, (EncoderLoaderNode,), {"row": row, "__module__": __name__,
-                                                       "__qualname__": row.class_name})
+class LoadVAE(EncoderLoaderNode):
+    row = VAE_LOADER
 
 
-LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner = (encoder_loader_node(row) for row in ENCODER_LOADERS)
+class LoadTextEncoder(EncoderLoaderNode):
+    row = TEXT_ENCODER_LOADER
+
+
+class LoadCLIPVision(EncoderLoaderNode):
+    row = CLIP_VISION_LOADER
+
+
+class LoadPlanner(EncoderLoaderNode):
+    row = PLANNER_LOADER
 
 
 # ------------------------------------------------------------------------------------------ conditioning
@@ -271,7 +286,7 @@ def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWea
                   runtime=RuntimeOptions(block_offload=model.resident_blocks, memory_check=False))
     config, dtype, fmt = dit_description(pipe)
     batch = guidance_batch(settings.guidance, settings.cfg_batch != "separate")
-    host.make_room(pipe.device, estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total)
+    host.make_room(pipe.device, int(FIT_MARGIN * estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total))
     return pipe
 
 
@@ -388,13 +403,21 @@ NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVi
 
 
 class BindWeaveExtension(ComfyExtension):
+    _ready = False
+
+    def _set_up(self) -> None:
+        if not BindWeaveExtension._ready:
+            host.register_model_folder()
+            host.use_comfy_memory_manager()
+            BindWeaveExtension._ready = True
+
     @override
     async def on_load(self) -> None:
-        host.register_model_folder()
-        host.use_comfy_memory_manager()
+        self._set_up()
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        self._set_up()  # ComfyUI 0.3.64 asks for the nodes (and builds their schemas) without calling on_load
         return NODES
 
 

@@ -7,12 +7,16 @@ without a ComfyUI install (e.g. to check the example workflows' widgets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bindweave_core import constants as C
 from bindweave_core.config import get_preset
 from bindweave_core.sampling import SAMPLERS
+
+if TYPE_CHECKING:
+    from bindweave_core.encoders.base import Encoder
 
 CATEGORY = "BindWeave"
 SMOKE_CHOICE = "tiny smoke test (random weights)"
@@ -86,9 +90,36 @@ class NodeSpec:
         return [i for i in ordered if i.is_widget]
 
 
-def _dtype(what: str) -> In:
-    return In("dtype", "combo", f"Precision of the {what}'s weights. auto: bf16 on GPUs that support it, else fp16; "
-                                "fp32 on CPU.", options=DTYPE_CHOICES, default="auto")
+@dataclass(frozen=True)
+class AutoPrecision:
+    """What a loader's ``dtype: auto`` picks inside ComfyUI for one kind of model (``host.torch_dtype``
+    asks ComfyUI about the device): a ComfyUI launch flag for this kind of model when one is given, else
+    the official run's precision (``constants.OFFICIAL_DTYPE``, bf16) where the device supports it, else
+    ``fallback``; fp32 on the CPU."""
+
+    flag: str  # ComfyUI's per-model precision flags: --fp32-<flag>, --bf16-<flag>, --fp16-<flag>
+    fallback: str  # on a GPU without bf16
+
+    def tooltip(self, what: str) -> str:
+        return (f"Precision of the {what}'s weights. auto: {C.OFFICIAL_DTYPE} (the official run's precision) on "
+                f"devices that support it, else {self.fallback}; fp32 on CPU. ComfyUI's launch flags "
+                f"--fp32-{self.flag}, --bf16-{self.flag} and --fp16-{self.flag} take precedence. The choice is "
+                "logged.")
+
+
+# By ComfyUI memory kind (host.wrap). fp16 has a far smaller range than bf16: only where bf16 is missing.
+# VAEs stay out of fp16 altogether, as ComfyUI keeps its own VAEs (model_management.vae_dtype).
+AUTO_PRECISION = {
+    "dit": AutoPrecision("unet", "fp16"),
+    "text_encoder": AutoPrecision("text-enc", "fp16"),
+    "clip_vision": AutoPrecision("text-enc", "fp16"),
+    "planner": AutoPrecision("text-enc", "fp16"),
+    "vae": AutoPrecision("vae", "fp32"),
+}
+
+
+def _dtype(what: str, kind: str) -> In:
+    return In("dtype", "combo", AUTO_PRECISION[kind].tooltip(what), options=DTYPE_CHOICES, default="auto")
 
 
 def _images(what: str) -> tuple[In, ...]:
@@ -110,7 +141,7 @@ LOAD_DIT = NodeSpec(
         In("model_name", "combo", "The DiT checkpoint. The tiny smoke test choices need no download and make noise, "
                                   "for checking a workflow runs.", files=DIT_FOLDERS,
            smoke=(SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE), directories=True),
-        _dtype("DiT"),
+        _dtype("DiT", "dit"),
         In("weight_format", "combo", "default: weights in the chosen precision (fp8 files are dequantised). "
                                      "fp8: keep the block weights in fp8 (e4m3) storage, about half the memory of bf16. "
                                      "fp8_fast: fp8 storage and fp8 matrix multiplies on GPUs of compute capability "
@@ -133,9 +164,9 @@ LOAD_DIT = NodeSpec(
 @dataclass(frozen=True)
 class EncoderLoader:
     """One encoder loader node. The four (VAE, UMT5, CLIP vision, planner) differ only in these fields:
-    ``spec`` is the node's interface and ``nodes/comfy_nodes.py`` builds one node class per row."""
+    ``spec`` is the node's interface; ``nodes/comfy_nodes.py`` defines one node class per row
+    (``LoadVAE``, ``LoadTextEncoder``, ``LoadCLIPVision``, ``LoadPlanner``) on a shared base."""
 
-    class_name: str  # the node's Python class in comfy_nodes
     node_id: str
     display_name: str
     description: str
@@ -144,9 +175,8 @@ class EncoderLoader:
     folders: tuple[str, ...]  # the ComfyUI model folders listed by the combo and searched for the choice
     what: str  # the model, as the dtype tooltip names it
     output: Out
-    encoder: str  # the bindweave_core encoder class, "module:Class" (imported when a node runs)
-    memory_kind: str  # what the model is to ComfyUI's memory manager (host.wrap)
-    dtype_kind: str  # whose ComfyUI default "auto" means (host.torch_dtype)
+    encoder: Callable[[], type[Encoder]]  # the bindweave_core encoder class (imported when a node runs)
+    memory_kind: str  # what the model is to ComfyUI's memory manager (host.wrap) and to AUTO_PRECISION
     options: tuple[In, ...] = ()  # further inputs, passed on to the encoder's load() by name
     comfy_tokenizer: bool = False  # load() gets ComfyUI's bundled Qwen2.5 tokenizer folder (the planner)
 
@@ -155,43 +185,59 @@ class EncoderLoader:
         files = In(self.file_input, "combo", self.file_tooltip, files=self.folders, smoke=(SMOKE_CHOICE,),
                    directories=True)
         return NodeSpec(self.node_id, self.display_name, f"{CATEGORY}/loaders", self.description,
-                        (files, _dtype(self.what), *self.options), (self.output,))
+                        (files, _dtype(self.what, self.memory_kind), *self.options), (self.output,))
 
 
-ENCODER_LOADERS: tuple[EncoderLoader, ...] = (
-    EncoderLoader(
-        "LoadVAE", "BindWeaveVAELoader", "Load BindWeave VAE",
-        "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
-        "vae_name", "The Wan 2.1 VAE file.", ("vae",), "VAE", Out(VAE, "vae", "The Wan 2.1 VAE."),
-        "bindweave_core.encoders.vae:WanVAE", "vae", "vae"),
-    EncoderLoader(
-        "LoadTextEncoder", "BindWeaveTextEncoderLoader", "Load BindWeave UMT5",
-        "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
-        "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
-        "text_encoder_name", "The UMT5-XXL encoder file.", ("text_encoders",), "text encoder",
-        Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."),
-        "bindweave_core.encoders.text:TextEncoder", "text_encoder", "text",
-        options=(In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): "
-                                               "the folder of the google/umt5-xxl tokenizer. Leave empty otherwise.",
-                    default="", optional=True),)),
-    EncoderLoader(
-        "LoadCLIPVision", "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision",
-        "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
-        "clip_name", "The CLIP ViT-H/14 vision file.", ("clip_vision",), "CLIP vision encoder",
-        Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."),
-        "bindweave_core.encoders.clip_vision:ClipVisionEncoder", "clip_vision", "text"),
-    EncoderLoader(
-        "LoadPlanner", "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)",
-        "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
-        "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
-        "directory in models/bindweave (which can also refine prompts).",
-        "planner_name", "The Qwen2.5-VL-7B file or directory.", ("text_encoders",), "planner",
-        Out(PLANNER, "planner", "The Qwen2.5-VL planner."),
-        "bindweave_core.encoders.planner:Planner", "planner", "text",
-        options=(In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
-                    options=C.ENCODER_WEIGHT_FORMATS, default="default"),),
-        comfy_tokenizer=True),
-)
+# The encoder classes, imported only when a loader runs (ComfyUI starts without loading transformers' models).
+def _wan_vae() -> type[Encoder]:
+    from bindweave_core.encoders.vae import WanVAE
+    return WanVAE
+
+
+def _umt5() -> type[Encoder]:
+    from bindweave_core.encoders.text import TextEncoder
+    return TextEncoder
+
+
+def _clip_vision() -> type[Encoder]:
+    from bindweave_core.encoders.clip_vision import ClipVisionEncoder
+    return ClipVisionEncoder
+
+
+def _planner() -> type[Encoder]:
+    from bindweave_core.encoders.planner import Planner
+    return Planner
+
+
+VAE_LOADER = EncoderLoader(
+    "BindWeaveVAELoader", "Load BindWeave VAE",
+    "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
+    "vae_name", "The Wan 2.1 VAE file.", ("vae",), "VAE", Out(VAE, "vae", "The Wan 2.1 VAE."), _wan_vae, "vae")
+TEXT_ENCODER_LOADER = EncoderLoader(
+    "BindWeaveTextEncoderLoader", "Load BindWeave UMT5",
+    "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
+    "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
+    "text_encoder_name", "The UMT5-XXL encoder file.", ("text_encoders",), "text encoder",
+    Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."), _umt5, "text_encoder",
+    options=(In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): "
+                                           "the folder of the google/umt5-xxl tokenizer. Leave empty otherwise.",
+                default="", optional=True),))
+CLIP_VISION_LOADER = EncoderLoader(
+    "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision",
+    "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
+    "clip_name", "The CLIP ViT-H/14 vision file.", ("clip_vision",), "CLIP vision encoder",
+    Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."), _clip_vision, "clip_vision")
+PLANNER_LOADER = EncoderLoader(
+    "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)",
+    "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
+    "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
+    "directory in models/bindweave (which can also refine prompts).",
+    "planner_name", "The Qwen2.5-VL-7B file or directory.", ("text_encoders",), "planner",
+    Out(PLANNER, "planner", "The Qwen2.5-VL planner."), _planner, "planner",
+    options=(In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
+                options=C.ENCODER_WEIGHT_FORMATS, default="default"),),
+    comfy_tokenizer=True)
+ENCODER_LOADERS: tuple[EncoderLoader, ...] = (VAE_LOADER, TEXT_ENCODER_LOADER, CLIP_VISION_LOADER, PLANNER_LOADER)
 LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER = (row.spec for row in ENCODER_LOADERS)
 
 PLANNER_ENCODE = NodeSpec(

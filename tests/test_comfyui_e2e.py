@@ -53,13 +53,21 @@ def server(tmp_path_factory):
     (base / "custom_nodes" / "ComfyUI-BindWeave").symlink_to(REPO, target_is_directory=True)
     for d in ("input", "output", "temp", "user", "models"):
         (base / d).mkdir()
+    # The server imports this checkout's core too, not another copy installed in ComfyUI's environment
+    # (an editable install of the pack there would otherwise win over the pack's own folder).
+    core = base / "core_path"
+    core.mkdir()
+    (core / "bindweave_core").symlink_to(REPO / "bindweave_core", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(core), os.environ.get("PYTHONPATH")]))}
     port = _free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen(
         [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave"],
-        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave",
+         # previews on: ComfyUI 0.3.64 takes the preview method only from its command line (newer: per prompt too)
+         "--preview-method", "latent2rgb"],
+        cwd=COMFYUI, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -109,13 +117,19 @@ def test_our_nodes_are_registered_with_docs(server):
         assert theirs == ours, node_id
 
 
+# Widgets of core nodes the workflows were saved with (ComfyUI 0.33.0) that older supported versions lack:
+# an older frontend drops the extra value and the server ignores the input, so the workflows still run.
+NEWER_CORE_WIDGETS = {"CreateVideo.bit_depth": "0.3.64"}
+
+
 def test_core_nodes_used_by_the_workflows_exist(server):
     info = server["object_info"]
     for node_type, widgets in CORE_NODES.items():
         assert node_type in info, node_type
         inputs = {**info[node_type]["input"].get("required", {}), **info[node_type]["input"].get("optional", {})}
         for w in widgets:  # "format.codec": a sub-input of the dynamic combo "format"
-            assert w.split(".")[0] in inputs or w in FRONTEND_WIDGETS, f"{node_type}.{w}"
+            assert w.split(".")[0] in inputs or w in FRONTEND_WIDGETS or f"{node_type}.{w}" in NEWER_CORE_WIDGETS, \
+                f"{node_type}.{w}"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -479,18 +493,26 @@ def _wan21_stats():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_file(server):
-    """Our tiny smoke VAE (the smoke choice of Load BindWeave VAE) saved in the original Wan 2.1 layout,
-    for ComfyUI's own VAELoader (key names: tests/test_vae.py original_state_dict)."""
+def wan_vae_file(server):
+    """A Wan 2.1 VAE of the released width (base dim 96) with our smoke model's seeded weights, in the
+    original layout, for ComfyUI's own VAELoader (key names: tests/test_vae.py original_state_dict).
+    Full width because ComfyUI 0.3.64's loader builds every Wan 2.1 VAE at width 96 whatever the file
+    holds (newer ones read the width from the file)."""
+    import torch
+    from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
     from test_vae import original_state_dict
 
-    from bindweave_core.encoders.vae import WanVAE
+    from bindweave_core.encoders.vae import WAN21_VAE_CONFIG, _tiny_value, seeded_init_
 
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**WAN21_VAE_CONFIG)
+    model = model.to_empty(device="cpu")
+    seeded_init_(model, 0, _tiny_value)
     folder = server["base"] / "models" / "vae"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(original_state_dict(WanVAE.tiny(0).model), str(folder / "bw_tiny_vae.safetensors"))
-    return "bw_tiny_vae.safetensors"
+    save_file(original_state_dict(model), str(folder / "bw_wan21_vae.safetensors"))
+    return "bw_wan21_vae.safetensors"
 
 
 def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift: float, cfg: float, seed: int,
@@ -508,7 +530,7 @@ def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift
     return b + "5"
 
 
-def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae_file):
+def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, wan_vae_file):
     """Our loaders + BindWeave Conditioning -> KSampler -> ComfyUI's VAE Decode writes a video; with euler and
     the same sigmas (SamplerCustomAdvanced) the native latents equal our Sampler's; ComfyUI's VAE Decode of
     our Sampler's LATENT equals our Decode, and our Decode takes KSampler's LATENT as ComfyUI's VAE Decode does."""
@@ -520,6 +542,7 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
     seed, steps = 321, 3
     g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
     g["30"]["inputs"].update(sampler="euler", steps=steps, seed=seed)
+    g["2"]["inputs"]["vae_name"] = wan_vae_file  # our VAE loader on the file ComfyUI's VAE Loader reads
     del g["40"], g["41"]
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native/ours")
     g["51"] = node("SaveImage", images=["31", 0], filename_prefix="native/our_decode")
@@ -528,12 +551,12 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
                    planner_conditioning=["20", 0])
     sampled = _custom_sampling(g, ["60", 0], ["61"], steps, 3.0, 5.0, seed, "euler", 7)
     g["80"] = node("SaveLatent", samples=[sampled, 0], filename_prefix="native/custom")
-    g["81"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["81"] = node("VAELoader", vae_name=wan_vae_file)
     g["82"] = node("VAEDecode", samples=["30", 0], vae=["81", 0])
     g["83"] = node("SaveImage", images=["82", 0], filename_prefix="native/comfy_decode")
     # the plain native graph: KSampler (its own schedule) -> VAE Decode -> video; and our Decode of its LATENT
     native = native_graph(refs=None, prompt=g["20"]["inputs"]["prompt"], width=64, height=48, length=5, steps=steps,
-                          guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True, vae=tiny_vae_file,
+                          guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True, vae=wan_vae_file,
                           prefix="native/ksampler")
     g.update({k: v for k, v in native.items() if k not in g})
     g["33"]["inputs"]["model"] = ["29", 0]
@@ -542,7 +565,7 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
     g["92"] = node("SaveImage", images=["91", 0], filename_prefix="native/ksampler_our_decode")
     out = _run(server, g)
 
-    ours = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())  # the smoke VAE's raw space
+    ours = _normalised(_saved_latent(server, out, "50"), _wan21_stats())  # the raw space of that file's VAE
     custom = _normalised(_saved_latent(server, out, "80"), _wan21_stats())  # the native MODEL's latent format
     print(f"native vs our Sampler: max |diff| {(custom - ours).abs().max():.2e} (latents up to {ours.abs().max():.2f})")
     torch.testing.assert_close(custom, ours, rtol=0, atol=1e-4)
@@ -679,19 +702,23 @@ def test_native_lora_loader_matches_our_lora_node(server):
         torch.testing.assert_close(ours, core, rtol=0, atol=1e-4)
 
 
-def test_native_model_patches_attach_and_run(server):
-    """ModelSamplingSD3, EasyCache (ComfyUI's step cache), KSamplerAdvanced and TorchCompileModel on the
-    native MODEL: each attaches and samples (TorchCompileModel: one step, guidance 1, to keep compile short)."""
-    from build_workflows import native_graph, node
+def _native_patch_graph() -> dict:
+    from build_workflows import native_graph
 
     g = native_graph(refs=None, prompt="a man waves at the camera", width=64, height=48, length=5, steps=3,
                      guidance=5.0, shift=3.0, sampler="euler", seed=5, smoke=True)
     for key in ("34", "35", "40", "41", "23", "24"):
         del g[key]
-    g["50"] = node("EasyCache", model=["29", 0], reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
-                   verbose=True)
-    g["33"]["inputs"]["model"] = ["50", 0]
-    g["51"] = node("SaveLatent", samples=["33", 0], filename_prefix="native_patches/easycache")
+    return g
+
+
+def test_native_model_patches_attach_and_run(server):
+    """ModelSamplingSD3, KSamplerAdvanced and TorchCompileModel on the native MODEL: each attaches and samples
+    (TorchCompileModel: one step, guidance 1, to keep compile short)."""
+    from build_workflows import node
+
+    g = _native_patch_graph()
+    del g["33"]  # the graph's own KSampler: the nodes below sample instead
     g["52"] = node("KSamplerAdvanced", model=["29", 0], add_noise="enable", noise_seed=5, steps=2, cfg=5.0,
                    sampler_name="euler", scheduler="simple", positive=["32", 0], negative=["32", 1],
                    latent_image=["32", 2], start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
@@ -700,15 +727,31 @@ def test_native_model_patches_attach_and_run(server):
     g["55"] = node("KSampler", model=["54", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
                    seed=5, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
     g["56"] = node("SaveLatent", samples=["55", 0], filename_prefix="native_patches/compiled")
-    log_start = len((server["base"] / "comfyui.log").read_text())
     t0 = time.time()
     out = _run(server, g, timeout=900)
-    print(f"EasyCache + KSamplerAdvanced + TorchCompileModel graph: {time.time() - t0:.0f} s")
-    log = (server["base"] / "comfyui.log").read_text()[log_start:]
-    assert "EasyCache - skipped" in log, log[-2000:]
-    for key in ("51", "53", "56"):
+    print(f"KSamplerAdvanced + TorchCompileModel graph: {time.time() - t0:.0f} s")
+    for key in ("53", "56"):
         latents = _saved_latent(server, out, key)
         assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
+
+
+def test_easycache_attaches_to_the_native_model(server):
+    """EasyCache (ComfyUI's step cache) on the native MODEL skips DiT evaluations and samples."""
+    from build_workflows import node
+
+    if "EasyCache" not in server["object_info"]:
+        pytest.skip("this ComfyUI has no EasyCache node (comfy_extras/nodes_easycache.py)")
+    g = _native_patch_graph()
+    g["50"] = node("EasyCache", model=["29", 0], reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
+                   verbose=True)
+    g["33"]["inputs"]["model"] = ["50", 0]
+    g["51"] = node("SaveLatent", samples=["33", 0], filename_prefix="native_patches/easycache")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    out = _run(server, g, timeout=900)
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "EasyCache - skipped" in log, log[-2000:]
+    latents = _saved_latent(server, out, "51")
+    assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
 
 
 _NATIVE_VAE_SCRIPT = r'''
@@ -725,12 +768,12 @@ from nodes.native_inputs import wan_vae_from_native
 
 native = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
 ours = wan_vae_from_native(native)
-tiny = WanVAE.tiny(0)
+loaded = WanVAE.load(vae_path, dtype=torch.float32)  # Load BindWeave VAE on the same file
 x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
 with torch.no_grad():
     mu = ours.model.to(torch.float32).encode(x).latent_dist.mode()
-    assert torch.equal(mu, tiny.model.encode(x).latent_dist.mode())
-    assert torch.equal(ours.model.decode(mu).sample, tiny.model.decode(mu).sample)
+    assert torch.equal(mu, loaded.model.encode(x).latent_dist.mode())
+    assert torch.equal(ours.model.decode(mu).sample, loaded.model.decode(mu).sample)
 assert ours.model.config.latents_mean == WAN21_VAE_CONFIG["latents_mean"]
 shared = native.first_stage_model.state_dict()["encoder.conv1.weight"].data_ptr()
 assert ours.model.encoder.conv_in.weight.data_ptr() == shared  # no second copy of the weights
@@ -738,21 +781,21 @@ print("ok")
 '''
 
 
-def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
+def test_reference_encode_takes_comfyuis_own_vae(server, wan_vae_file):
     """ComfyUI's VAELoader output into Reference Encode: our WanVAE over the same tensors (no copy) encodes and
     decodes exactly as Load BindWeave VAE does on that file, and a graph with it runs."""
     import copy
 
     from build_workflows import _cases, node
 
-    path = server["base"] / "models" / "vae" / tiny_vae_file
+    path = server["base"] / "models" / "vae" / wan_vae_file
     run = subprocess.run([PYTHON, "-c", _NATIVE_VAE_SCRIPT, str(path), str(REPO)], cwd=COMFYUI, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": COMFYUI})
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
     g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
     g["30"]["inputs"]["seed"] = 4242
-    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["7"] = node("VAELoader", vae_name=wan_vae_file)
     g["22"]["inputs"]["vae"] = ["7", 0]
     for key in ("31", "40", "41"):
         del g[key]

@@ -126,21 +126,52 @@ def test_node_docs_are_up_to_date():
 
 
 def test_encoder_loader_rows_name_encoders_whose_load_takes_their_options():
-    """Each row of the encoder loader table names an encoder class (the protocol of encoders/base.py) whose
+    """Each row of the encoder loader table gives an encoder class (the protocol of encoders/base.py) whose
     load() accepts every option the node passes it; the rows' specs are the nodes' specs."""
-    import importlib
     import inspect
 
     from bindweave_core.encoders.base import Encoder
     from nodes.specs import ENCODER_LOADERS
 
-    assert len(ENCODER_LOADERS) == 4 and len({r.class_name for r in ENCODER_LOADERS}) == 4
+    assert len(ENCODER_LOADERS) == 4 and len({r.node_id for r in ENCODER_LOADERS}) == 4
     for row in ENCODER_LOADERS:
         assert SPECS[row.node_id] == row.spec and row.spec.inputs[0].name == row.file_input
-        module, _, name = row.encoder.partition(":")
-        encoder = getattr(importlib.import_module(module), name)
-        assert issubclass(encoder, Encoder) and not inspect.isabstract(encoder), row.encoder
+        encoder = row.encoder()
+        assert issubclass(encoder, Encoder) and not inspect.isabstract(encoder), row.node_id
         accepted = set(inspect.signature(encoder.load).parameters)
         passed = {i.name for i in row.options} | ({"tokenizer_dir"} if row.comfy_tokenizer else set())
-        assert {"dtype"} | passed <= accepted, (row.encoder, passed - accepted)
+        assert {"dtype"} | passed <= accepted, (row.node_id, passed - accepted)
         assert row.spec.inputs[0].files == row.folders and row.spec.category == "BindWeave/loaders"
+
+
+def test_loader_nodes_are_plain_classes_named_in_the_source():
+    """Every node class is a class statement in comfy_nodes.py (a reader finds LoadPlanner by name): the
+    encoder loaders subclass one base and name their row; nothing builds classes or imports by string."""
+    import ast
+
+    from nodes import specs
+
+    tree = ast.parse((REPO / "nodes" / "comfy_nodes.py").read_text())
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    rows = {}
+    for name, cls in classes.items():
+        if [ast.unparse(b) for b in cls.bases] == ["EncoderLoaderNode"]:
+            (assign,) = [s for s in cls.body if isinstance(s, ast.Assign)]
+            rows[name] = getattr(specs, ast.unparse(assign.value))
+    assert rows == {"LoadVAE": specs.VAE_LOADER, "LoadTextEncoder": specs.TEXT_ENCODER_LOADER,
+                    "LoadCLIPVision": specs.CLIP_VISION_LOADER, "LoadPlanner": specs.PLANNER_LOADER}
+    calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not calls & {"type", "importlib.import_module", "getattr", "__import__"}
+    nodes_list = next(n for n in tree.body if isinstance(n, ast.AnnAssign) and ast.unparse(n.target) == "NODES")
+    assert {ast.unparse(e) for e in nodes_list.value.elts} <= set(classes)
+
+
+def test_auto_precision_tooltips_say_what_host_picks():
+    """The dtype tooltip of every loader names the official bf16, the fallback of its kind and the CPU rule."""
+    from nodes.specs import AUTO_PRECISION, ENCODER_LOADERS, LOAD_DIT
+
+    for spec, kind in [(LOAD_DIT, "dit")] + [(row.spec, row.memory_kind) for row in ENCODER_LOADERS]:
+        tooltip = {i.name: i for i in spec.inputs}["dtype"].tooltip
+        fallback = AUTO_PRECISION[kind].fallback
+        assert f"auto: bf16 (the official run's precision) on devices that support it, else {fallback}; " \
+               "fp32 on CPU." in tooltip, spec.node_id
