@@ -77,6 +77,7 @@ def clip_vision_from_native(clip_vision: Any, dtype: torch.dtype):
     from bindweave_core.encoders.clip_vision import ClipVisionEncoder
 
     loader = "Load BindWeave CLIP Vision"
+    refuse_patched(clip_vision, "CLIP vision model", loader)
     config = dict(getattr(clip_vision, "config", {}) or {})
     kind = getattr(clip_vision, "model_type", config.get("model_type", "clip_vision_model"))
     if kind != "clip_vision_model":
@@ -102,6 +103,7 @@ def _clip_state(clip: Any, name: str, what: str, loader: str, clip_type: str) ->
         held = ", ".join(sorted(n for n, _ in clip.cond_stage_model.named_children())) or "unknown"
         raise InputError(f"the CLIP connected holds {held}, not {what}: load it with Load CLIP, type {clip_type}, "
                          f"or use {loader}.")
+    refuse_patched(clip, what, loader)
     prefix = f"{name}.transformer."
     sd = _plain_tensors(clip.get_sd(), what, loader)
     tokenizer = {k: v for k, v in sd.items() if "." not in k}  # the tokenizer's own entries (spiece_model)
@@ -131,3 +133,11 @@ def planner_from_native(clip: Any, dtype: torch.dtype, tokenizer_dir: str | None
         planner = Planner.load(path, dtype=dtype, tokenizer_dir=tokenizer_dir, config=config)
     planner.source = "ComfyUI CLIP (Qwen2.5-VL-7B)"
     return planner
+
+
+def refuse_patched(obj: Any, what: str, loader: str) -> None:
+    """A model with weight patches (e.g. CLIP after Load LoRA) would lose them in our code: refuse it."""
+    patcher = getattr(obj, "patcher", None)
+    if patcher is not None and (getattr(patcher, "patches", None) or getattr(patcher, "hook_patches", None)):
+        raise InputError(f"the {what} connected carries weight patches (a LoRA or hook), which this pack's code would "
+                         f"not apply: connect it before the LoRA node, or use {loader}.")
