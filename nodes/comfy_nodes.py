@@ -374,9 +374,10 @@ class NativeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        if model.resident_blocks is not None:
-            raise InputError("DiT block offload (resident_blocks) is the BindWeave Sampler's: for native samplers set "
-                             "resident_blocks to -1 on Load BindWeave DiT and let ComfyUI manage the memory.")
+        if model.resident_blocks is not None:  # block offload under ComfyUI's samplers (native.with_block_offload)
+            from .native import with_block_offload
+
+            return io.NodeOutput(with_block_offload(model.patcher, model.resident_blocks))
         return io.NodeOutput(model.patcher.clone())  # a clone: ComfyUI swaps the weight patches of its family
 
 

@@ -148,8 +148,9 @@ LOAD_DIT = NodeSpec(
         In("resident_blocks", "int", "Block offload. -1 (default): the whole DiT goes on the GPU when sampling, "
                                      "managed by ComfyUI. 0 or more: only this many of the transformer blocks (40 in "
                                      "the 14B model) stay on the GPU; the others stay in CPU RAM and are streamed in "
-                                     "one by one while sampling. Same output, slower; for GPUs that cannot hold the "
-                                     "model (e.g. 24 GB at 720p: fp8 with 16).",
+                                     "one by one while sampling (BindWeave Sampler, and KSampler / "
+                                     "SamplerCustomAdvanced through BindWeave to MODEL). Same output, slower; for GPUs "
+                                     "that cannot hold the model (e.g. 24 GB at 720p: fp8 with 16).",
            default=-1, min=-1, max=MAX_DIT_BLOCKS),
     ),
     (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
@@ -377,8 +378,9 @@ NATIVE_MODEL = NodeSpec(
     "Kaleido, Wan 2.1 latent format), for KSampler, SamplerCustomAdvanced, LoraLoaderModelOnly (original Wan, "
     "kohya and trainer LoRAs), ModelSamplingSD3, TorchCompileModel and step caches such as EasyCache. The DiT "
     "runs exactly as in the BindWeave Sampler.",
-    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Leave its "
-                           "resident_blocks at -1: native samplers load the model through ComfyUI.", type=DIT),),
+    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Its resident_blocks "
+                           "applies here too: with 0 or more, native samplers run the DiT with that many blocks on "
+                           "the GPU and stream the others (the same latents, slower).", type=DIT),),
     (Out("MODEL", "MODEL", "A native MODEL for ComfyUI's samplers and model patches."),),
 )
 
