@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 repo, work = sys.argv[1], Path(sys.argv[2])
-sys.argv = [sys.argv[0], "--cpu"]
+# fp32 text encoders: the nodes' "auto" precision on the CPU, whether it reads ComfyUI's text-encoder dtype
+# (fp16 on the CPU unless told) or is fp32 on the CPU; our fp32 loads are the reference
+sys.argv = [sys.argv[0], "--cpu", "--fp32-text-enc"]
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
@@ -27,6 +29,18 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ATOL = 1e-5
+
+
+def node_result(name: str, **inputs):
+    from nodes import comfy_nodes
+
+    return getattr(comfy_nodes, name).execute(**inputs).args
+
+
+def hosted(encoder, kind: str):
+    from nodes import host
+
+    return host.wrap(encoder, kind)
 
 
 def close(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -60,7 +74,12 @@ def check_clip_vision() -> None:
     ours = clip_vision_from_native(native, torch.float32).encode_references(canvases)
     close("CLIP vision, ComfyUI's model vs our loader", ours,
           ClipVisionEncoder.load(path, dtype=torch.float32).encode_references(canvases))
-    shared = clip_vision_from_native(native, torch.float16)  # ComfyUI's precision: the very same tensors
+    from nodes.comfy_nodes import ours
+
+    assert isinstance(ours(native, "clip_vision").component, ClipVisionEncoder)  # what Reference Encode makes of it
+    assert ours(native, "clip_vision") is ours(native, "clip_vision")  # made once per ComfyUI model
+    native.model.half()  # as ComfyUI holds clip_vision_h by default (fp16); our code in that precision shares them
+    shared = clip_vision_from_native(native, torch.float16)
     weight = native.model.state_dict()["vision_model.embeddings.patch_embedding.weight"]
     assert shared.model.embeddings.patch_embedding.weight.data_ptr() == weight.data_ptr()
     print("CLIP vision: same tensors as ComfyUI's model in its precision")
@@ -126,8 +145,14 @@ def check_umt5() -> None:
     missing, _ = clip.load_sd(stored)
     assert not missing, missing
     prompts = ["a man walks a dog in the park", "static blurred video"]
+    mine = TextEncoder.load(path, dtype=torch.float32)
     close("UMT5, ComfyUI's CLIP vs our loader", text_encoder_from_native(clip, torch.float32).encode(prompts),
-          TextEncoder.load(path, dtype=torch.float32).encode(prompts))
+          mine.encode(prompts))
+    # the node: UMT5 Encode on ComfyUI's CLIP (our auto precision) and on our loader's encoder
+    a = node_result("TextEncode", text_encoder=clip, prompt=prompts[0], negative_prompt=prompts[1])[0]
+    b = node_result("TextEncode", text_encoder=hosted(mine, "text_encoder"), prompt=prompts[0],
+                    negative_prompt=prompts[1])[0]
+    close("UMT5 Encode node, ComfyUI's CLIP vs our loader", a.positive, b.positive)
 
 
 def check_qwen_keys() -> None:
@@ -182,6 +207,12 @@ def check_planner(tok_dir: str) -> None:
     ours = planner_from_native(QwenClip(), torch.float32, tok_dir, config=TINY_CONFIG)
     mine = Planner.load(path, dtype=torch.float32, tokenizer_dir=tok_dir, config=TINY_CONFIG)
     a, b = ours.encode("a red and a blue card", images), mine.encode("a red and a blue card", images)
+    try:  # the planner input refuses a CLIP of another model, naming what to connect
+        planner_from_native(type("Clip", (), {"cond_stage_model": torch.nn.Module(), "get_sd": dict,
+                                               "patcher": None})(), torch.float32, tok_dir)
+        raise AssertionError("a CLIP without Qwen2.5-VL was accepted")
+    except Exception as e:  # noqa: BLE001
+        assert "type qwen_image" in str(e), e
     close("Qwen2.5-VL planner, ComfyUI's tensors vs our loader", a.positive, b.positive)
     close("Qwen2.5-VL planner (negative)", a.negative, b.negative)
 
