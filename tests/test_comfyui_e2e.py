@@ -771,7 +771,7 @@ def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": COMFYUI}, timeout=600)
     print(run.stdout)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
-    assert run.stdout.count("max |diff|") == 6
+    assert run.stdout.count("max |diff|") == 5
 
 
 def test_decode_takes_comfyuis_own_vae(server, tiny_vae_file):
@@ -883,3 +883,23 @@ def test_ksampler_with_block_offload_gives_the_unswapped_latents(server):
     torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
     log = (server["base"] / "comfyui.log").read_text()[log_start:]
     assert "DiT block offload: 1 of 2 blocks resident" in log, log[-2000:]
+
+
+def test_kaleido_workflow_without_its_folder_is_stopped_naming_it(server):
+    """The Kaleido DiT folder cannot be in the frontend's missing-models list (README); queuing its workflow
+    without the folder stops before anything runs, ComfyUI naming the loader's missing entry."""
+    import urllib.error
+
+    from build_workflows import _cases
+
+    prompt = _cases()["kaleido_two_subjects"]["graph"]
+    request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    body = json.loads(refused.value.read())
+    errors = body["node_errors"]["1"]["errors"]
+    print(errors)
+    assert any("not in list" in e["message"].lower() or "not in list" in e.get("details", "").lower()
+               for e in errors)
+    assert any(f"{MODEL_FOLDER}/Kaleido-14B-S2V/" in e.get("details", "") for e in errors)
