@@ -15,15 +15,16 @@ import io
 import sys
 from pathlib import Path
 
-repo, work = sys.argv[1], Path(sys.argv[2])
-# fp32 text encoders: the nodes' "auto" precision on the CPU, whether it reads ComfyUI's text-encoder dtype
-# (fp16 on the CPU unless told) or is fp32 on the CPU; our fp32 loads are the reference
-sys.argv = [sys.argv[0], "--cpu", "--fp32-text-enc"]
-import comfy.options  # noqa: E402
+if __name__ == "__main__":  # as a script: ComfyUI's arguments first (a test node pack imports the builders only)
+    repo, work = sys.argv[1], Path(sys.argv[2])
+    # fp32 text encoders: the nodes' "auto" precision on the CPU, whether it reads ComfyUI's text-encoder dtype
+    # (fp16 on the CPU unless told) or is fp32 on the CPU; our fp32 loads are the reference
+    sys.argv = [sys.argv[0], "--cpu", "--fp32-text-enc"]
+    import comfy.options
 
-comfy.options.enable_args_parsing()
-sys.path.insert(0, repo)
-sys.path.insert(0, str(Path(repo) / "tests"))
+    comfy.options.enable_args_parsing()
+    sys.path.insert(0, repo)
+    sys.path.insert(0, str(Path(repo) / "tests"))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -49,27 +50,42 @@ def close(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape and diff <= ATOL, (name, a.shape, b.shape, diff)
 
 
-def check_clip_vision() -> None:
-    """ComfyUI's ClipVisionModel (tiny config) holding a tiny fp16 file (as clip_vision_h is fp16)."""
+def write_tiny_clip_vision(path: Path) -> None:
+    """The tiny smoke CLIP vision tower as a ComfyUI-style file (Hugging Face names, fp16 like clip_vision_h)."""
+    from bindweave_core.encoders.clip_vision import ClipVisionEncoder
+
+    tiny = ClipVisionEncoder.tiny(0)
+    sd = {("" if k.startswith("vision_model.") else "vision_model.") + k: v.half().contiguous()
+          for k, v in tiny.model.state_dict().items() if not k.endswith("position_ids")}
+    sd["visual_projection.weight"] = torch.full((8, tiny.model.config.hidden_size), 0.01, dtype=torch.float16)
+    save_file(sd, str(path))
+
+
+def comfy_clip_vision(path: Path):
+    """ComfyUI's ClipVisionModel at the tiny tower's size, loaded from ``path`` as its CLIPVisionLoader loads."""
     import comfy.clip_vision
     import comfy.utils
 
     from bindweave_core.encoders.clip_vision import ClipVisionEncoder
-    from nodes.native_inputs import clip_vision_from_native
 
-    tiny = ClipVisionEncoder.tiny(0)
-    cfg = tiny.model.config
-    sd = {("" if k.startswith("vision_model.") else "vision_model.") + k: v.half().contiguous()
-          for k, v in tiny.model.state_dict().items() if not k.endswith("position_ids")}
-    sd["visual_projection.weight"] = torch.full((8, cfg.hidden_size), 0.01, dtype=torch.float16)
-    path = work / "tiny_clip_vision.safetensors"
-    save_file(sd, str(path))
+    cfg = ClipVisionEncoder.tiny(0).model.config
     native = comfy.clip_vision.ClipVisionModel(dict(
         model_type="clip_vision_model", hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads, image_size=224,
         patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=8))
-    missing, unexpected = native.load_sd(comfy.utils.load_torch_file(str(path)))
+    missing, _ = native.load_sd(comfy.utils.load_torch_file(str(path)))
     assert not missing, missing
+    return native
+
+
+def check_clip_vision() -> None:
+    """ComfyUI's ClipVisionModel (tiny config) holding a tiny fp16 file (as clip_vision_h is fp16)."""
+    from bindweave_core.encoders.clip_vision import ClipVisionEncoder
+    from nodes.native_inputs import clip_vision_from_native
+
+    path = work / "tiny_clip_vision.safetensors"
+    write_tiny_clip_vision(path)
+    native = comfy_clip_vision(path)
     canvases = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(1))
     ours = clip_vision_from_native(native, torch.float32).encode_references(canvases)
     close("CLIP vision, ComfyUI's model vs our loader", ours,
@@ -97,8 +113,26 @@ def _spiece() -> bytes:
     return buf.getvalue()
 
 
-def check_umt5() -> None:
-    """ComfyUI's CLIP with its UMT5 model (T5 class, tiny config), loaded from a tiny umt5_xxl_fp16-style file."""
+UMT5_SIZES = dict(vocab_size=384, d_kv=8, d_ff=64, num_layers=2, num_heads=4)  # vocabulary: spiece + 300 extra ids
+
+
+def write_tiny_umt5(path: Path) -> None:
+    """A tiny UMT5 (the smoke DiT's text width) with its sentencepiece model, as umt5_xxl_fp16.safetensors."""
+    from bindweave_core.config import PRESETS
+    from bindweave_core.encoders.base import seeded_init_
+    from bindweave_core.encoders.text import UMT5_XXL_CONFIG, build_model
+
+    tiny = build_model(dict(UMT5_XXL_CONFIG, d_model=PRESETS["tiny"].text_dim, dropout_rate=0.0, **UMT5_SIZES),
+                       device="cpu")
+    seeded_init_(tiny, 0, lambda name, p, noise: (1.0 if "layer_norm" in name else 0.0) + 0.2 * noise)
+    sd = {k: v.half().contiguous() for k, v in tiny.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    sd["spiece_model"] = torch.frombuffer(bytearray(_spiece()), dtype=torch.uint8)
+    save_file(sd, str(path))
+
+
+def comfy_umt5_clip(path: Path):
+    """ComfyUI's CLIP with its UMT5 model (T5 class, the file's tiny sizes), loaded as its CLIPLoader (type wan)
+    loads: the file's dtype, the sentencepiece model as the tokenizer's data."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
@@ -106,26 +140,11 @@ def check_umt5() -> None:
     import comfy.text_encoders.wan
     import comfy.utils
 
-    from bindweave_core.encoders.text import TextEncoder
-    from nodes.native_inputs import text_encoder_from_native
-
-    from bindweave_core.encoders.base import seeded_init_
-    from bindweave_core.encoders.text import UMT5_XXL_CONFIG, build_model
-
-    # the tiny smoke UMT5's sizes with a vocabulary that holds the sentencepiece model and its 300 extra ids
-    tiny = build_model(dict(UMT5_XXL_CONFIG, vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                            dropout_rate=0.0), device="cpu")
-    seeded_init_(tiny, 0, lambda name, p, noise: (1.0 if "layer_norm" in name else 0.0) + 0.2 * noise)
-    c = tiny.config
-    sd = {k: v.half().contiguous() for k, v in tiny.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    spiece = _spiece()
-    sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
-    path = work / "tiny_umt5_fp16.safetensors"
-    save_file(sd, str(path))
-    config = {"d_ff": c.d_ff, "d_kv": c.d_kv, "d_model": c.d_model, "num_heads": c.num_heads, "num_layers": c.num_layers,
-              "vocab_size": c.vocab_size, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
-              "layer_norm_epsilon": c.layer_norm_epsilon, "model_type": "umt5", "relative_attention_num_buckets":
-              c.relative_attention_num_buckets, "relative_attention_max_distance": c.relative_attention_max_distance}
+    stored = comfy.utils.load_torch_file(str(path))
+    d_model = stored["shared.weight"].shape[1]
+    config = {**UMT5_SIZES, "d_model": d_model, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+              "layer_norm_epsilon": 1e-6, "model_type": "umt5", "relative_attention_num_buckets": 32,
+              "relative_attention_max_distance": 128}
 
     class TinyUMT5(comfy.sd1_clip.SDClipModel):  # ComfyUI's UMT5XXlModel with a tiny config instead of the XXL one
         def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
@@ -138,12 +157,22 @@ def check_umt5() -> None:
             super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl",
                              clip_model=TinyUMT5, **kwargs)
 
-    stored = comfy.utils.load_torch_file(str(path))
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, TinyWan)
     clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": stored.pop("spiece_model")},
-                         model_options={"dtype": torch.float16})
+                         model_options={"dtype": stored["shared.weight"].dtype})
     missing, _ = clip.load_sd(stored)
     assert not missing, missing
+    return clip
+
+
+def check_umt5() -> None:
+    """ComfyUI's CLIP with its UMT5 model (T5 class, tiny config), loaded from a tiny umt5_xxl_fp16-style file."""
+    from bindweave_core.encoders.text import TextEncoder
+    from nodes.native_inputs import text_encoder_from_native
+
+    path = work / "tiny_umt5_fp16.safetensors"
+    write_tiny_umt5(path)
+    clip = comfy_umt5_clip(path)
     prompts = ["a man walks a dog in the park", "static blurred video"]
     mine = TextEncoder.load(path, dtype=torch.float32)
     close("UMT5, ComfyUI's CLIP vs our loader", text_encoder_from_native(clip, torch.float32).encode(prompts),

@@ -46,11 +46,55 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
+TINY_PACK = "bindweave_e2e_tiny_loaders"
+# A test-only node pack: ComfyUI's own CLIP (UMT5) and CLIP vision model classes at the tiny test size, loaded from
+# a file as its Load CLIP / Load CLIP Vision load one (those build the released sizes only).
+_TINY_PACK_SOURCE = """
+import sys
+
+import folder_paths
+
+sys.path.append("TESTS")
+
+
+class TinyComfyCLIPVisionLoader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP_VISION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_clip_vision
+
+        return (comfy_clip_vision(folder_paths.get_full_path("clip_vision", clip_name)),)
+
+
+class TinyComfyUMT5Loader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_umt5_clip
+
+        return (comfy_umt5_clip(folder_paths.get_full_path("text_encoders", clip_name)),)
+
+
+NODE_CLASS_MAPPINGS = {"TinyComfyCLIPVisionLoader": TinyComfyCLIPVisionLoader,
+                       "TinyComfyUMT5Loader": TinyComfyUMT5Loader}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-BindWeave").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / TINY_PACK).mkdir()
+    (base / "custom_nodes" / TINY_PACK / "__init__.py").write_text(_TINY_PACK_SOURCE.replace("TESTS", str(REPO / "tests")))
     for d in ("input", "output", "temp", "user", "models"):
         (base / d).mkdir()
     port = _free_port()
@@ -58,7 +102,9 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave"],
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave", TINY_PACK,
+         # fp32 text encoders: what the nodes' "auto" precision is on the CPU (ComfyUI's default there is fp16)
+         "--fp32-text-enc"],
         cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
         # this checkout's core library, not an installed one (ComfyUI's environment may hold another checkout's)
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
@@ -903,3 +949,37 @@ def test_kaleido_workflow_without_its_folder_is_stopped_naming_it(server):
     assert any("not in list" in e["message"].lower() or "not in list" in e.get("details", "").lower()
                for e in errors)
     assert any(f"{MODEL_FOLDER}/Kaleido-14B-S2V/" in e.get("details", "") for e in errors)
+
+
+def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, tiny_vae_file):
+    """The same sampling on ComfyUI's own loaded models (Load VAE; ComfyUI's CLIP vision and UMT5 CLIP classes,
+    built at the tiny size by a test node) and on our loaders with the same files: equal latents."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+    from comfy_native_encoders import write_tiny_clip_vision, write_tiny_umt5
+
+    for folder, name, write in (("clip_vision", "bw_tiny_clip_vision.safetensors", write_tiny_clip_vision),
+                                ("text_encoders", "bw_tiny_umt5.safetensors", write_tiny_umt5)):
+        (server["base"] / "models" / folder).mkdir(parents=True, exist_ok=True)
+        write(server["base"] / "models" / folder / name)
+    ours = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("31", "40", "41"):
+        del ours[key]
+    ours["30"]["inputs"]["seed"] = 8080
+    ours["2"]["inputs"]["vae_name"] = tiny_vae_file
+    ours["3"]["inputs"]["text_encoder_name"] = "bw_tiny_umt5.safetensors"
+    ours["4"]["inputs"]["clip_name"] = "bw_tiny_clip_vision.safetensors"
+    for key in ("2", "3", "4"):
+        ours[key]["inputs"]["dtype"] = "fp32"
+    ours["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="comfy_models/ours")
+    comfy = copy.deepcopy(ours)
+    comfy["2"] = node("VAELoader", vae_name=tiny_vae_file)
+    comfy["3"] = node("TinyComfyUMT5Loader", clip_name="bw_tiny_umt5.safetensors")
+    comfy["4"] = node("TinyComfyCLIPVisionLoader", clip_name="bw_tiny_clip_vision.safetensors")
+    comfy["50"]["inputs"]["filename_prefix"] = "comfy_models/comfy"
+    a = _saved_latent(server, _run(server, ours), "50")
+    b = _saved_latent(server, _run(server, comfy), "50")
+    print(f"graph on ComfyUI's models vs on our loaders: max |diff| {(a - b).abs().max():.2e}")
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
