@@ -103,7 +103,6 @@ def check_clip_vision() -> None:
 
 def _spiece() -> bytes:
     import sentencepiece as spm
-
     from test_text_encoder import CORPUS as corpus
 
     buf = io.BytesIO()
