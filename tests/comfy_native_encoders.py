@@ -129,6 +129,22 @@ def write_tiny_umt5(path: Path) -> None:
     save_file(sd, str(path))
 
 
+def write_tiny_umt5_fp8_scaled(source: Path, path: Path) -> None:
+    """``source`` as ComfyUI's umt5_xxl_fp8_e4m3fn_scaled files are: linear weights in fp8 e4m3 with a per-tensor
+    ``scale_weight``, the rest in fp16, and the ``scaled_fp8`` marker."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for k, v in load_file(str(source)).items():
+        if k.endswith(".weight") and (".SelfAttention." in k or ".DenseReluDense." in k) and "relative" not in k:
+            scale = v.float().abs().amax() / 448.0
+            sd[k], sd[k[: -len("weight")] + "scale_weight"] = (v.float() / scale).to(torch.float8_e4m3fn), scale
+        else:
+            sd[k] = v
+    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, str(path))
+
+
 def comfy_umt5_clip(path: Path):
     """ComfyUI's CLIP with its UMT5 model (T5 class, the file's tiny sizes), loaded as its CLIPLoader (type wan)
     loads: the file's dtype, the sentencepiece model as the tokenizer's data."""
@@ -140,6 +156,8 @@ def comfy_umt5_clip(path: Path):
     import comfy.utils
 
     stored = comfy.utils.load_torch_file(str(path))
+    stored, _ = comfy.utils.convert_old_quants(stored, "", metadata={})  # as Load CLIP: scaled fp8 -> its quant ops
+    quant = comfy.utils.detect_layer_quantization(stored, "")
     d_model = stored["shared.weight"].shape[1]
     config = {**UMT5_SIZES, "d_model": d_model, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
               "layer_norm_epsilon": 1e-6, "model_type": "umt5", "relative_attention_num_buckets": 32,
@@ -157,10 +175,10 @@ def comfy_umt5_clip(path: Path):
                              clip_model=TinyUMT5, **kwargs)
 
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, TinyWan)
-    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": stored.pop("spiece_model")},
-                         model_options={"dtype": stored["shared.weight"].dtype})
-    missing, _ = clip.load_sd(stored)
-    assert not missing, missing
+    spiece = stored.pop("spiece_model")
+    clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": spiece}, state_dict=[stored],  # loaded as Load CLIP
+                         model_options={"dtype": stored["encoder.final_layer_norm.weight"].dtype,
+                                        **({"quantization_metadata": quant} if quant else {})})
     return clip
 
 
@@ -181,6 +199,13 @@ def check_umt5() -> None:
     b = node_result("TextEncode", text_encoder=hosted(mine, "text_encoder"), prompt=prompts[0],
                     negative_prompt=prompts[1])[0]
     close("UMT5 Encode node, ComfyUI's CLIP vs our loader", a.positive, b.positive)
+    fp8 = work / "tiny_umt5_fp8_e4m3fn_scaled.safetensors"  # ComfyUI holds these in its quantised layers
+    write_tiny_umt5_fp8_scaled(path, fp8)
+    clip = comfy_umt5_clip(fp8)
+    held = type(clip.cond_stage_model.umt5xxl.transformer.encoder.block[0].layer[0].SelfAttention.q.weight).__name__
+    close(f"UMT5 fp8 scaled ({held} in ComfyUI), ComfyUI's CLIP vs our loader",
+          text_encoder_from_native(clip, torch.float32).encode(prompts),
+          TextEncoder.load(fp8, dtype=torch.float32).encode(prompts))
 
 
 def check_qwen_keys() -> None:

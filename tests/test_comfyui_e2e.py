@@ -817,7 +817,7 @@ def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": COMFYUI}, timeout=600)
     print(run.stdout)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
-    assert run.stdout.count("max |diff|") == 5
+    assert run.stdout.count("max |diff|") == 6
 
 
 def test_decode_takes_comfyuis_own_vae(server, tiny_vae_file):
