@@ -5,6 +5,7 @@ The inputs, tooltips and descriptions are defined once in ``specs.py``.
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from typing import ClassVar
 
@@ -23,9 +24,18 @@ from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 from bindweave_core.sampling import guidance_batch
 
 from . import host
-from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
+from .convert import (
+    ReferenceImages,
+    collect_references,
+    latent_output,
+    latent_stats,
+    latents_from,
+    normalise,
+    wired_references,
+)
 from .specs import (
     CLIP_VISION_LOADER,
+    ENCODER_LOADERS,
     DECODE,
     DIT_FOLDERS,
     LOAD_DIT,
@@ -36,6 +46,7 @@ from .specs import (
     PLANNER_ENCODE,
     PLANNER_LOADER,
     REFERENCE_ENCODE,
+    REFERENCE_IMAGES_NODE,
     SAMPLER,
     SIGMAS,
     SMOKE_CHOICE,
@@ -51,7 +62,7 @@ from .specs import (
 SMOKE_DIT_FAMILIES = {SMOKE_CHOICE: "bindweave", SMOKE_KALEIDO_CHOICE: "kaleido"}  # Load DiT's smoke choices
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
             "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae,
-            "NOISE": io.Noise}
+            "NOISE": io.Noise, "CLIP": io.Clip, "CLIP_VISION": io.ClipVision}
 
 
 @lru_cache(maxsize=None)
@@ -168,10 +179,51 @@ class LoadPlanner(EncoderLoaderNode):
     row = PLANNER_LOADER
 
 
+# ------------------------------------------------------------------------------------------ ComfyUI's own models
+_NATIVE_OF = weakref.WeakKeyDictionary()  # ComfyUI's loaded model -> {our kind: our encoder over its tensors}
+
+
+def ours(model, kind: str) -> host.Loaded:
+    """The encoder of one of our loaders as it is, or ComfyUI's own loaded model (Load VAE, Load CLIP Vision,
+    Load CLIP type wan / qwen_image) as our encoder over the same tensors (``native_inputs``), made once per
+    ComfyUI model; it computes in the precision our loaders' ``auto`` picks."""
+    from . import native_inputs as native
+
+    if isinstance(model, host.Loaded):
+        return model
+    made = _NATIVE_OF.setdefault(model, {})
+    if kind not in made:
+        row = next(r for r in ENCODER_LOADERS if r.memory_kind == kind)
+        dtype = host.torch_dtype("auto", row.memory_kind, row.what)
+        if kind == "vae" and native.is_native_vae(model):
+            component = native.wan_vae_from_native(model)
+        elif kind == "clip_vision" and native.is_native_clip_vision(model):
+            component = native.clip_vision_from_native(model, dtype)
+        elif kind == "text_encoder" and native.is_native_clip(model):
+            component = native.text_encoder_from_native(model, dtype)
+        elif kind == "planner" and native.is_native_clip(model):
+            component = native.planner_from_native(model, dtype, host.qwen_tokenizer_dir())
+        else:
+            raise InputError(f"a {type(model).__name__} is connected where the {row.what} goes: connect "
+                             f"{row.display_name} (or ComfyUI's own loader of that model).")
+        made[kind] = host.wrap(component, kind)
+    return made[kind]
+
+
 # ------------------------------------------------------------------------------------------ conditioning
-def _pil_references(images: list) -> list:
-    refs, _ = collect_references(images)
-    return [tensor_to_pil(r) for r in refs]
+class References(io.ComfyNode):
+    """The references wired once: Planner Encode and Reference Encode read the same images and masks."""
+
+    @classmethod
+    def define_schema(cls):
+        return schema(REFERENCE_IMAGES_NODE)
+
+    @classmethod
+    def execute(cls, image_1, image_2=None, image_3=None, image_4=None, mask_1=None, mask_2=None, mask_3=None,
+                mask_4=None, invert_masks=True) -> io.NodeOutput:
+        images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
+                                           invert_masks=invert_masks)
+        return io.NodeOutput(ReferenceImages(tuple(images), tuple(masks) if masks is not None else None))
 
 
 class PlannerEncode(io.ComfyNode):
@@ -180,9 +232,11 @@ class PlannerEncode(io.ComfyNode):
         return schema(PLANNER_ENCODE)
 
     @classmethod
-    def execute(cls, planner, prompt, negative_prompt, image_1, refine_prompt, refine_seed,
-                image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
-        images = _pil_references([image_1, image_2, image_3, image_4])
+    def execute(cls, planner, prompt, negative_prompt, refine_prompt, refine_seed, reference_images=None,
+                image_1=None, image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
+        refs, _ = wired_references(reference_images, [image_1, image_2, image_3, image_4])
+        images = [tensor_to_pil(r) for r in refs]
+        planner = ours(planner, "planner")
         host.load_to_device(planner)
         pipe = _stage(planner.device, planner=planner.component)
         used = pipe.refine_prompt(prompt, images, seed=refine_seed or None) if refine_prompt else prompt
@@ -198,6 +252,7 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        text_encoder = ours(text_encoder, "text_encoder")
         host.load_to_device(text_encoder)
         states = _stage(text_encoder.device, text_encoder=text_encoder.component).encode_text(prompt, negative_prompt)
         return io.NodeOutput(TextStates(_to_intermediate(states.positive), _to_intermediate(states.negative)))
@@ -209,22 +264,21 @@ class ReferenceEncode(io.ComfyNode):
         return schema(REFERENCE_ENCODE)
 
     @classmethod
-    def execute(cls, vae, image_1, width, height, length, mode, mask_mode, image_2=None, image_3=None, image_4=None,
-                clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
+    def execute(cls, vae, width, height, length, mode, mask_mode, reference_images=None, image_1=None, image_2=None,
+                image_3=None, image_4=None, clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
                 invert_masks=True) -> io.NodeOutput:
-        from .native_inputs import is_native_vae, wan_vae_from_native
-
-        if is_native_vae(vae):  # ComfyUI's own VAE: our WanVAE over its tensors
-            vae = host.wrap(wan_vae_from_native(vae), "vae")
         family = family_for(mode)  # the mode names the family whose references to make
-        images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
-                                           invert_masks=invert_masks, max_references=family.max_references)
+        images, masks = wired_references(reference_images, [image_1, image_2, image_3, image_4],
+                                         [mask_1, mask_2, mask_3, mask_4], invert_masks=invert_masks,
+                                         max_references=family.max_references)
         settings = GenerationSettings(prompt="(references)", width=width, height=height, num_frames=length,
                                       mask_mode=mask_mode)
         settings.validate(len(images), family.max_references)
         uses_clip = "clip_vision" in family.reference_encoders
         if uses_clip and clip_vision is None:
             raise InputError(f"{mode} mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
+        vae = ours(vae, "vae")  # ComfyUI's own VAE: our WanVAE over its tensors
+        clip_vision = ours(clip_vision, "clip_vision") if uses_clip else None
         host.load_to_device(*[vae] + ([clip_vision] if uses_clip else []))
         pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
         # VAE chunks: one per reference, then any video condition's (a cached condition skips those)
@@ -297,6 +351,7 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiled, fps) -> io.NodeOutput:
+        vae = ours(vae, "vae")
         host.load_to_device(vae)
         component = vae.component
         latents = normalise(latents_from(samples), component.latents_mean.tolist(), component.latents_std.tolist())
@@ -335,9 +390,10 @@ class NativeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        if model.resident_blocks is not None:
-            raise InputError("DiT block offload (resident_blocks) is the BindWeave Sampler's: for native samplers set "
-                             "resident_blocks to -1 on Load BindWeave DiT and let ComfyUI manage the memory.")
+        if model.resident_blocks is not None:  # block offload under ComfyUI's samplers (native.with_block_offload)
+            from .native import with_block_offload
+
+            return io.NodeOutput(with_block_offload(model.patcher, model.resident_blocks))
         return io.NodeOutput(model.patcher.clone())  # a clone: ComfyUI swaps the weight patches of its family
 
 
@@ -399,7 +455,7 @@ class Noise(io.ComfyNode):
 
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
                                    TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
-                                   NativeConditioning, Sigmas, Noise]
+                                   NativeConditioning, Sigmas, Noise, References]
 
 
 class BindWeaveExtension(ComfyExtension):

@@ -36,6 +36,7 @@ PLANNER = "BINDWEAVE_PLANNER"
 PLANNER_COND = "BINDWEAVE_PLANNER_COND"
 TEXT_COND = "BINDWEAVE_TEXT_COND"
 REFERENCES = "BINDWEAVE_REFERENCES"
+REFERENCE_IMAGES = "BINDWEAVE_REFERENCE_IMAGES"  # the 1-4 images and masks, wired once (BindWeave References)
 
 DTYPE_CHOICES = ("auto", *C.DTYPE_NAMES)
 WIDGET_KINDS = ("combo", "int", "float", "string", "boolean")
@@ -131,6 +132,30 @@ def _images(what: str) -> tuple[In, ...]:
     return (first,) + rest
 
 
+def _reference_images(what: str) -> tuple[In, ...]:
+    """The references input of Planner Encode and Reference Encode: BindWeave References, or (graphs saved
+    before it) the node's own image sockets, kept so that old graphs load and run."""
+    wired = In("reference_images", "socket", f"The reference images for the {what}, from BindWeave References "
+                                             "(connect the same one to Planner Encode and Reference Encode).",
+               type=REFERENCE_IMAGES, optional=True)
+    legacy = tuple(In(f"image_{k}", "socket", f"Older wiring, kept for saved graphs: reference image {k}. Use "
+                                              "reference_images instead.", type="IMAGE", optional=True)
+                   for k in range(1, C.MAX_REFERENCES + 1))
+    return (wired,) + legacy
+
+
+def _masks(what: str) -> tuple[In, ...]:
+    return tuple(In(f"mask_{k}", "socket", f"{what} for reference {k} (same size as the image; non-default). See "
+                                           "invert_masks.", type="MASK", optional=True)
+                 for k in range(1, C.MAX_REFERENCES + 1))
+
+
+def _invert_masks(note: str = "") -> In:
+    return In("invert_masks", "boolean", "ComfyUI's Load Image gives MASK = 1 where the image is transparent; on "
+                                         "(default) turns that into 1 = subject. Off: masks already mark the subject."
+                                         + (" " + note if note else ""), default=True, optional=True)
+
+
 LOAD_DIT = NodeSpec(
     "BindWeaveDiTLoader", "Load BindWeave DiT", f"{CATEGORY}/loaders",
     "Loads the BindWeave diffusion transformer (Wan2.1-I2V-14B + the Qwen connector) from "
@@ -154,8 +179,9 @@ LOAD_DIT = NodeSpec(
         In("resident_blocks", "int", "Block offload. -1 (default): the whole DiT goes on the GPU when sampling, "
                                      "managed by ComfyUI. 0 or more: only this many of the transformer blocks (40 in "
                                      "the 14B model) stay on the GPU; the others stay in CPU RAM and are streamed in "
-                                     "one by one while sampling. Same output, slower; for GPUs that cannot hold the "
-                                     "model (e.g. 24 GB at 720p: fp8 with 16).",
+                                     "one by one while sampling (BindWeave Sampler, and KSampler / "
+                                     "SamplerCustomAdvanced through BindWeave to MODEL). Same output, slower; for GPUs "
+                                     "that cannot hold the model (e.g. 24 GB at 720p: fp8 with 16).",
            default=-1, min=-1, max=MAX_DIT_BLOCKS),
     ),
     (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
@@ -240,6 +266,16 @@ PLANNER_LOADER = EncoderLoader(
 ENCODER_LOADERS: tuple[EncoderLoader, ...] = (VAE_LOADER, TEXT_ENCODER_LOADER, CLIP_VISION_LOADER, PLANNER_LOADER)
 LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER = (row.spec for row in ENCODER_LOADERS)
 
+REFERENCE_IMAGES_NODE = NodeSpec(
+    "BindWeaveReferences", "BindWeave References", f"{CATEGORY}/conditioning",
+    "The 1-4 reference images (subjects or a background) and their optional subject masks, wired once: connect "
+    "its output to both Planner Encode and Reference Encode, so the planner and the reference encoding see the "
+    "same images in the same order. A batched IMAGE counts as several references; a mask goes with the image "
+    "of its number, and a mask without its image is refused.",
+    (*_images("video"), *_masks("Optional subject mask"), _invert_masks()),
+    (Out(REFERENCE_IMAGES, "reference_images", "The references, for Planner Encode and Reference Encode."),),
+)
+
 PLANNER_ENCODE = NodeSpec(
     "BindWeavePlannerEncode", "BindWeave Planner Encode", f"{CATEGORY}/conditioning",
     "Runs the planner on the prompt and the 1-4 reference images in one message (text first, then the images "
@@ -247,11 +283,13 @@ PLANNER_ENCODE = NodeSpec(
     "a short prompt into a detailed one first; the prompt actually used comes out as text, to feed the UMT5 "
     "encode node.",
     (
-        In("planner", "socket", "The planner from Load BindWeave Planner.", type=PLANNER),
+        In("planner", "socket", "The planner from Load BindWeave Planner, or ComfyUI's Load CLIP with "
+                                "qwen_2.5_vl_7b (type qwen_image; run by this pack's code on the same weights).",
+           type=f"{PLANNER},CLIP"),
         In("prompt", "string", "What happens in the video: who, doing what, where.", multiline=True, default=""),
         In("negative_prompt", "string", "What to avoid. The default is the official planner negative prompt.",
            multiline=True, default=C.DEFAULT_PLANNER_NEGATIVE_PROMPT),
-        *_images("planner"),
+        *_reference_images("planner"),
         In("refine_prompt", "boolean", "Let the planner rewrite the prompt into a detailed single-scene "
                                        "description before encoding (needs a planner with its language-model head).",
            default=False),
@@ -266,7 +304,9 @@ TEXT_ENCODE = NodeSpec(
     "BindWeaveTextEncode", "BindWeave UMT5 Encode", f"{CATEGORY}/conditioning",
     "Encodes the prompt and the negative prompt with UMT5-XXL (512 tokens, zero past the text).",
     (
-        In("text_encoder", "socket", "The encoder from Load BindWeave UMT5.", type=TEXT_ENCODER),
+        In("text_encoder", "socket", "The encoder from Load BindWeave UMT5, or ComfyUI's Load CLIP with a "
+                                     "umt5_xxl file (type wan; run by this pack's code on the same weights).",
+           type=f"{TEXT_ENCODER},CLIP"),
         In("prompt", "string", "The prompt: connect the planner's prompt output to use the same (or refined) text.",
            multiline=True, default=""),
         In("negative_prompt", "string", "What to avoid. The default is the official negative prompt.",
@@ -284,7 +324,7 @@ REFERENCE_ENCODE = NodeSpec(
     (
         In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
                             "by this pack's code on the same weights: the same numbers).", type=f"{VAE},VAE"),
-        *_images("references"),
+        *_reference_images("reference encoding"),
         In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
            max=MAX_RESOLUTION, step=16),
         In("height", "int", "Video height in pixels (multiple of 16).", default=C.DEFAULT_HEIGHT, min=16,
@@ -298,14 +338,12 @@ REFERENCE_ENCODE = NodeSpec(
                                  "mark the subject with their alpha, composited on black (non-default). In kaleido "
                                  "mode everything outside the subject is painted white instead.",
            options=C.MASK_MODES, default="rectangle"),
-        In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode).", type=CLIP_VISION,
-           optional=True),
-        *(In(f"mask_{k}", "socket", f"Optional subject mask for reference {k} (same size as the image; "
-                                    "non-default). See invert_masks.", type="MASK", optional=True)
-          for k in range(1, C.MAX_REFERENCES + 1)),
-        In("invert_masks", "boolean", "ComfyUI's Load Image gives MASK = 1 where the image is transparent; on "
-                                      "(default) turns that into 1 = subject. Off: masks already mark the subject.",
-           default=True, optional=True),
+        In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode): Load BindWeave CLIP Vision, "
+                                    "or ComfyUI's Load CLIP Vision with clip_vision_h (run by this pack's code with "
+                                    "the official squash to 224, not ComfyUI's centre crop).",
+           type=f"{CLIP_VISION},CLIP_VISION", optional=True),
+        *_masks("Older wiring, kept for saved graphs: subject mask"),
+        _invert_masks("(older wiring; BindWeave References has its own)"),
     ),
     (Out(REFERENCES, "references", "Reference conditioning for the sampler."),
      Out("IMAGE", "letterboxed", "The references as the model sees them (letterboxed canvases)."),
@@ -356,7 +394,8 @@ DECODE = NodeSpec(
     "BindWeaveDecode", "BindWeave Decode", f"{CATEGORY}/sampling",
     "Decodes the latents into frames for ComfyUI's Create Video / Save Video nodes.",
     (
-        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
+                            "by this pack's code on the same weights).", type=f"{VAE},VAE"),
         In("samples", "socket", "Latents from the BindWeave Sampler or a KSampler on the BindWeave MODEL.",
            type="LATENT"),
         In("tiled", "boolean", "Decode in spatial tiles to save memory (slightly different at tile seams).",
@@ -385,8 +424,9 @@ NATIVE_MODEL = NodeSpec(
     "Kaleido, Wan 2.1 latent format), for KSampler, SamplerCustomAdvanced, LoraLoaderModelOnly (original Wan, "
     "kohya and trainer LoRAs), ModelSamplingSD3, TorchCompileModel and step caches such as EasyCache. The DiT "
     "runs exactly as in the BindWeave Sampler.",
-    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Leave its "
-                           "resident_blocks at -1: native samplers load the model through ComfyUI.", type=DIT),),
+    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Its resident_blocks "
+                           "applies here too: with 0 or more, native samplers run the DiT with that many blocks on "
+                           "the GPU and stream the others (the same latents, slower).", type=DIT),),
     (Out("MODEL", "MODEL", "A native MODEL for ComfyUI's samplers and model patches."),),
 )
 
@@ -430,5 +470,5 @@ NOISE = NodeSpec(
 
 ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
                                    PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA,
-                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE)
+                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE, REFERENCE_IMAGES_NODE)
 SPECS = {s.node_id: s for s in ALL_SPECS}

@@ -46,11 +46,55 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
+TINY_PACK = "bindweave_e2e_tiny_loaders"
+# A test-only node pack: ComfyUI's own CLIP (UMT5) and CLIP vision model classes at the tiny test size, loaded from
+# a file as its Load CLIP / Load CLIP Vision load one (those build the released sizes only).
+_TINY_PACK_SOURCE = """
+import sys
+
+import folder_paths
+
+sys.path.append("TESTS")
+
+
+class TinyComfyCLIPVisionLoader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP_VISION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_clip_vision
+
+        return (comfy_clip_vision(folder_paths.get_full_path("clip_vision", clip_name)),)
+
+
+class TinyComfyUMT5Loader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_umt5_clip
+
+        return (comfy_umt5_clip(folder_paths.get_full_path("text_encoders", clip_name)),)
+
+
+NODE_CLASS_MAPPINGS = {"TinyComfyCLIPVisionLoader": TinyComfyCLIPVisionLoader,
+                       "TinyComfyUMT5Loader": TinyComfyUMT5Loader}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-BindWeave").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / TINY_PACK).mkdir()
+    (base / "custom_nodes" / TINY_PACK / "__init__.py").write_text(_TINY_PACK_SOURCE.replace("TESTS", str(REPO / "tests")))
     for d in ("input", "output", "temp", "user", "models"):
         (base / d).mkdir()
     # The server imports this checkout's core too, not another copy installed in ComfyUI's environment
@@ -64,7 +108,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave",
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave", TINY_PACK,
          # previews on: ComfyUI 0.3.64 takes the preview method only from its command line (newer: per prompt too)
          "--preview-method", "latent2rgb"],
         cwd=COMFYUI, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -802,3 +846,179 @@ def test_reference_encode_takes_comfyuis_own_vae(server, wan_vae_file):
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
     out = _run(server, g)
     assert _saved_latent(server, out, "50").isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI's own loaders
+def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
+    """ComfyUI's CLIP vision, UMT5 CLIP and Qwen2.5-VL CLIP as our encoders equal our loaders on the same file
+    (ComfyUI's model classes built tiny in ComfyUI's interpreter; see tests/comfy_native_encoders.py)."""
+    run = subprocess.run([PYTHON, str(REPO / "tests/comfy_native_encoders.py"), str(REPO), str(tmp_path)], cwd=COMFYUI,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": COMFYUI}, timeout=600)
+    print(run.stdout)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("max |diff|") == 6
+
+
+def test_decode_takes_comfyuis_own_vae(server, tiny_vae_file):
+    """BindWeave Decode on ComfyUI's Load VAE (the same tiny VAE file) gives the frames of Load BindWeave VAE."""
+    import copy
+
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 777
+    for key in ("40", "41"):
+        del g[key]
+    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["50"] = node("SaveImage", images=["31", 0], filename_prefix="decode_vae/ours")
+    g["51"] = node("BindWeaveDecode", vae=["7", 0], samples=["30", 0], tiled=False, fps=16.0)
+    g["52"] = node("SaveImage", images=["51", 0], filename_prefix="decode_vae/comfy")
+    out = _run(server, g)
+    ours, comfy = _saved_frames(server, out, "50"), _saved_frames(server, out, "52")
+    print(f"Decode on ComfyUI's VAE vs ours: max |diff| {abs(ours - comfy).max() * 255:.0f}/255")
+    # the same weights; the LATENT's round trip through the VAE statistics differs in the last float bit (this tiny
+    # file's statistics are not the Wan 2.1 ones that ComfyUI's VAE carries), which can flip an 8-bit rounding
+    assert ours.shape == comfy.shape and abs(ours - comfy).max() <= 1 / 255 + 1e-6
+
+
+def _legacy_wiring(g: dict) -> dict:
+    """The graph as saved before BindWeave References: the images connected to each node's own sockets."""
+    refs = g.pop("15")["inputs"]
+    for key in ("20", "22"):
+        if key in g:
+            del g[key]["inputs"]["reference_images"]
+            g[key]["inputs"].update({k: v for k, v in refs.items() if k.startswith("image_")})
+    return g
+
+
+def test_references_wired_once_and_the_old_wiring_give_the_same_latents(server):
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 99
+    for key in ("31", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="wiring/once")
+    once = _saved_latent(server, _run(server, g), "50")
+    old = _legacy_wiring(copy.deepcopy(g))
+    old["50"]["inputs"]["filename_prefix"] = "wiring/old"
+    assert "15" not in old and old["22"]["inputs"]["image_1"] == ["10", 0]
+    legacy = _saved_latent(server, _run(server, old), "50")
+    torch.testing.assert_close(legacy, once, rtol=0, atol=0)
+
+
+def _run_error(server, prompt: dict, timeout: float = 300) -> str:
+    """Queue a prompt that must fail while running; the server's error message."""
+    from comfy_browser import post_json
+
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    assert reply["node_errors"] == {}, reply
+    pid = reply["prompt_id"]
+    deadline = time.time() + timeout
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline, f"prompt did not finish in {timeout} s"
+        time.sleep(1)
+    errors = [m[1] for m in history[pid]["status"]["messages"] if m[0] == "execution_error"]
+    assert history[pid]["status"]["status_str"] == "error" and errors, history[pid]["status"]
+    return errors[0]["exception_message"] + f" (node {errors[0]['node_type']})"
+
+
+def test_more_masks_than_images_is_refused(server):
+    import copy
+
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 5150  # not a cached run
+    g["12"] = node("SolidMask", value=1.0, width=96, height=128)
+    g["15"]["inputs"]["mask_1"] = ["12", 0]
+    g["15"]["inputs"]["mask_2"] = ["12", 0]
+    message = _run_error(server, g)
+    print(message)
+    assert "mask_2 is connected but image_2 is not" in message and "BindWeaveReferences" in message
+
+
+def test_ksampler_with_block_offload_gives_the_unswapped_latents(server):
+    """Load BindWeave DiT's resident_blocks (1 of the 2 tiny blocks resident) under KSampler, through ComfyUI's
+    memory manager, gives the latents of the same graph without offload."""
+    import copy
+
+    import torch
+    from build_workflows import native_graph, node
+
+    g = native_graph(refs=None, prompt="a man waves at the camera", width=64, height=48, length=5, steps=3,
+                     guidance=5.0, shift=3.0, sampler="euler", seed=2024, smoke=True, prefix="offload/ksampler")
+    for key in ("34", "35", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["33", 0], filename_prefix="offload/whole")
+    g["60"] = copy.deepcopy(g["1"])
+    g["60"]["inputs"]["resident_blocks"] = 1
+    g["61"] = node("BindWeaveNativeModel", model=["60", 0])
+    g["62"] = node("ModelSamplingSD3", model=["61", 0], shift=3.0)
+    g["63"] = copy.deepcopy(g["33"])
+    g["63"]["inputs"]["model"] = ["62", 0]
+    g["64"] = node("SaveLatent", samples=["63", 0], filename_prefix="offload/streamed")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    out = _run(server, g)
+    whole, streamed = _saved_latent(server, out, "50"), _saved_latent(server, out, "64")
+    print(f"KSampler with resident_blocks 1 vs -1: max |diff| {(streamed - whole).abs().max():.2e}")
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "DiT block offload: 1 of 2 blocks resident" in log, log[-2000:]
+
+
+def test_kaleido_workflow_without_its_folder_is_stopped_naming_it(server):
+    """The Kaleido DiT folder cannot be in the frontend's missing-models list (README); queuing its workflow
+    without the folder stops before anything runs, ComfyUI naming the loader's missing entry."""
+    import urllib.error
+
+    from build_workflows import _cases
+
+    prompt = _cases()["kaleido_two_subjects"]["graph"]
+    request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    body = json.loads(refused.value.read())
+    errors = body["node_errors"]["1"]["errors"]
+    print(errors)
+    assert any("not in list" in e["message"].lower() or "not in list" in e.get("details", "").lower()
+               for e in errors)
+    assert any(f"{MODEL_FOLDER}/Kaleido-14B-S2V/" in e.get("details", "") for e in errors)
+
+
+def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, tiny_vae_file):
+    """The same sampling on ComfyUI's own loaded models (Load VAE; ComfyUI's CLIP vision and UMT5 CLIP classes,
+    built at the tiny size by a test node) and on our loaders with the same files: equal latents."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+    from comfy_native_encoders import write_tiny_clip_vision, write_tiny_umt5
+
+    for folder, name, write in (("clip_vision", "bw_tiny_clip_vision.safetensors", write_tiny_clip_vision),
+                                ("text_encoders", "bw_tiny_umt5.safetensors", write_tiny_umt5)):
+        (server["base"] / "models" / folder).mkdir(parents=True, exist_ok=True)
+        write(server["base"] / "models" / folder / name)
+    ours = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("31", "40", "41"):
+        del ours[key]
+    ours["30"]["inputs"]["seed"] = 8080
+    ours["2"]["inputs"]["vae_name"] = tiny_vae_file
+    ours["3"]["inputs"]["text_encoder_name"] = "bw_tiny_umt5.safetensors"
+    ours["4"]["inputs"]["clip_name"] = "bw_tiny_clip_vision.safetensors"
+    for key in ("2", "3", "4"):
+        ours[key]["inputs"]["dtype"] = "fp32"
+    ours["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="comfy_models/ours")
+    comfy = copy.deepcopy(ours)
+    comfy["2"] = node("VAELoader", vae_name=tiny_vae_file)
+    comfy["3"] = node("TinyComfyUMT5Loader", clip_name="bw_tiny_umt5.safetensors")
+    comfy["4"] = node("TinyComfyCLIPVisionLoader", clip_name="bw_tiny_clip_vision.safetensors")
+    comfy["50"]["inputs"]["filename_prefix"] = "comfy_models/comfy"
+    a = _saved_latent(server, _run(server, ours), "50")
+    b = _saved_latent(server, _run(server, comfy), "50")
+    print(f"graph on ComfyUI's models vs on our loaders: max |diff| {(a - b).abs().max():.2e}")
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
+from ..checkpoints.in_memory import is_in_memory
 from ..checkpoints.materialize import ScannedCheckpoint, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, read_header
 from ..errors import CheckpointError
@@ -250,6 +251,9 @@ class MissingLMHead(nn.Module):
 def file_identity(files: list[Path]) -> list[list[Any]]:
     out = []
     for f in files:
+        if is_in_memory(f):  # a host's loaded model: its unique pseudo path
+            out.append([str(f)])
+            continue
         st = f.stat()
         out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     return out
