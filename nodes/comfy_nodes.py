@@ -204,7 +204,7 @@ def ours(model, kind: str) -> host.Loaded:
         elif kind == "planner" and native.is_native_clip(model):
             component = native.planner_from_native(model, dtype, host.qwen_tokenizer_dir())
         else:
-            raise InputError(f"a {type(model).__name__} is connected where the {row.what} goes: connect "
+            raise InputError(f"a {model.__class__.__name__} is connected where the {row.what} goes: connect "
                              f"{row.display_name} (or ComfyUI's own loader of that model).")
         made[kind] = host.wrap(component, kind)
     return made[kind]
