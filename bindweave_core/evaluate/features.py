@@ -121,7 +121,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def reference_tensor(image: Any) -> torch.Tensor:
-    """A PIL image or ``[H, W, 3]`` array/tensor -> ``[1, H, W, 3]`` uint8 (an alpha channel is dropped)."""
+    """An image file, a PIL image or ``[H, W, 3]`` array/tensor -> ``[1, H, W, 3]`` uint8 (an alpha channel
+    is dropped, as generation's ``convert("RGB")`` does)."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from ..images import open_image
+
+        image = open_image(image, "reference image")
     if hasattr(image, "convert"):
         from ..images import load_rgb
 

@@ -31,7 +31,8 @@ def frame_pair_mae(frames: np.ndarray | torch.Tensor, chunk: int = 8) -> np.ndar
         raise ValueError(f"temporal flickering reads uint8 frames (0..255), got {x.dtype}")
     out = []
     for start in range(0, x.shape[0] - 1, chunk):
-        a, b = x[start:start + chunk], x[start + 1:start + chunk + 1]
+        end = min(start + chunk, x.shape[0] - 1)
+        a, b = x[start:end], x[start + 1:end + 1]
         diff = torch.maximum(a, b) - torch.minimum(a, b)  # |a - b| without leaving uint8
         out.append(diff.flatten(1).sum(1, dtype=torch.int64).double() / diff[0].numel())
     return torch.cat(out).numpy() if out else np.zeros(0)
