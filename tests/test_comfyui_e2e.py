@@ -759,3 +759,31 @@ def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
     out = _run(server, g)
     assert _saved_latent(server, out, "50").isfinite().all()
+
+
+def test_evaluate_node_scores_the_smoke_video_and_shows_its_plot(server):
+    """BindWeave Evaluate on the smoke workflow's decoded frames: it runs in ComfyUI, shows its plot on the
+    node (a preview image in the temp folder), and its report is the core's, windows included."""
+    import copy
+
+    from PIL import Image
+
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("40", "41"):
+        del g[key]
+    g["60"] = node("BindWeaveEvaluate", frames=["31", 0], clip_vision=["4", 0], image_1=["10", 0], samples=32,
+                   regions=False, prompt="a man waves", windows="0:3, 2:5", dino_dir="", face_model_dir="")
+    g["61"] = node("PreviewAny", source=["60", 2])
+    g["62"] = node("PreviewImage", images=["60", 0])
+    out = _run(server, g)
+    shown = out["60"]["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
+    plot = Image.open(server["base"] / "temp" / shown[0]["subfolder"] / shown[0]["filename"])
+    assert plot.size == (1100, 640) and len(plot.convert("RGB").getcolors(1 << 16)) > 20  # drawn, not blank
+    report = json.loads(out["61"]["text"][0])
+    assert report["video"]["frames"] == 5 and report["prompt"]["text"] == "a man waves"
+    assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 3), (2, 5)]
+    assert set(report["metrics"]) == {"clip_i", "subject_consistency", "temporal_flickering", "motion_amplitude"}
+    assert len(report["skipped"]) == 2
