@@ -30,8 +30,8 @@ from .convert import collect_references, latent_output, latent_stats, latents_fr
 from .specs import (
     DECODE,
     DIT_FOLDERS,
-    EVALUATE,
     ENCODER_LOADERS,
+    EVALUATE,
     LOAD_DIT,
     LORA,
     NATIVE_CONDITIONING,

@@ -264,3 +264,37 @@ def test_generate_evaluate_scores_into_the_sidecar(tmp_path):
     assert evaluation["references"][0]["name"].endswith("man.png")
     assert len(evaluation["metrics"]["clip_i"]["per_reference"][0]["values"]) == 5
     assert [(w["start"], w["end"]) for w in evaluation["windows"]] == [(0, 3), (2, 5)]
+
+
+def test_farneback_when_opencv_is_installed_gives_the_pan():
+    pytest.importorskip("cv2")
+    size, step = 128, 2
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    video = grey_video([pattern(xx - step * t, yy) for t in range(4)])
+    motion, method = flow.motion_per_pair(video, method="farneback")
+    assert method == "farneback" and motion.tolist() == pytest.approx([step] * 3, rel=0.15)
+
+
+def test_farneback_without_opencv_is_one_clear_error(clip, monkeypatch):
+    monkeypatch.setattr(flow, "default_method", lambda: "torch-lucas-kanade")  # as on a machine without cv2
+    video = np.zeros((3, 16, 16, 3), np.uint8)
+    with pytest.raises(InputError, match="pip install opencv-python-headless"):
+        evaluate_video(video, [video[0]], clip, EvaluationOptions(flow_method="farneback"))
+
+
+def test_generate_evaluate_on_the_command_line_kaleido_smoke(tmp_path):
+    # The Kaleido smoke model has no CLIP: the smoke run scores with the tiny CLIP.
+    out = tmp_path / "k.mp4"
+    code = main(["generate", "--smoke", "--family", "kaleido", "--ref", str(EXAMPLE), "--prompt", "a man",
+                 "--width", "64", "--height", "48", "--frames", "5", "--steps", "1", "--evaluate", "--out", str(out)])
+    assert code == 0
+    evaluation = json.loads(out.with_suffix(".json").read_text())["evaluation"]
+    assert evaluation["schema"] == "bindweave-evaluation/1" and evaluation["video"]["frames"] == 5
+
+
+def test_generate_evaluate_needs_a_clip_file_when_the_family_has_none():
+    from bindweave_core.evaluate.generated import check_can_evaluate
+
+    with pytest.raises(InputError, match="--clip-vision"):
+        check_can_evaluate(("vae", "text_encoder"), None, smoke=False)
+    check_can_evaluate(("vae", "text_encoder", "clip_vision"), None, smoke=False)  # BindWeave brings its own

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any
 
 from ..errors import InputError
 from .report import EvaluationOptions, evaluate_video
