@@ -37,7 +37,7 @@ def _label(name: str, report: dict[str, Any]) -> str:
     text = LABELS.get(key, key)
     if ref:
         index = int(ref.rstrip("]"))
-        text += " " + report["references"][index]["name"].replace("\\", "/").rsplit("/", 1)[-1]
+        text += f" #{index + 1}: " + report["references"][index]["name"].replace("\\", "/").rsplit("/", 1)[-1]
     return text if len(text) <= 30 else text[:29] + "..."
 
 
@@ -68,13 +68,20 @@ class _Panel:
         self.draw.rectangle(self.box, outline="black")
         self.draw.text((x0, y0 - 6), title, fill="black", font=font, anchor="lb")
 
-    def windows(self, windows: list[dict[str, Any]]) -> None:
+    def windows(self, windows: list[dict[str, Any]], font: ImageFont.ImageFont | None = None) -> None:
+        """Every other window shaded, every boundary dashed; with ``font``, one labelled bar per window along
+        the top (staggered, so overlapping windows stay apart)."""
         x0, y0, x1, y1 = self.box
         for k, w in enumerate(windows):
             a, _ = self.xy(w["start"], self.lo)
             b, _ = self.xy(w["end"] - 1, self.lo)
             if k % 2 == 0:
                 self.draw.rectangle([a, y0 + 1, b, y1 - 1], fill=WINDOW_SHADE)
+            if font is not None:
+                y = y0 + 16 + 14 * (k % 3)
+                self.draw.line([(a + 2, y), (b - 2, y)], fill=BOUNDARY, width=2)
+                self.draw.text((a + 4, y - 1), f"w{k + 1} [{w['start']}, {w['end']})", fill=BOUNDARY, font=font,
+                               anchor="lb")
         for w in windows:
             for edge in (w["start"], w["end"] - 1):
                 x, _ = self.xy(edge, self.lo)
@@ -90,10 +97,11 @@ class _Panel:
 
 
 def _score_range(series: dict[str, dict[str, list]]) -> tuple[float, float]:
+    """``(lo, hi)`` with hi >= 1 and ticks every multiple of 0.05 (the axis has 4 steps)."""
     values = [v for c in series.values() for v in c["values"] if v is not None]
-    lo = min(values, default=0.0)
-    lo = math.floor(min(lo, 0.95) * 20) / 20
-    return lo, max(1.0, max(values, default=1.0))
+    hi = max(1.0, max(values, default=1.0))
+    step = max(0.05, math.ceil((hi - min(values, default=hi)) / 4 / 0.05 - 1e-9) * 0.05)
+    return hi - 4 * step, hi
 
 
 def draw_plot(report: dict[str, Any]) -> Image.Image:
@@ -109,8 +117,8 @@ def draw_plot(report: dict[str, Any]) -> Image.Image:
     bottom_y0 = TOP + panel_h + GAP
     peak = max([v for v in motion["values"] if v is not None], default=0.0)
     bottom = _Panel(draw, (LEFT, bottom_y0, WIDTH - RIGHT, HEIGHT - BOTTOM), frames, 0.0, max(peak * 1.1, 1e-3))
-    for panel in (top, bottom):
-        panel.windows(report.get("windows", []))
+    top.windows(report.get("windows", []), small)
+    bottom.windows(report.get("windows", []))
     top.axes("scores per frame (cosine; consistency and flickering 0..1)", font, 2)
     bottom.axes("motion amplitude (pixels per frame)", font, 1)
     draw.text((LEFT, 8), "BindWeave Evaluate - not OpenS2V-Eval scores (see JSON 'not_opens2v')", fill="black",

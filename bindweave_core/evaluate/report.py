@@ -183,7 +183,7 @@ def evaluate_video(frames: np.ndarray | torch.Tensor, references: list, clip_vis
     metrics, feats = _clip_metrics(clip_vision, sampled, refs, idx, options.regions)
     feature_name = "CLIP (class token; no DINOv2 checkpoint given)"
     if options.dino:
-        dino = features.load_dino(options.dino)
+        dino = features.load_dino(options.dino, device=getattr(clip_vision, "device", "cpu"))
         feats = features.dino_features(dino, sampled)
         ref_feats = torch.cat([features.dino_features(dino, r) for r in refs])
         metrics["dino_i"] = _similarity("DINO-I subject similarity", f"DINOv2 ({options.dino})",
