@@ -1,4 +1,4 @@
-"""Command line: ``python -m bindweave_core {inspect,generate} ...``."""
+"""Command line: ``python -m bindweave_core {inspect,generate,evaluate} ...``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .errors import BindWeaveError, GenerationCancelled
+from .evaluate.cli import add_evaluate_parser
 from .generate_cli import add_generate_parser
 
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad command line
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
     add_generate_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 

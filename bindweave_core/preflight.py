@@ -131,6 +131,19 @@ def check_output_paths(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return video, sidecar
 
 
+def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str,
+                      suffix: str) -> Path:
+    """One output file (ending in ``suffix``) that can be written without replacing any input."""
+    target = Path(out).expanduser()
+    if target.suffix.lower() != suffix:
+        raise InputError(f"{flag} must end in {suffix}, got {target.name}.")
+    for source in (Path(p).expanduser() for p in inputs if p):
+        if source.exists() and _overwrites(target, source):
+            raise InputError(f"{flag} {target} would overwrite an input file ({source}). Choose another output name.")
+    _check_writable(target, flag)
+    return target
+
+
 def read_prompt_file(path: str | os.PathLike) -> str:
     """The prompt in a UTF-8 text file, stripped; clear errors for missing, binary or empty files."""
     p = Path(path).expanduser()

@@ -10,8 +10,9 @@ from functools import lru_cache
 from typing import ClassVar
 
 import comfy.model_management as mm
+import numpy as np
 import torch
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
@@ -35,9 +36,10 @@ from .convert import (
 )
 from .specs import (
     CLIP_VISION_LOADER,
-    ENCODER_LOADERS,
     DECODE,
     DIT_FOLDERS,
+    ENCODER_LOADERS,
+    EVALUATE,
     LOAD_DIT,
     LORA,
     NATIVE_CONDITIONING,
@@ -59,6 +61,7 @@ from .specs import (
     NodeSpec,
 )
 
+MAX_EVALUATED_REFERENCES = 16  # a batched IMAGE may hold more than the 4 a generation takes
 SMOKE_DIT_FAMILIES = {SMOKE_CHOICE: "bindweave", SMOKE_KALEIDO_CHOICE: "kaleido"}  # Load DiT's smoke choices
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
             "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae,
@@ -102,6 +105,7 @@ def schema(spec: NodeSpec) -> io.Schema:
         inputs=[_input(i) for i in spec.inputs],
         outputs=[_io_type(o.type).Output(_output_id(o.name, spec), display_name=o.name, tooltip=o.tooltip)
                  for o in spec.outputs],
+        is_output_node=spec.output_node,
     )
 
 
@@ -453,9 +457,34 @@ class Noise(io.ComfyNode):
         return io.NodeOutput(OfficialNoise(noise_seed))
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+class Evaluate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(EVALUATE)
+
+    @classmethod
+    def execute(cls, frames, clip_vision, image_1, samples, regions, image_2=None, image_3=None, image_4=None,
+                prompt="", windows="", dino_dir="", face_model_dir="") -> io.NodeOutput:
+        import json
+
+        from bindweave_core.evaluate.plot import draw_plot
+        from bindweave_core.evaluate.report import EvaluationOptions, evaluate_video, summary_text
+
+        refs, _ = collect_references([image_1, image_2, image_3, image_4], max_references=MAX_EVALUATED_REFERENCES)
+        options = EvaluationOptions(samples=samples, regions=regions, dino=dino_dir.strip() or None,
+                                    face_models=face_model_dir.strip() or None, windows=windows.strip() or None,
+                                    prompt=prompt or None)
+        host.load_to_device(clip_vision)
+        report = evaluate_video(frames, list(refs), clip_vision.component, options)
+        plot = torch.from_numpy(np.asarray(draw_plot(report), dtype=np.float32) / 255.0).unsqueeze(0)
+        return io.NodeOutput(plot, summary_text(report), json.dumps(report, indent=2, default=str),
+                             ui=ui.PreviewImage(plot, cls=cls))
+
+
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
                                    TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
-                                   NativeConditioning, Sigmas, Noise, References]
+                                   NativeConditioning, Sigmas, Noise, References, Evaluate]
 
 
 class BindWeaveExtension(ComfyExtension):

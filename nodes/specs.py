@@ -468,7 +468,46 @@ NOISE = NodeSpec(
     (Out("NOISE", "noise", "Noise for SamplerCustomAdvanced."),),
 )
 
+# ------------------------------------------------------------------------------------------ evaluation
+EVALUATE = NodeSpec(
+    "BindWeaveEvaluate", "BindWeave Evaluate", f"{CATEGORY}/evaluation",
+    "Scores any video against its reference images with local models: CLIP-I per reference (cosine of CLIP "
+    "ViT-H class-token features, frames and references squashed to 224), optional DINO-I and ArcFace face "
+    "similarity, VBench's subject consistency and temporal flickering, and optical-flow motion; per frame, "
+    "overall and per context window. Outputs a plot of the per-frame curves (also shown on the node) and the "
+    "report. These are not OpenS2V-Eval scores (see docs/evaluation.md).",
+    (
+        In("frames", "socket", "The video frames (from BindWeave Decode, a Load Video node, any IMAGE batch).",
+           type="IMAGE"),
+        In("clip_vision", "socket", "The CLIP ViT-H/14 vision encoder from Load BindWeave CLIP Vision.",
+           type=CLIP_VISION),
+        *(In(f"image_{k}", "socket", f"Reference image {k}" + (" (a batch counts as several references)." if k == 1
+                                                                 else " (optional)."),
+             type="IMAGE", optional=k > 1) for k in range(1, C.MAX_REFERENCES + 1)),
+        In("samples", "int", "Frames sampled evenly (first to last) for the similarity metrics and subject "
+                             "consistency; 0 = every frame. Flickering uses every frame.",
+           default=32, min=0, max=100000),
+        In("regions", "boolean", "Also score the best-matching half-size region of each frame (the whole frame and "
+                                 "a 3 x 3 grid of crops: 10 times the CLIP work).", default=False),
+        In("prompt", "string", "The prompt, recorded in the report only (no text score is computed).",
+           multiline=True, default="", optional=True),
+        In("windows", "string", "Context windows as [start, end) frame ranges, e.g. '0:33, 24:57': adds per-window "
+                                "means and draws the boundaries. Empty: none.", default="", optional=True),
+        In("dino_dir", "string", "Optional: a transformers DINOv2 folder (e.g. facebook/dinov2-base) for DINO-I; "
+                                 "subject consistency then uses DINOv2 as VBench does. Empty: skipped.",
+           default="", optional=True),
+        In("face_model_dir", "string", "Optional: an InsightFace model pack folder (e.g. buffalo_l) for ArcFace face "
+                                       "similarity; needs the insightface and onnxruntime packages. The model "
+                                       "packs are for non-commercial use only. Empty: skipped.",
+           default="", optional=True),
+    ),
+    (Out("IMAGE", "plot", "The per-frame curves with the context windows."),
+     Out("STRING", "summary", "The overall values, window means and skipped metrics, as text."),
+     Out("STRING", "report_json", "The whole report as JSON (schema in docs/evaluation.md).")),
+    output_node=True,
+)
+
 ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
                                    PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA,
-                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE, REFERENCE_IMAGES_NODE)
+                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE, REFERENCE_IMAGES_NODE, EVALUATE)
 SPECS = {s.node_id: s for s in ALL_SPECS}

@@ -399,7 +399,6 @@ def _watch(server, prompt: dict, extra_data: dict | None = None, interrupt=None,
     import uuid
 
     import aiohttp
-
     from comfy_browser import post_json
 
     client = uuid.uuid4().hex
@@ -859,7 +858,7 @@ def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
     assert run.stdout.count("max |diff|") == 6
 
 
-def test_decode_takes_comfyuis_own_vae(server, tiny_vae_file):
+def test_decode_takes_comfyuis_own_vae(server, wan_vae_file):
     """BindWeave Decode on ComfyUI's Load VAE (the same tiny VAE file) gives the frames of Load BindWeave VAE."""
     import copy
 
@@ -869,7 +868,7 @@ def test_decode_takes_comfyuis_own_vae(server, tiny_vae_file):
     g["30"]["inputs"]["seed"] = 777
     for key in ("40", "41"):
         del g[key]
-    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["7"] = node("VAELoader", vae_name=wan_vae_file)
     g["50"] = node("SaveImage", images=["31", 0], filename_prefix="decode_vae/ours")
     g["51"] = node("BindWeaveDecode", vae=["7", 0], samples=["30", 0], tiled=False, fps=16.0)
     g["52"] = node("SaveImage", images=["51", 0], filename_prefix="decode_vae/comfy")
@@ -990,7 +989,7 @@ def test_kaleido_workflow_without_its_folder_is_stopped_naming_it(server):
     assert any(f"{MODEL_FOLDER}/Kaleido-14B-S2V/" in e.get("details", "") for e in errors)
 
 
-def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, tiny_vae_file):
+def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, wan_vae_file):
     """The same sampling on ComfyUI's own loaded models (Load VAE; ComfyUI's CLIP vision and UMT5 CLIP classes,
     built at the tiny size by a test node) and on our loaders with the same files: equal latents."""
     import copy
@@ -1007,14 +1006,14 @@ def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, ti
     for key in ("31", "40", "41"):
         del ours[key]
     ours["30"]["inputs"]["seed"] = 8080
-    ours["2"]["inputs"]["vae_name"] = tiny_vae_file
+    ours["2"]["inputs"]["vae_name"] = wan_vae_file
     ours["3"]["inputs"]["text_encoder_name"] = "bw_tiny_umt5.safetensors"
     ours["4"]["inputs"]["clip_name"] = "bw_tiny_clip_vision.safetensors"
     for key in ("2", "3", "4"):
         ours[key]["inputs"]["dtype"] = "fp32"
     ours["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="comfy_models/ours")
     comfy = copy.deepcopy(ours)
-    comfy["2"] = node("VAELoader", vae_name=tiny_vae_file)
+    comfy["2"] = node("VAELoader", vae_name=wan_vae_file)
     comfy["3"] = node("TinyComfyUMT5Loader", clip_name="bw_tiny_umt5.safetensors")
     comfy["4"] = node("TinyComfyCLIPVisionLoader", clip_name="bw_tiny_clip_vision.safetensors")
     comfy["50"]["inputs"]["filename_prefix"] = "comfy_models/comfy"
@@ -1022,3 +1021,30 @@ def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, ti
     b = _saved_latent(server, _run(server, comfy), "50")
     print(f"graph on ComfyUI's models vs on our loaders: max |diff| {(a - b).abs().max():.2e}")
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_evaluate_node_scores_the_smoke_video_and_shows_its_plot(server):
+    """BindWeave Evaluate on the smoke workflow's decoded frames: it runs in ComfyUI, shows its plot on the
+    node (a preview image in the temp folder), and its report is the core's, windows included."""
+    import copy
+
+    from build_workflows import _cases, node
+    from PIL import Image
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("40", "41"):
+        del g[key]
+    g["60"] = node("BindWeaveEvaluate", frames=["31", 0], clip_vision=["4", 0], image_1=["10", 0], samples=32,
+                   regions=False, prompt="a man waves", windows="0:3, 2:5", dino_dir="", face_model_dir="")
+    g["61"] = node("PreviewAny", source=["60", 2])
+    g["62"] = node("PreviewImage", images=["60", 0])
+    out = _run(server, g)
+    shown = out["60"]["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
+    plot = Image.open(server["base"] / "temp" / shown[0]["subfolder"] / shown[0]["filename"])
+    assert plot.size == (1100, 640) and len(plot.convert("RGB").getcolors(1 << 16)) > 20  # drawn, not blank
+    report = json.loads(out["61"]["text"][0])
+    assert report["video"]["frames"] == 5 and report["prompt"]["text"] == "a man waves"
+    assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 3), (2, 5)]
+    assert set(report["metrics"]) == {"clip_i", "subject_consistency", "temporal_flickering", "motion_amplitude"}
+    assert len(report["skipped"]) == 2

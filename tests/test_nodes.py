@@ -18,7 +18,7 @@ from nodes.specs import ALL_SPECS, SPECS, WIDGET_KINDS
 
 def test_node_ids_are_prefixed_unique_and_documented():
     ids = [s.node_id for s in ALL_SPECS]
-    assert len(ids) == len(set(ids)) == 16
+    assert len(ids) == len(set(ids)) == 17
     for spec in ALL_SPECS:
         assert spec.node_id.startswith("BindWeave") and spec.category.startswith("BindWeave")
         assert len(spec.description) > 40, spec.node_id
