@@ -16,6 +16,7 @@ from . import constants as C
 from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
+from .setting_bounds import range_text
 from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
@@ -101,14 +102,14 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                                                   C.KALEIDO_FRAMES, sd["num_frames"]))
     g.add_argument("--steps", type=int, help=_family_defaults(C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
     g.add_argument("--guidance", type=float, help=_family_defaults(C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
-                   + "; 0 or more, 1 = no guidance")
+                   + f"; {range_text('guidance')}, 1 = no guidance")
     g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
-                   + "; above 0")
+                   + f"; {range_text('shift')}")
     g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults(C.DEFAULT_SAMPLER, C.KALEIDO_SAMPLER))
     g.add_argument("--seed", type=int, default=C.DEFAULT_SEED,
                    help=f"noise seed, 0 to 2**64-1 (default {C.DEFAULT_SEED}, the official one)")
     g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
-                   + "; at least 1")
+                   + f"; {range_text('fps')}")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
     g.add_argument("--cfg-batch", choices=C.CFG_BATCH_MODES, default="auto",
@@ -298,8 +299,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .families import family_for
 
     model_family = family_for(family)
-    model_family.check_reference_count(len(args.ref))  # e.g. Kaleido's own message (which references to remove)
-    settings.validate(len(args.ref), model_family.max_references)
+    model_family.check_reference_count(len(args.ref))  # the settings' values were checked when they were made
 
     display = StageDisplay(settings.steps)
     try:

@@ -69,17 +69,19 @@ def test_generate_help_states_every_default():
 
 
 def test_python_api_and_nodes_get_the_same_value_checks():
-    """GenerationSettings.validate (the API's generate and the nodes call it) refuses what the CLI refuses."""
+    """GenerationSettings (the API's generate, the nodes and the trainer's preview make one) refuses what the CLI
+    refuses, when it is made."""
     from bindweave_core.errors import InputError
     from bindweave_core.pipeline import GenerationSettings
 
     for change, message in (({"seed": 2 ** 64}, "seed must be"), ({"seed": -1}, "seed must be"),
-                            ({"fps": 0}, "fps must be"), ({"guidance": -0.5}, "guidance must be 0 or more"),
-                            ({"shift": 0.0}, "shift must be above 0"), ({"shift": float("inf")}, "finite"),
-                            ({"width": 100000}, "above 16384"), ({"refine_seed": -2}, "refine seed"),
-                            ({"steps": 5000}, "at most 1000")):
+                            ({"fps": 0}, "fps must be a whole number from 1 to 120"),
+                            ({"guidance": -0.5}, "guidance must be a number from 0 to 100"),
+                            ({"shift": 0.0}, "shift must be a number from 0.1 to 100"), ({"shift": float("inf")}, "finite"),
+                            ({"width": 100000}, "from 16 to 16384"), ({"refine_seed": -2}, "refine seed"),
+                            ({"steps": 5000}, "from 1 to 1000")):
         with pytest.raises(InputError, match=message):
-            GenerationSettings(prompt="a cat", **change).validate(1)
+            GenerationSettings(prompt="a cat", **change)
     GenerationSettings(prompt="a cat", seed=2 ** 64 - 1, guidance=0.0).validate(1)  # the edges are accepted
 
 
