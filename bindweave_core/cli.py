@@ -9,9 +9,10 @@ import sys
 
 from .errors import BindWeaveError, GenerationCancelled
 from .generate_cli import add_generate_parser
+from .signals import EXIT_INTERRUPTED, exit_code, signal_name, terminate_as_interrupt
 
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad command line
-EXIT_CANCELLED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_CANCELLED = EXIT_INTERRUPTED  # 128 + SIGINT, what shells report for Ctrl-C (143 for SIGTERM)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -40,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        return args.func(args)
-    except GenerationCancelled as e:  # Ctrl-C during a run: one line, the shell's 128 + SIGINT
+        with terminate_as_interrupt():  # SIGTERM: the same cleanup and one line as Ctrl-C
+            return args.func(args)
+    except GenerationCancelled as e:  # Ctrl-C / SIGTERM during a run: one line, the shell's 128 + signal
         sys.stderr.write(f"{e}\n")
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        sys.stderr.write("cancelled; no file was written\n")
-        return EXIT_CANCELLED
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        how = "cancelled" if signal_name(e) == "Ctrl-C" else "terminated (SIGTERM)"
+        sys.stderr.write(f"{how}; no file was written\n")
+        return exit_code(e)
     except BindWeaveError as e:
         sys.stderr.write(f"error: {e}\n")
         return EXIT_BAD_INPUT

@@ -17,6 +17,7 @@ from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
 from .setting_bounds import range_text
+from .signals import exit_code, signal_name
 from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
@@ -321,9 +322,10 @@ def run_generate(args: argparse.Namespace) -> int:
             "family": pipe.dit_family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
             "weight_format": args.weight_format, "attention": args.attention, "runtime": pipe.runtime.to_dict()})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (bindweave_core.signals): the temporary files are gone
         display.close()
-        raise GenerationCancelled(f"cancelled {display.where()}; no file was written") from None
+        how = "cancelled" if signal_name(e) == "Ctrl-C" else "terminated (SIGTERM)"
+        raise GenerationCancelled(f"{how} {display.where()}; no file was written", exit_code(e)) from None
     finally:
         display.close()
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
