@@ -23,8 +23,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if report["problems"] or report.get("kind") == "unknown" else 0  # unknown: not a usable model file
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad command line gets the one line that matters and where to look, not the whole usage block
+    (the usage is what ``--help`` prints). Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]  (argparse's exits)
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bindweave_core",
+    parser = OneLineErrorParser(prog="python -m bindweave_core",
                                      description="BindWeave multi-subject video generation (core library CLI)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

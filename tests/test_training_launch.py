@@ -148,3 +148,33 @@ def test_accelerate_launch_of_two_cpu_processes_says_how_to_launch(tmp_path, dat
     assert "accelerate launch asked for 2 processes but started one" in proc.stderr
     assert "torchrun --nproc_per_node 2" in proc.stderr
     assert not (tmp_path / "acc" / "loss.csv").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs: room for the dataset report and loss.csv, not for a checkpoint (about 290 KB). Needs
+    root (mount); skipped elsewhere."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(where)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, data, small_disk):
+    path, cache = data
+    out = small_disk / "run"
+    config = _yaml(tmp_path, _raw(out, path, cache, max_steps=2, checkpoint_every=1))
+    proc = subprocess.run([sys.executable, "-m", "training.train_lora", "--config", str(config)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"ERROR cannot write the checkpoint \S+step-000001: torch.save failed \(.*\) with \d+ KiB free "
+                     r"on that disk. Free some space or choose another train.output_dir", last), last
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # no partial step folder, no .tmp
+    assert not (out / "bindweave_lora.safetensors").exists()

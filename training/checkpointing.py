@@ -133,6 +133,15 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, ex
     except OSError as e:
         raise OutputWriteError(describe_os_error(e, f"the checkpoint {final}") + " The previous checkpoints are "
                                "unchanged.") from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk as a RuntimeError without errno
+        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            raise
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # what it wrote is space the user gets back
+        free = shutil.disk_usage(output_dir).free
+        raise OutputWriteError(f"cannot write the checkpoint {final}: torch.save failed ({str(e).splitlines()[0]}) "
+                               f"with {free // 1024} KiB free on that disk. Free some space or choose another "
+                               "train.output_dir, then run again. The previous checkpoints are unchanged.") from None
     finally:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

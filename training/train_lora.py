@@ -672,7 +672,9 @@ def _stopped(signum_or_error: int | BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train_lora", description=__doc__.split("\n\n")[0])
+    from bindweave_core.cli import OneLineErrorParser  # a bad command line: one line, not the usage block
+
+    p = OneLineErrorParser(prog="python -m training.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the training YAML (see training/configs/example.yaml)")
     p.add_argument("--cache-only", action="store_true", help="check the data and fill the feature cache, then stop")
     p.add_argument("--resume", help="'latest' or a checkpoint folder (overrides train.resume)")
