@@ -15,7 +15,7 @@ import bad_inputs  # noqa: E402
 
 
 def test_every_bad_input_gets_its_message_and_changes_nothing(tmp_path):
-    """Each case: exit 2 (130 for Ctrl-C), no traceback, the message, inputs unchanged (sha256), no output
+    """Each case: exit 2 (130 for Ctrl-C, 143 for SIGTERM), no traceback, the message, inputs unchanged (sha256), no output
     left, no model built before the failure; then docs/bad-inputs.md must be what the cases print."""
     d = tmp_path / "in"
     results = bad_inputs.run_cases(d)
@@ -25,6 +25,8 @@ def test_every_bad_input_gets_its_message_and_changes_nothing(tmp_path):
     assert sum(r.ran for r in results) >= len(results) - 1  # only the CPU-only-torch case may be skipped
     ctrl_c = next(r for r in results if r.case.id == "ctrl-c")
     assert ctrl_c.code == 130 and bad_inputs.message(ctrl_c).count("\n") == 0  # one line
+    sigterm = next(r for r in results if r.case.id == "sigterm")  # SIGTERM: as Ctrl-C, exit 128 + 15
+    assert sigterm.code == 143 and bad_inputs.message(sigterm).count("\n") == 0 and not sigterm.left
     stages = [ln for ln in ctrl_c.stderr.splitlines() if ln.startswith("INFO ") and "estimated" not in ln]
     assert stages[:3] == ["INFO loading models", "INFO conditioning (planner, text encoder, references)",
                           "INFO sampling (1000 steps)"], stages  # the display names each stage
