@@ -325,6 +325,11 @@ class TrainConfig:
                     setattr(v, name, check_setting(setting, value))
                 except InputError as e:
                     raise bad(f"validation.{name}: {e}") from None
+        if v.every or v.prompts:  # the previews play at data.fps (rounded): a rate the video writer takes
+            try:
+                check_setting("fps", round(self.data.fps))
+            except InputError as e:
+                raise bad(f"data.fps {self.data.fps} for the validation previews: {e}") from None
 
     def _check_steps(self, bad: Callable[[str], InputError]) -> None:
         t = self.train
