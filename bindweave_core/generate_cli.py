@@ -16,6 +16,8 @@ from . import constants as C
 from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
+from .setting_bounds import range_text
+from .signals import exit_code, signal_name
 from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
@@ -101,14 +103,14 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                                                   C.KALEIDO_FRAMES, sd["num_frames"]))
     g.add_argument("--steps", type=int, help=_family_defaults(C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
     g.add_argument("--guidance", type=float, help=_family_defaults(C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
-                   + "; 0 or more, 1 = no guidance")
+                   + f"; {range_text('guidance')}, 1 = no guidance")
     g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
-                   + "; above 0")
+                   + f"; {range_text('shift')}")
     g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults(C.DEFAULT_SAMPLER, C.KALEIDO_SAMPLER))
     g.add_argument("--seed", type=int, default=C.DEFAULT_SEED,
                    help=f"noise seed, 0 to 2**64-1 (default {C.DEFAULT_SEED}, the official one)")
     g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
-                   + "; at least 1")
+                   + f"; {range_text('fps')}")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
     g.add_argument("--cfg-batch", choices=C.CFG_BATCH_MODES, default="auto",
@@ -302,12 +304,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from .families import family_for
 
     model_family = family_for(family)
-    model_family.check_reference_count(len(args.ref))  # e.g. Kaleido's own message (which references to remove)
+    model_family.check_reference_count(len(args.ref))  # the settings' values were checked when they were made
     if args.evaluate:
         from .evaluate.generated import check_can_evaluate
 
         check_can_evaluate(model_family.encoders, args.clip_vision, smoke)
-    settings.validate(len(args.ref), model_family.max_references)
 
     display = StageDisplay(settings.steps)
     try:
@@ -329,9 +330,10 @@ def run_generate(args: argparse.Namespace) -> int:
             "family": pipe.dit_family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
             "weight_format": args.weight_format, "attention": args.attention, "runtime": pipe.runtime.to_dict()})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (bindweave_core.signals): the temporary files are gone
         display.close()
-        raise GenerationCancelled(f"cancelled {display.where()}; no file was written") from None
+        how = "cancelled" if signal_name(e) == "Ctrl-C" else "terminated (SIGTERM)"
+        raise GenerationCancelled(f"{how} {display.where()}; no file was written", exit_code(e)) from None
     finally:
         display.close()
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,

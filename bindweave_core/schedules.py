@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import constants as C
-from .errors import InputError
+from .setting_bounds import check_setting
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,9 @@ class FlowGrid:
 
 
 def _check(steps: int, shift: float) -> None:
-    if int(steps) != steps or steps < 1:
-        raise InputError(f"steps must be a whole number of at least 1, got {steps}")
-    if not shift > 0:
-        raise InputError(f"shift must be positive, got {shift}")
+    """The grids' guard for direct callers: the bounds of ``setting_bounds`` (the one validator)."""
+    check_setting("steps", steps)
+    check_setting("shift", shift)
 
 
 def official_unipc_grid(steps: int, shift: float = C.DEFAULT_SHIFT,

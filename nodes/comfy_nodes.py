@@ -23,6 +23,7 @@ from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 from bindweave_core.sampling import guidance_batch
+from bindweave_core.setting_bounds import check_setting
 
 from . import host
 from .convert import (
@@ -276,8 +277,7 @@ class ReferenceEncode(io.ComfyNode):
                                          [mask_1, mask_2, mask_3, mask_4], invert_masks=invert_masks,
                                          max_references=family.max_references)
         settings = GenerationSettings(prompt="(references)", width=width, height=height, num_frames=length,
-                                      mask_mode=mask_mode)
-        settings.validate(len(images), family.max_references)
+                                      mask_mode=mask_mode)  # the count was checked by collect_references
         uses_clip = "clip_vision" in family.reference_encoders
         if uses_clip and clip_vision is None:
             raise InputError(f"{mode} mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
@@ -322,7 +322,7 @@ class Sampler(io.ComfyNode):
         settings = GenerationSettings(prompt="(conditioning)", width=geometry.width, height=geometry.height,
                                       num_frames=geometry.num_frames, steps=steps, guidance=guidance, shift=shift,
                                       sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache)
-        settings.validate(refs.num_references, family.max_references)
+        family.check_reference_count(refs.num_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
         latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
@@ -430,7 +430,9 @@ class Sigmas(io.ComfyNode):
     def execute(cls, steps, shift, schedule) -> io.NodeOutput:
         from bindweave_core.sampling import make_scheduler
 
-        scheduler = make_scheduler(schedule, shift)
+        # the settings' one validator (the same bounds as the Sampler's and the CLI's)
+        steps, shift = check_setting("steps", steps), check_setting("shift", shift)
+        scheduler = make_scheduler(check_setting("sampler", schedule), shift)
         scheduler.set_timesteps(steps, device="cpu")
         return io.NodeOutput(scheduler.sigmas.float().cpu())
 

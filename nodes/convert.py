@@ -11,6 +11,7 @@ import torch
 from bindweave_core import constants as C
 from bindweave_core.conditioning import VideoGeometry
 from bindweave_core.errors import InputError
+from bindweave_core.setting_bounds import check_reference_count
 
 
 def _frames(batch: torch.Tensor, what: str) -> list[torch.Tensor]:
@@ -52,9 +53,7 @@ def collect_references(images: Sequence[torch.Tensor | None], masks: Sequence[to
             mask_frames = [(1.0 - m if invert_masks else m) for m in (given * len(frames))[: len(frames)]]
         refs.extend(frames)
         ref_masks.extend(mask_frames)
-    if not 1 <= len(refs) <= max_references:
-        raise InputError(f"{len(refs)} reference images connected; this model takes 1 to {max_references}. "
-                         "Connect at least image_1, and remove the extra images.")
+    check_reference_count(len(refs), max_references, hint="Connect at least image_1, and disconnect the extra images.")
     return refs, (ref_masks if any(m is not None for m in ref_masks) else None)
 
 

@@ -29,8 +29,10 @@ import comfy.supported_models_base
 import torch
 from torch import nn
 
+from bindweave_core import constants as C
 from bindweave_core.denoiser import DiTBranch, dit_velocity
 from bindweave_core.lora import original_name
+from bindweave_core.setting_bounds import check_setting
 
 PREFIX = "diffusion_model."
 # Keys of the extra conditioning a CONDITIONING entry carries (besides the UMT5 states), and the
@@ -112,15 +114,15 @@ class BindWeaveModelConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}
     latent_format = comfy.latent_formats.Wan21
-    sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    sampling_settings = {"multiplier": C.NUM_TRAIN_TIMESTEPS}  # timestep = 1000 * sigma; the shift is the family's
 
 
 class BindWeaveNativeModel(comfy.model_base.BaseModel):
     """A ComfyUI flow model whose diffusion model is the core BindWeave / Kaleido DiT."""
 
     def __init__(self, dit: nn.Module, shift: float) -> None:
-        config = BindWeaveModelConfig({"disable_unet_model_creation": True})
-        config.sampling_settings["shift"] = float(shift)
+        config = BindWeaveModelConfig({"disable_unet_model_creation": True})  # copies the class's sampling_settings
+        config.sampling_settings["shift"] = check_setting("shift", shift)
         super().__init__(config, comfy.model_base.ModelType.FLOW)
         self.diffusion_model = BindWeaveDiffusionModel(dit)
 
@@ -134,7 +136,6 @@ class BindWeaveNativeModel(comfy.model_base.BaseModel):
         return out
 
     def memory_required(self, input_shape, cond_shapes={}) -> float:  # noqa: B006 (ComfyUI's signature)
-        from bindweave_core import constants as C
         from bindweave_core.memory import dit_activation_bytes
 
         dit = self.diffusion_model.dit

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from bindweave_core import constants as C
 from bindweave_core.config import get_preset
 from bindweave_core.sampling import SAMPLERS
+from bindweave_core.setting_bounds import SETTINGS
 
 if TYPE_CHECKING:
     from bindweave_core.encoders.base import Encoder
@@ -24,7 +25,6 @@ SMOKE_KALEIDO_CHOICE = "tiny smoke test, Kaleido R-RoPE (random weights)"
 MODEL_FOLDER = "bindweave"  # models/bindweave/: Hugging Face directories (Qwen2.5-VL, BindWeave, Kaleido)
 GGUF_FOLDER = "bindweave_gguf"  # .gguf files in models/unet/ and models/diffusion_models/ (host.register_model_folder)
 DIT_FOLDERS = ("diffusion_models", GGUF_FOLDER)
-MAX_RESOLUTION = 8192
 MAX_DIT_BLOCKS = get_preset("bindweave-14b").num_layers
 
 # Custom types passed between BindWeave nodes.
@@ -61,6 +61,7 @@ class In:
     optional: bool = False
     multiline: bool = False
     seed: bool = False  # adds ComfyUI's "control after generate" widget
+    setting: str = ""  # the generation setting (setting_bounds.SETTINGS) whose min/max the widget takes
 
     @property
     def is_widget(self) -> bool:
@@ -117,6 +118,15 @@ AUTO_PRECISION = {
     "planner": AutoPrecision("text-enc", "fp16"),
     "vae": AutoPrecision("vae", "fp32"),
 }
+
+
+def _setting(name: str, setting: str, kind: str, tooltip: str, **extra: Any) -> In:
+    """A number widget whose default, min and max are the setting's own (``setting_bounds``, the one
+    validator); ``extra`` adds the step or replaces the default."""
+    s = SETTINGS[setting]
+    cast = float if kind == "float" else int
+    fields = {"default": s.default, "step": s.multiple if s.multiple > 1 else None, **extra}
+    return In(name, kind, tooltip, min=cast(s.min), max=cast(s.max), setting=setting, **fields)
 
 
 def _dtype(what: str, kind: str) -> In:
@@ -293,8 +303,8 @@ PLANNER_ENCODE = NodeSpec(
         In("refine_prompt", "boolean", "Let the planner rewrite the prompt into a detailed single-scene "
                                        "description before encoding (needs a planner with its language-model head).",
            default=False),
-        In("refine_seed", "int", "Seed for prompt refinement; 0 = greedy (deterministic) decoding.", default=0,
-           min=0, max=2**31 - 1),
+        _setting("refine_seed", "refine_seed", "int", "Seed for prompt refinement; 0 = greedy (deterministic) "
+                                                      "decoding.", default=0),
     ),
     (Out(PLANNER_COND, "planner_conditioning", "Planner states for the prompt and the negative prompt."),
      Out("STRING", "prompt", "The prompt the planner used (the refined one when refinement is on).")),
@@ -325,12 +335,9 @@ REFERENCE_ENCODE = NodeSpec(
         In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
                             "by this pack's code on the same weights: the same numbers).", type=f"{VAE},VAE"),
         *_reference_images("reference encoding"),
-        In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
-           max=MAX_RESOLUTION, step=16),
-        In("height", "int", "Video height in pixels (multiple of 16).", default=C.DEFAULT_HEIGHT, min=16,
-           max=MAX_RESOLUTION, step=16),
-        In("length", "int", "Number of frames (4k+1: 81 = 5 s at 16 fps).", default=C.DEFAULT_FRAMES, min=1,
-           max=1025, step=4),
+        _setting("width", "width", "int", "Video width in pixels (multiple of 16)."),
+        _setting("height", "height", "int", "Video height in pixels (multiple of 16)."),
+        _setting("length", "num_frames", "int", "Number of frames (4k+1: 81 = 5 s at 16 fps)."),
         In("mode", "combo", "bindweave: the 4 temporal reference slots of BindWeave. kaleido: R-RoPE sequence "
                             "references for Kaleido-14B-S2V checkpoints. Must match the loaded DiT.",
            options=("bindweave", "kaleido"), default="bindweave"),
@@ -359,15 +366,13 @@ SAMPLER = NodeSpec(
         In("model", "socket", "The DiT (optionally with LoRAs).", type=DIT),
         In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
         In("references", "socket", "From BindWeave Reference Encode.", type=REFERENCES),
-        In("seed", "int", "Noise seed (official: 1234; noise is drawn in bf16 on the CPU as the official run does, "
-                          "so the same seed gives the same video on any GPU).",
-           default=C.DEFAULT_SEED, min=0, max=2**63 - 1, seed=True),
-        In("steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8).", default=C.DEFAULT_STEPS,
-           min=1, max=1000),
-        In("guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 disables the "
-                                "negative branch.", default=C.DEFAULT_GUIDANCE, min=1.0, max=30.0, step=0.1),
-        In("shift", "float", "Flow shift of the noise schedule (official: 3.0).", default=C.DEFAULT_SHIFT, min=0.1,
-           max=20.0, step=0.1),
+        _setting("seed", "seed", "int", "Noise seed (official: 1234; noise is drawn in bf16 on the CPU as the "
+                                        "official run does, so the same seed gives the same video on any GPU).",
+                 seed=True),
+        _setting("steps", "steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8)."),
+        _setting("guidance", "guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 "
+                                                  "disables the negative branch.", step=0.1),
+        _setting("shift", "shift", "float", "Flow shift of the noise schedule (official: 3.0).", step=0.1),
         In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver on the "
                                "official grid. unipc-diffusers: the same on the installed diffusers' grid (differs "
                                "from 0.37 on). euler: flow-matching Euler. rf-euler: Euler on an evenly spaced, "
@@ -377,12 +382,11 @@ SAMPLER = NodeSpec(
         In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "
                                  "separate: two calls per step (less memory).",
            options=C.CFG_BATCH_MODES, default="auto"),
-        In("step_cache", "float", "Step caching (EasyCache): skip a DiT evaluation while the model's output is "
-                                  "predicted to change less than this (accumulated relative change), reusing the "
-                                  f"last one. 0 (default): off, exact. {C.DEFAULT_STEP_CACHE}: the authors' value "
-                                  "for Wan 2.1 (about 2x faster there); higher is faster and less faithful. The "
-                                  "number of evaluations saved is logged.",
-           default=0.0, min=0.0, max=1.0, step=0.01),
+        _setting("step_cache", "step_cache", "float",
+                 "Step caching (EasyCache): skip a DiT evaluation while the model's output is predicted to change "
+                 "less than this (accumulated relative change), reusing the last one. 0 (default): off, exact. "
+                 f"{C.DEFAULT_STEP_CACHE}: the authors' value for Wan 2.1 (about 2x faster there); higher is "
+                 "faster and less faithful. The number of evaluations saved is logged.", step=0.01),
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),
@@ -400,8 +404,8 @@ DECODE = NodeSpec(
            type="LATENT"),
         In("tiled", "boolean", "Decode in spatial tiles to save memory (slightly different at tile seams).",
            default=False),
-        In("fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
-           default=float(C.DEFAULT_FPS), min=1.0, max=120.0, step=1.0),
+        _setting("fps", "fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
+                 default=float(C.DEFAULT_FPS), step=1.0),
     ),
     (Out("IMAGE", "frames", "The video frames [frames, height, width, 3] in 0..1."),
      Out("FLOAT", "fps", "The frame rate.")),
@@ -450,9 +454,8 @@ SIGMAS = NodeSpec(
     "BindWeaveSigmas", "BindWeave Sigmas", f"{CATEGORY}/native",
     "The noise levels of the official samplers, as SIGMAS for SamplerCustomAdvanced: euler with these sigmas "
     "equals the BindWeave Sampler's euler. (KSampler's own schedulers space the steps differently.)",
-    (In("steps", "int", "Denoising steps.", default=C.DEFAULT_STEPS, min=1, max=1000),
-     In("shift", "float", "Flow shift (official: 3.0; Kaleido: 7.0).", default=C.DEFAULT_SHIFT, min=0.1, max=20.0,
-        step=0.1),
+    (_setting("steps", "steps", "int", "Denoising steps."),
+     _setting("shift", "shift", "float", "Flow shift (official: 3.0; Kaleido: 7.0).", step=0.1),
      In("schedule", "combo", "Whose schedule: unipc (BindWeave's official), euler, rf-euler (Kaleido's).",
         options=SAMPLERS, default="euler")),
     (Out("SIGMAS", "sigmas", "steps + 1 noise levels from 1 to 0."),),
@@ -463,8 +466,7 @@ NOISE = NodeSpec(
     "The official start noise as NOISE for SamplerCustomAdvanced: drawn in bf16 on the CPU as the official run "
     "draws it, the same noise the BindWeave Sampler uses for this seed (ComfyUI's RandomNoise draws float32 "
     "values, another video).",
-    (In("noise_seed", "int", "Noise seed (official: 1234).", default=C.DEFAULT_SEED, min=0, max=2**63 - 1,
-        seed=True),),
+    (_setting("noise_seed", "seed", "int", "Noise seed (official: 1234).", seed=True),),
     (Out("NOISE", "noise", "Noise for SamplerCustomAdvanced."),),
 )
 

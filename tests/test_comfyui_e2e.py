@@ -166,6 +166,24 @@ def test_our_nodes_are_registered_with_docs(server):
 NEWER_CORE_WIDGETS = {"CreateVideo.bit_depth": "0.3.64"}
 
 
+def test_node_widget_bounds_are_the_settings_validators(server):
+    """Every widget of a generation setting shows, in ComfyUI's own /object_info, the min/max of the one
+    settings validator (bindweave_core.setting_bounds)."""
+    from bindweave_core.setting_bounds import SETTINGS
+
+    info = server["object_info"]
+    compared = 0
+    for node_id, spec in SPECS.items():
+        for i in spec.inputs:
+            if not i.setting:
+                continue
+            group = "optional" if i.optional else "required"
+            _, opts = info[node_id]["input"][group][i.name]
+            assert (opts["min"], opts["max"]) == (SETTINGS[i.setting].min, SETTINGS[i.setting].max), (node_id, i.name)
+            compared += 1
+    assert compared == 13, compared  # every setting widget of the 6 nodes that have one
+
+
 def test_core_nodes_used_by_the_workflows_exist(server):
     info = server["object_info"]
     for node_type, widgets in CORE_NODES.items():

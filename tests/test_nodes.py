@@ -44,6 +44,32 @@ def test_defaults_are_the_official_settings():
     assert {i.name: i.default for i in SPECS["BindWeaveDiTLoader"].inputs}["attention"] == "sdpa"
 
 
+# number widgets that are not generation settings (no GenerationSettings field behind them)
+NOT_SETTINGS = {("BindWeaveDiTLoader", "resident_blocks"), ("BindWeaveLoraLoader", "strength")}
+
+
+def test_node_widgets_take_their_bounds_from_the_settings_validator():
+    """Each number widget of a generation setting has the validator's min/max; its ends are accepted by the
+    validator and one step beyond them refused (so the node and the core never disagree)."""
+    from bindweave_core.setting_bounds import SETTINGS, check_setting
+
+    seen = set()
+    for spec in ALL_SPECS:
+        for i in spec.inputs:
+            if i.kind not in ("int", "float") or (spec.node_id, i.name) in NOT_SETTINGS:
+                continue
+            assert i.setting, f"{spec.node_id}.{i.name} takes no bounds from bindweave_core.setting_bounds"
+            s = SETTINGS[i.setting]
+            assert (i.min, i.max) == (s.min, s.max), (spec.node_id, i.name)
+            assert check_setting(i.setting, i.min) == i.min and check_setting(i.setting, i.max) == i.max
+            for outside in (i.min - 1, i.max + 1):
+                with pytest.raises(InputError, match="must be"):
+                    check_setting(i.setting, outside)
+            seen.add(i.setting)
+    assert seen == {"width", "height", "num_frames", "steps", "guidance", "shift", "seed", "refine_seed", "fps",
+                    "step_cache"}
+
+
 def test_every_loader_offers_the_smoke_model():
     for spec in ALL_SPECS:
         if spec.node_id.endswith("Loader") and spec.node_id != "BindWeaveLoraLoader":
@@ -73,8 +99,8 @@ def test_collect_references_aligns_and_inverts_masks():
 
 
 @pytest.mark.parametrize("images,masks,message", [
-    ([image(4, 4, 5)], [], "5 reference images connected; this model takes 1 to 4"),
-    ([None, None], [], "0 reference images connected"),
+    ([image(4, 4, 5)], [], "5 reference images given; this model takes 1 to 4"),
+    ([None, None], [], "0 reference images given"),
     ([None, image(4, 4)], [torch.ones(1, 4, 4)], "mask_1 is connected but image_1 is not"),
     ([image(4, 4, 3)], [torch.ones(2, 4, 4)], "mask_1 has 2 masks for 3 images"),
 ])

@@ -122,7 +122,7 @@ def test_bad_settings_have_clear_messages(pipe, kw, message):
 
 
 def test_reference_count_and_unreadable_images(pipe, tmp_path):
-    with pytest.raises(InputError, match="5 reference images given; this model takes 1 to 4"):
+    with pytest.raises(InputError, match="5 reference images given; BindWeave takes 1 to 4. Remove 1 of them"):
         pipe.generate([EXAMPLE] * 5, settings())
     with pytest.raises(InputError, match="0 reference images given"):
         pipe.generate([], settings())

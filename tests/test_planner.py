@@ -244,7 +244,7 @@ def test_default_negative_is_the_planner_one(tiny):
 
 
 def test_inputs_are_validated(tiny):
-    with pytest.raises(InputError, match="at most 4"):
+    with pytest.raises(InputError, match="5 reference images given; BindWeave takes 1 to 4"):
         tiny.encode("x", small_images(5))
     with pytest.raises(InputError):
         tiny.encode("x", [])

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .. import constants as C
-from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from ..condition_cache import tensor_digest
+from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from ..denoiser import DiTBranch
 from ..references import prepare_references
 from .base import ModelFamily, ReferenceHost
@@ -26,6 +26,7 @@ class BindWeaveFamily(ModelFamily):
     conditioning = "slots"
     requires_planner = True
     max_references = C.MAX_REFERENCES
+    reference_model = "BindWeave"
     encoders = ("planner", "text_encoder", "clip_vision", "vae")
     reference_encoders = ("clip_vision", "vae")
     smoke_preset = "tiny"
