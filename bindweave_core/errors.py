@@ -21,3 +21,7 @@ class GenerationCancelled(BindWeaveError):
 
 class OutOfMemoryError(BindWeaveError):
     """A run would not fit (or did not fit) in device memory; the message lists what to change."""
+
+
+class OutputWriteError(BindWeaveError, OSError):
+    """An output could not be written (disk full, quota, I/O error); nothing partial is left behind."""

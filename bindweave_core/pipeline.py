@@ -37,7 +37,7 @@ from .errors import InputError
 from .families import ModelFamily, family_for
 from .finite import check_finite, model_dtype
 from .lazy import Lazy
-from .preflight import check_device, check_values
+from .preflight import check_device, check_prompt, check_values
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .step_cache import StepCache
@@ -76,8 +76,8 @@ class GenerationSettings:
 
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
         """Clear messages for the inputs the model cannot take (nothing is silently adjusted)."""
-        if not self.prompt or not self.prompt.strip():
-            raise InputError("the prompt is empty: describe the video to generate.")
+        check_prompt(self.prompt)  # text, not only invisible characters, at most MAX_PROMPT_CHARACTERS
+        check_prompt(self.negative_prompt, "negative prompt", allow_empty=True)
         if self.num_frames < 1 or (self.num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
             k = max(0, round((self.num_frames - 1) / 4))
             raise InputError(f"frames must be 4k+1 (e.g. {4 * k + 1} or {4 * k + 5}), got {self.num_frames}.")
@@ -415,6 +415,9 @@ class BindWeavePipeline:
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)
+        # letterboxed now, before the planner runs: a bad reference, tensor or mask costs no model time
+        canvases, pixel_masks = family.prepare_references(images, settings.width, settings.height, masks,
+                                                          settings.mask_mode)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stage("conditioning")
@@ -426,7 +429,7 @@ class BindWeavePipeline:
         if self._components["planner"] is not None and "planner" in family.encoders:  # Kaleido: UMT5 only
             planner = self.encode_planner(prompt, images, settings.planner_negative_prompt)
         text = self.encode_text(prompt, settings.negative_prompt)
-        refs = self.encode_references(images, settings, masks)
+        refs = family.encode_canvases(self, canvases, pixel_masks, settings)
         timings["conditioning_s"] = time.perf_counter() - t0
         cond, uncond = self.branches(text, planner, refs)
         t1 = time.perf_counter()

@@ -34,6 +34,30 @@ GiB = 1024 ** 3
 
 
 # ---------------------------------------------------------------------------------- settings
+_INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp", "Cn", "Co", "Cs")  # controls, format (zero-width), spaces, unassigned
+
+
+def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False) -> None:
+    """A prompt the models can use: text, at most ``MAX_PROMPT_CHARACTERS`` long (checked first: a huge prompt
+    is refused at once), with something visible in it (unless ``allow_empty``: a blank negative prompt is
+    valid)."""
+    import unicodedata
+
+    if not isinstance(prompt, str):
+        raise InputError(f"the {name} must be text (str), got {type(prompt).__name__}.")
+    if len(prompt) > C.MAX_PROMPT_CHARACTERS:
+        raise InputError(f"the {name} is {len(prompt):,} characters long; the limit is {C.MAX_PROMPT_CHARACTERS:,} "
+                         f"characters (UMT5 reads only its first {C.TEXT_LEN} tokens, about 2000 characters). "
+                         "Shorten it.")
+    if allow_empty:  # blank or invisible: no negative text, which the encoders take as it is
+        return
+    if not prompt.strip():
+        raise InputError(f"the {name} is empty: describe the video to generate.")
+    if all(unicodedata.category(ch) in _INVISIBLE for ch in prompt):
+        codes = ", ".join(sorted({f"U+{ord(ch):04X}" for ch in prompt}))[:120]
+        raise InputError(f"the {name} holds only invisible characters ({codes}): write the text of the prompt.")
+
+
 def check_seed(value: Any, name: str = "seed") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise InputError(f"{name} must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {value!r}.")
@@ -117,6 +141,8 @@ def check_output_paths(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
                        flag: str = "--out") -> tuple[Path, Path]:
     """``(video path, sidecar path)`` once both can be written without replacing any input."""
     video = Path(out).expanduser()
+    if video.name.lower() == ".mp4":  # Path(".mp4").suffix is "": a hidden file's name, not an extension
+        raise InputError(f"{flag} {video} has no file name before .mp4; give one, e.g. {video.parent / 'video.mp4'}.")
     if video.suffix.lower() != ".mp4":
         raise InputError(f"{flag} must end in .mp4, got {video.name}.")
     sidecar = video.with_suffix(".json")
@@ -153,13 +179,20 @@ def read_prompt_file(path: str | os.PathLike) -> str:
 
 
 def check_images(references: Iterable[str | os.PathLike], masks: Iterable[str | os.PathLike] | None = None) -> None:
-    """Every reference and mask file opens and decodes (the same reader the pipeline uses)."""
+    """Every reference and mask file opens and decodes (the same reader the pipeline uses), references are
+    not too small and each mask has its reference's size (as read: EXIF orientation applied)."""
     from .images import open_image
+    from .references import check_mask_size, check_reference_size
 
+    sizes = []
     for i, ref in enumerate(references):
-        open_image(ref, f"reference image {i + 1}")
+        sizes.append(open_image(ref, f"reference image {i + 1}").size)
     for i, mask in enumerate(masks or []):
-        open_image(mask, f"mask {i + 1}")
+        size = open_image(mask, f"mask {i + 1}").size
+        if i < len(sizes):
+            check_mask_size(size, sizes[i], i)
+    for i, size in enumerate(sizes):
+        check_reference_size(size, i)
 
 
 def check_model_paths(paths: dict[str, str | None]) -> None:

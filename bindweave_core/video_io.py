@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, OutputWriteError
 
 
 @contextmanager
@@ -24,9 +25,22 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, I/O error: one clear line (the temp file goes below)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(write_error_message(path, e)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_error_message(path: Path, error: OSError) -> str:
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there or choose another output folder"
+    else:
+        fix = "check the folder (permissions, the disk) or choose another output folder"
+    return f"could not write {path}: {reason}; {fix}. No partial file was left behind."
 
 
 def frames_to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
