@@ -412,6 +412,10 @@ class BindWeavePipeline:
         family.check_reference_count(len(references))
         family.check_settings(settings)
         settings.validate(len(references), family.max_references)
+        if self.runtime.memory_check:  # an encoder whose weights alone cannot fit: refused before any loads
+            from .stage_memory import check_encoder_stages
+
+            check_encoder_stages(self, family.encoders)
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)

@@ -215,3 +215,39 @@ def test_full_disk_on_a_real_tiny_tmpfs(tmp_path):
         assert list(out_dir.iterdir()) == []
     finally:
         subprocess.run(["umount", str(out_dir)], check=False)
+
+
+def test_an_encoder_whose_weights_cannot_fit_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from bindweave_core import preflight
+    from bindweave_core.encoder_loaders import file_identity_meta
+    from bindweave_core.errors import OutOfMemoryError
+    from bindweave_core.lazy import Lazy
+    from bindweave_core.stage_memory import file_weight_bytes
+
+    path = tmp_path / "umt5.safetensors"
+    save_file({"encoder.weight": torch.zeros(256, 256), "ids": torch.zeros(10, dtype=torch.int64)}, str(path))
+    assert file_weight_bytes(str(path), torch.bfloat16) == 256 * 256 * 2 + 10 * 8  # floats at bf16, ints as stored
+    assert file_weight_bytes(str(path), torch.float32) == 256 * 256 * 4 + 10 * 8
+    smoke = BindWeavePipeline.smoke(seed=0)
+    loads = []
+    text = Lazy(lambda: loads.append(1), str(path), meta=file_identity_meta(str(path), torch.float32))
+    pipe = BindWeavePipeline(dit=smoke.current("dit"), vae=smoke.current("vae"), text_encoder=text,
+                             clip_vision=smoke.current("clip_vision"), planner=smoke.current("planner"), device="cpu")
+    planner = pipe.component("planner")
+    monkeypatch.setattr(planner, "encode", lambda *a, **k: pytest.fail("the planner ran"))
+    loaded = sum(t.nbytes for n in ("dit", "vae", "clip_vision", "planner")
+                 for t in list(pipe._module(pipe.component(n)).parameters()) + list(pipe._module(
+                     pipe.component(n)).buffers()))
+    need = 256 * 256 * 4 + 80
+    monkeypatch.setattr(preflight, "available_cpu_memory", lambda: need - loaded - 1)
+    settings = GenerationSettings(prompt="a man waves", width=32, height=32, num_frames=1, steps=1)
+    with pytest.raises(OutOfMemoryError, match=rf"the text encoder \(UMT5-XXL\) cannot fit on cpu: its weights alone "
+                                               rf"take 0\.0 GiB in float32 \({path}\).*Nothing was loaded"):
+        pipe.generate([EXAMPLE], settings)
+    assert loads == []
+    monkeypatch.setattr(preflight, "available_cpu_memory", lambda: need - loaded)  # exactly fits: not refused
+    from bindweave_core.stage_memory import check_encoder_stages
+
+    check_encoder_stages(pipe, ("text_encoder",))
