@@ -38,6 +38,7 @@ from .families import ModelFamily, family_for
 from .finite import check_finite, model_dtype
 from .lazy import Lazy
 from .preflight import check_device, check_prompt, check_values
+from .references import check_reference_sizes
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .step_cache import StepCache
@@ -342,6 +343,7 @@ class BindWeavePipeline:
                           family: str | None = None) -> ReferenceCondition:
         """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
         CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
+        check_reference_sizes(images)
         return family_for(family or self.dit_family).encode_references(self, images, settings, masks)
 
     def vae_tiling_active(self) -> bool:
@@ -420,6 +422,7 @@ class BindWeavePipeline:
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)
         # letterboxed now, before the planner runs: a bad reference, tensor or mask costs no model time
+        check_reference_sizes(images)
         canvases, pixel_masks = family.prepare_references(images, settings.width, settings.height, masks,
                                                           settings.mask_mode)
         timings: dict[str, float] = {}

@@ -166,6 +166,16 @@ def check_reference_size(size: tuple[int, int], index: int) -> None:
                          f"{C.MIN_REFERENCE_SIDE}x{C.MIN_REFERENCE_SIDE} (use a real picture of the subject).")
 
 
+def check_reference_sizes(images: Any) -> None:
+    """:func:`check_reference_size` on a user's references (PIL images or ``[..., H, W, C]`` tensors; paths are
+    checked once read). Only what the user gives: training's augmented crops may be smaller."""
+    for i, image in enumerate(_split_batch(images, "image")):
+        if isinstance(image, Image.Image):
+            check_reference_size(image.size, i)
+        elif isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim >= 3:
+            check_reference_size((int(image.shape[-2]), int(image.shape[-3])), i)
+
+
 def check_mask_size(mask_size: tuple[int, int], reference_size: tuple[int, int], index: int) -> None:
     if mask_size != reference_size:
         raise InputError(f"mask {index + 1} is {mask_size[0]}x{mask_size[1]} but its reference image is "
@@ -299,7 +309,6 @@ def prepare_references(images: Sequence[ReferenceImage] | torch.Tensor | Referen
     canvases, pixel_masks = [], []
     for i, (ref, user_mask) in enumerate(zip(refs, user_masks)):
         pil = _as_pil(ref, i)
-        check_reference_size(pil.size, i)
         if user_mask is not None:
             user_mask = _mask_to_l(user_mask, pil.size, i)
         if mask_mode == "rectangle" and pil.mode in ("RGBA", "LA", "PA"):
