@@ -3,11 +3,14 @@ with the permissions any other new file of the user gets (0644 under umask 022).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputWriteError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -36,6 +39,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         apply_user_mode(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, I/O error: one clear line (the temp file goes below)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(write_error_message(path, e)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_error_message(path: Path, error: OSError) -> str:
+    """One line for an output that could not be written: where, why, and what to do."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there or choose another output folder"
+    else:
+        fix = "check the folder (permissions, the disk) or choose another output folder"
+    return f"could not write {path}: {reason}; {fix}. No partial file was left behind."

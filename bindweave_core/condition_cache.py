@@ -20,7 +20,9 @@ Keys are sha256 hashes of JSON of the inputs and of the *model identity*:
 
 Entries are exact: the tensors stored are the encoder's output, bit for bit (disk: safetensors keeps
 dtype and bits). Disk files are ``<kind>-<key>.safetensors`` in the cache directory, written to a
-temporary name and renamed; a file whose stored key does not match is ignored.
+temporary name and renamed; a file whose stored key does not match is ignored. Each file carries the
+sha256 of its tensors (:func:`content_digest`, in the metadata): a file whose bytes were damaged (a
+flipped bit keeps the size) fails that check and is recomputed and rewritten, with one warning.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 log = logging.getLogger("BindWeave")
 
-VERSION = 1  # bump when what an entry holds changes
+VERSION = 2  # bump when what an entry holds changes
 MAX_ENTRIES = 32
 MAX_BYTES = 4 << 30  # in-memory budget (an 81-frame 720p video condition is 24 MB, text states 16 MB)
 _SAMPLES = 64  # elements per parameter in an in-memory fingerprint
@@ -56,6 +58,11 @@ def tensor_digest(t: torch.Tensor) -> str:
     flat = t.detach().cpu().contiguous().reshape(-1)
     h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
+
+
+def content_digest(tensors: Tensors) -> str:
+    """sha256 over every tensor of an entry (names, shapes, dtypes and bytes): the checksum a disk entry keeps."""
+    return digest({name: tensor_digest(t) for name, t in sorted(tensors.items())})
 
 
 def path_identity(path: str | os.PathLike) -> list[list[Any]]:
@@ -182,18 +189,25 @@ class ConditionCache:
             return None
         try:
             with safe_open(str(p), framework="pt") as f:
-                if (f.metadata() or {}).get("key") != key:
+                metadata = f.metadata() or {}
+                if metadata.get("key") != key:
                     return None
-                return {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, KeyError) as e:
-            log.warning("ignoring unreadable condition cache file %s (%s)", p, e)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+            log.warning("condition cache file %s is unreadable (%s); computing the entry again", p, e)
             return None
+        if metadata.get("sha256") != content_digest(tensors):
+            log.warning("condition cache file %s is damaged (its content does not match its checksum); computing "
+                        "the entry again and rewriting the file", p)
+            return None
+        return tensors
 
     def _store(self, kind: str, key: str, tensors: Tensors) -> None:
         from .checkpoints.writers import atomic_save_file
 
         try:
-            atomic_save_file(tensors, self.path(kind, key), metadata={"key": key, "kind": kind})
+            atomic_save_file(tensors, self.path(kind, key), metadata={"key": key, "kind": kind,
+                                                                       "sha256": content_digest(tensors)})
         except OSError as e:  # a full or read-only cache folder must not fail the generation
             log.warning("could not write the condition cache file %s (%s)", self.path(kind, key), e)
 

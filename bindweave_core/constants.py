@@ -24,6 +24,10 @@ CONDITION_CHANNELS = SLOT_MASK_CHANNELS + LATENT_CHANNELS  # 20
 
 # --- text [3, 4] ------------------------------------------------------------------------------
 TEXT_LEN = 512  # UMT5 positions, zero past the real tokens
+# The longest prompt accepted, in characters (checked before any model runs: a 1 MiB prompt kept the planner
+# busy for minutes). UMT5 reads only the first TEXT_LEN tokens (about 2000 characters of English); the
+# planner reads all of it, at a cost that grows with the square of its length.
+MAX_PROMPT_CHARACTERS = 8192
 PLANNER_DIM = 3584  # Qwen2.5-VL-7B hidden size, input width of the connector
 
 DEFAULT_NEGATIVE_PROMPT = (
@@ -48,6 +52,7 @@ VAE_TEMPORAL_FACTOR = 4
 VAE_SPATIAL_FACTOR = 8
 PATCH_SIZE = (1, 2, 2)
 SIZE_MULTIPLE = 16  # width/height must be multiples of 16 (VAE x8, then 2x2 patches)
+MIN_REFERENCE_SIDE = 16  # a smaller reference image (e.g. 1x1) is less than one DiT patch: refused
 DEFAULT_WIDTH = 1280
 DEFAULT_HEIGHT = 720
 DEFAULT_FRAMES = 81

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 def file_identity_meta(path: str, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
     """``Lazy.meta`` naming a model by its files (resolved paths, sizes, mtimes), its dtype and ``extra``:
-    the condition cache's identity of a model that is not loaded yet."""
-    return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra})}
+    the condition cache's identity of a model that is not loaded yet; with its path and dtype (the stages'
+    memory check, ``bindweave_core.stage_memory``)."""
+    return {"identity": digest({"files": path_identity(path), "dtype": str(dtype), **extra}), "path": str(path),
+            "dtype": dtype}
 
 
 def encoder_loaders(*, vae: str, text_encoder: str, clip_vision: str | None, planner: str | None,

@@ -28,5 +28,6 @@ class OutOfMemoryError(BindWeaveError):
     """A run would not fit (or did not fit) in device memory; the message lists what to change."""
 
 
-class OutputWriteError(BindWeaveError):
-    """An output (video, checkpoint, LoRA) could not be written, e.g. on a full disk; no partial file is left."""
+class OutputWriteError(BindWeaveError, OSError):
+    """An output (video, sidecar, checkpoint, LoRA) could not be written (disk full, quota, I/O error); nothing
+    partial is left behind."""

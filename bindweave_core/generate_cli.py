@@ -161,6 +161,17 @@ def file_fingerprint(path: str) -> dict[str, Any]:
     return info
 
 
+def check_option_conflicts(args: argparse.Namespace) -> None:
+    """Options that contradict each other are refused rather than one of them ignored."""
+    files = [f"--{name.replace('_', '-')}" for name in PATH_ARGS if getattr(args, name, None)]
+    if args.smoke and files:
+        raise InputError(f"--smoke runs the built-in tiny random model and would ignore {', '.join(files)}: remove "
+                         "--smoke to run those model files, or remove the model files for a smoke run.")
+    if args.condition_cache and args.planner_cache:
+        raise InputError("--condition-cache and --planner-cache are two names of the same option (a folder for "
+                         f"the condition cache); give only one (got {args.condition_cache} and {args.planner_cache}).")
+
+
 def resolve_model_args(args: argparse.Namespace) -> tuple[bool, str]:
     """Fill the model paths (and the family, unless given) a ``--kaleido-dir`` bundle provides; ``(smoke,
     family)`` without loading a model (the family of a DiT file is read from its header)."""
@@ -291,6 +302,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .preflight import check_device, check_images, check_model_paths, check_output_paths, read_prompt_file
 
     # Preflight: everything that can be checked before a model loads (bindweave_core.preflight).
+    check_option_conflicts(args)
     out, _ = check_output_paths(args.out, _input_paths(args))
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     if args.mask and len(args.mask) != len(args.ref):
@@ -309,6 +321,11 @@ def run_generate(args: argparse.Namespace) -> int:
         from .evaluate.generated import check_can_evaluate
 
         check_can_evaluate(model_family.encoders, args.clip_vision, smoke)
+    loras = None
+    if args.lora:  # read whole (NaN/inf refused) before any model; their shapes once the DiT is known
+        from .lora_specs import load_lora_specs
+
+        loras = load_lora_specs(args.lora)
 
     display = StageDisplay(settings.steps)
     try:
@@ -317,7 +334,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.lora:
             from .lora_specs import add_loras
 
-            add_loras(pipe, args.lora)
+            add_loras(pipe, args.lora, loras)
             model_info["loras"] = list(args.lora)
         from .dit.parallel import rank
 

@@ -12,7 +12,11 @@ file before an animated image's frame is read. Here:
   what the alpha means: the default reference path drops it like the official code);
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L``, ``P`` and ``RGBX`` go through PIL's own
   conversion (no ICC profile is applied, as in the official code);
-* an animated image gives its first frame, with a logged note.
+* an animated image gives its first frame, with a logged note;
+* the EXIF orientation tag is applied (``ImageOps.exif_transpose``, before the mode conversion), exactly
+  as ComfyUI's LoadImage and LoadImageMask do, so the CLI, the Python API, training and the nodes see the
+  same picture. The official code did not apply it (docs/fidelity.md); it matters only for images that
+  carry an orientation other than 1 (phone photos).
 
 16-bit RGB(A) PNGs are already reduced to 8 bits by Pillow's decoder (high byte).
 """
@@ -24,7 +28,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -33,6 +37,7 @@ log = logging.getLogger("BindWeave")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "La", "PA", "RGBa")
 EIGHT_BIT_SCALE = 257  # 65535 / 255: 16-bit -> 8-bit
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -81,6 +86,16 @@ def to_8bit(image: Image.Image, name: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
+def upright_image(image: Image.Image, name: str = "image") -> Image.Image:
+    """The image turned as its EXIF orientation tag says (ComfyUI's LoadImage does the same); unchanged
+    pixels when there is no tag or it is 1."""
+    orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    if orientation in (None, 1):
+        return image
+    log.info("%s: EXIF orientation %s applied (as ComfyUI's LoadImage does)", name, orientation)
+    return ImageOps.exif_transpose(image)
+
+
 def open_image(path: str | os.PathLike | bytes, what: str = "image") -> Image.Image:
     """Read an image file by its content (the extension is not trusted), fully decoded, as 8-bit
     ``RGB`` or ``RGBA`` (:func:`to_8bit`). Animated images give their first frame (logged)."""
@@ -96,7 +111,8 @@ def open_image(path: str | os.PathLike | bytes, what: str = "image") -> Image.Im
                 im.seek(0)
                 log.warning("%s has %d frames; using the first one", p, frames)
             im.load()  # decode now: a truncated file fails here, not later
-            out = to_8bit(im, str(p)).copy()  # a copy: the frame must not depend on the closed file
+            upright = upright_image(im, str(p))
+            out = to_8bit(upright, str(p)).copy()  # a copy: the frame must not depend on the closed file
             out.format = im.format  # what the content is (the extension is not trusted)
             return out
     except UnidentifiedImageError as e:

@@ -259,6 +259,19 @@ def _normalise(base: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ reading
+def check_lora_finite(state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> None:
+    """Every tensor of a LoRA holds finite values (LoRAs are small: all of it is read). A NaN merged into the
+    DiT makes every later value NaN: an all-black video with no error."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise CheckpointError(f"{source}: tensor {key} holds non-finite values ({nan} NaN, {inf} inf of "
+                                  f"{value.numel()}); merging it would make every frame NaN (a black video). The "
+                                  "LoRA is damaged or came from a training run that diverged: re-download it, or "
+                                  "train again (a lower learning rate) and use a checkpoint from before the loss "
+                                  "became NaN.")
+
+
 def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                          *, source: str = "LoRA", strict: bool = True) -> LoraWeights:
     """Map a LoRA state dict in any supported layout onto our DiT's names.
@@ -267,6 +280,7 @@ def lora_from_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str
     are skipped with a warning.
     """
     metadata = dict(metadata or {})
+    check_lora_finite(state_dict, source)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     skipped: list[str] = []
     for key, value in state_dict.items():

@@ -35,8 +35,10 @@ from .device_memory import release_memory
 from .encoders.base import Encoder
 from .errors import InputError
 from .families import ModelFamily, family_for
+from .finite import check_finite, model_dtype
 from .lazy import Lazy
 from .preflight import check_device
+from .references import check_reference_sizes
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
 from .sampling import GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
 from .setting_bounds import SETTINGS, check_prompt, check_reference_count, check_setting
@@ -113,6 +115,21 @@ class GenerationResult:
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)
     step_cache: dict[str, Any] | None = None  # what the step cache did (None when it was off)
+
+
+def _checking_first_calls(predict: Callable, calls: int, dtype: torch.dtype) -> Callable:
+    """``predict`` whose first ``calls`` outputs (the first step's velocities) are checked for NaN/inf: a DiT
+    that overflows does so at once, and finding it at step 1 saves the whole run."""
+    left = [calls]
+
+    def checked(latents: torch.Tensor, timestep: torch.Tensor, branches: str) -> torch.Tensor:
+        out = predict(latents, timestep, branches)
+        if left[0] > 0:
+            left[0] -= 1
+            check_finite(out, stage=f"first step's velocity ({branches})", model="the DiT", dtype=dtype)
+        return out
+
+    return checked
 
 
 def default_device() -> torch.device:
@@ -290,6 +307,9 @@ class BindWeavePipeline:
         def compute() -> dict[str, torch.Tensor]:
             with self.on_device("planner") as planner:
                 states = planner.encode(prompt, images, negative_prompt=negative_prompt)
+                for t in (states.positive, states.negative):  # fp16 overflows in the 7B planner: stop here
+                    check_finite(t, stage="planner states", model="the planner (Qwen2.5-VL)",
+                                 dtype=model_dtype(planner))
             return {"positive": states.positive, "negative": states.negative}
 
         digests = [image_digest(im) for im in check_images(images)]
@@ -301,6 +321,8 @@ class BindWeavePipeline:
         def compute() -> dict[str, torch.Tensor]:
             with self.on_device("text_encoder") as text:
                 states = text.encode([prompt, negative_prompt])
+                check_finite(states, stage="text encoder states", model="the text encoder (UMT5-XXL)",
+                             dtype=model_dtype(text))
             return {"positive": states[:1], "negative": states[1:]}
 
         out = self.cached("text", ("text_encoder",), {"prompts": [prompt, negative_prompt]}, compute)
@@ -310,6 +332,7 @@ class BindWeavePipeline:
                           family: str | None = None) -> ReferenceCondition:
         """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
         CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
+        check_reference_sizes(images)
         return family_for(family or self.dit_family).encode_references(self, images, settings, masks)
 
     def vae_tiling_active(self) -> bool:
@@ -331,6 +354,8 @@ class BindWeavePipeline:
             dtype = dit.patch_embedding.weight.dtype
             predict = make_predictor(dit, cond.to(self.device, dtype), uncond.to(self.device, dtype))
             batch_cfg = self.runtime.parallel == "cfg" or self._batch_cfg(settings)
+            first_step_calls = 1 if settings.guidance == 1.0 or batch_cfg else 2  # sampling.guided_velocity
+            predict = _checking_first_calls(predict, first_step_calls, dtype)
             inputs = GuidanceInputs(predict=wrap_predictor(predict, self.runtime), guidance=settings.guidance,
                                     batch_cfg=batch_cfg)
             noise = seeded_noise(settings.latent_shape, settings.seed).to(self.device)
@@ -339,6 +364,7 @@ class BindWeavePipeline:
             with oom_guard(self, settings, dit_batch):
                 latents = denoise(inputs, noise, steps=settings.steps, sampler=settings.sampler,
                                   shift=settings.shift, callback=callback, step_cache=step_cache).cpu()
+            check_finite(latents, stage="final latents", model="the DiT", dtype=dtype)
             self.last_step_cache = step_cache.stats if step_cache is not None else None
             if step_cache is not None:
                 log.info("%s", step_cache.stats.summary())
@@ -376,9 +402,17 @@ class BindWeavePipeline:
         family = self.family
         family.check_reference_count(len(references))  # the settings' values were checked when they were made
         family.check_settings(settings)
+        if self.runtime.memory_check:  # an encoder whose weights alone cannot fit: refused before any loads
+            from .stage_memory import check_encoder_stages
+
+            check_encoder_stages(self, family.encoders)
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)
+        # letterboxed now, before the planner runs: a bad reference, tensor or mask costs no model time
+        check_reference_sizes(images)
+        canvases, pixel_masks = family.prepare_references(images, settings.width, settings.height, masks,
+                                                          settings.mask_mode)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         stage("conditioning")
@@ -390,7 +424,7 @@ class BindWeavePipeline:
         if self._components["planner"] is not None and "planner" in family.encoders:  # Kaleido: UMT5 only
             planner = self.encode_planner(prompt, images, settings.planner_negative_prompt)
         text = self.encode_text(prompt, settings.negative_prompt)
-        refs = self.encode_references(images, settings, masks)
+        refs = family.encode_canvases(self, canvases, pixel_masks, settings)
         timings["conditioning_s"] = time.perf_counter() - t0
         cond, uncond = self.branches(text, planner, refs)
         t1 = time.perf_counter()

@@ -72,6 +72,8 @@ def check_output_paths(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
                        flag: str = "--out") -> tuple[Path, Path]:
     """``(video path, sidecar path)`` once both can be written without replacing any input."""
     video = Path(out).expanduser()
+    if video.name.lower() == ".mp4":  # Path(".mp4").suffix is "": a hidden file's name, not an extension
+        raise InputError(f"{flag} {video} has no file name before .mp4; give one, e.g. {video.parent / 'video.mp4'}.")
     if video.suffix.lower() != ".mp4":
         raise InputError(f"{flag} must end in .mp4, got {video.name}.")
     sidecar = video.with_suffix(".json")
@@ -121,13 +123,20 @@ def read_prompt_file(path: str | os.PathLike) -> str:
 
 
 def check_images(references: Iterable[str | os.PathLike], masks: Iterable[str | os.PathLike] | None = None) -> None:
-    """Every reference and mask file opens and decodes (the same reader the pipeline uses)."""
+    """Every reference and mask file opens and decodes (the same reader the pipeline uses), references are
+    not too small and each mask has its reference's size (as read: EXIF orientation applied)."""
     from .images import open_image
+    from .references import check_mask_size, check_reference_size
 
+    sizes = []
     for i, ref in enumerate(references):
-        open_image(ref, f"reference image {i + 1}")
+        sizes.append(open_image(ref, f"reference image {i + 1}").size)
     for i, mask in enumerate(masks or []):
-        open_image(mask, f"mask {i + 1}")
+        size = open_image(mask, f"mask {i + 1}").size
+        if i < len(sizes):
+            check_mask_size(size, sizes[i], i)
+    for i, size in enumerate(sizes):
+        check_reference_size(size, i)
 
 
 def check_model_paths(paths: dict[str, str | None]) -> None:

@@ -5,8 +5,9 @@ the image is opened by content, converted to RGB (an alpha channel is dropped, t
 kept), scaled by ``s = min(W/w0, H/h0, 1)`` with LANCZOS to ``(int(w0*s), int(h0*s))`` and pasted
 on a black ``W x H`` canvas at ``((W-w')//2, (H-h')//2)``. The mask is 1 on the pasted rectangle,
 0 elsewhere (the official code builds it as an 8-bit ``L`` image, stores it as the alpha channel
-and thresholds ``> 127``, which gives exactly the rectangle). No EXIF rotation or ICC conversion
-is applied, as in the official code.
+and thresholds ``> 127``, which gives exactly the rectangle). No ICC conversion is applied, as in the
+official code. The EXIF orientation tag *is* applied (as ComfyUI's LoadImage does; the official code
+did not, see docs/fidelity.md), so a file read here and by the ComfyUI nodes gives the same picture.
 
 Non-default subject/background separation (explicit options, never applied silently):
 
@@ -46,6 +47,7 @@ log = logging.getLogger("BindWeave")
 MASK_MODES = C.MASK_MODES
 MASK_THRESHOLD = 127  # official: alpha > 127 counts as inside
 CANVAS_COLOUR = (0, 0, 0)
+UNIT_TOLERANCE = 0.5 / 255  # half an 8-bit step: within it, clamping and rounding give the same 8-bit value
 
 ReferenceImage = Image.Image | str | os.PathLike | torch.Tensor | np.ndarray
 ReferenceMask = Image.Image | torch.Tensor | np.ndarray | None
@@ -78,23 +80,42 @@ def load_image(path: str | os.PathLike | bytes) -> Image.Image:
     return open_image(path, "reference image")
 
 
+def check_unit_range(t: torch.Tensor, what: str) -> None:
+    """A float image or mask tensor holds finite values in 0..1 (ComfyUI's IMAGE and MASK); values less than
+    half an 8-bit step outside (rounding noise, which rounds to 0 or 255 anyway) pass. Anything else is
+    refused: rescaling a 0..255 tensor or clamping it would be a guess (clamping made 99.5% of one white)."""
+    if not torch.isfinite(t).all():
+        raise InputError(f"{what} contains NaN or infinite values.")
+    if t.numel() == 0:
+        return
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -UNIT_TOLERANCE or hi > 1 + UNIT_TOLERANCE:
+        hint = (" It looks like 0..255: divide it by 255 (or pass it as uint8)." if hi > 2 and lo >= 0
+                else " Clamp it to 0..1 (or rescale it) yourself, as the intended picture needs.")
+        raise InputError(f"{what} holds values from {lo:g} to {hi:g}; float image tensors must hold 0..1 (like "
+                         f"ComfyUI's IMAGE and MASK). It is refused, not rescaled or clamped.{hint}")
+
+
 def tensor_to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
     """A ComfyUI-style image ``[H, W, 3|4]`` (or ``[1, H, W, C]``) to PIL.
 
-    Floats are read as 0..1 and turned into 8-bit with clamp + round-half-up, so a tensor made from
-    a PNG (``uint8 / 255``) gives back exactly that PNG. ``uint8`` arrays are taken as they are.
+    Floats must hold 0..1 (ComfyUI's IMAGE) and are turned into 8-bit with round-half-up, so a tensor
+    made from a PNG (``uint8 / 255``) gives back exactly that PNG; a float tensor outside 0..1 (e.g. a
+    0..255 one) is refused, never rescaled or clamped (:func:`check_unit_range`). ``uint8`` arrays are
+    taken as they are.
     """
     t = torch.as_tensor(np.array(image) if isinstance(image, np.ndarray) else image).detach().cpu()
     while t.ndim > 3 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 3 or t.shape[-1] not in (3, 4):
+        hint = (" It looks channels-first ([C, H, W]): permute it to [H, W, C]."
+                if t.ndim == 3 and t.shape[0] in (3, 4) else "")
         raise InputError(f"an image tensor must be [H, W, 3] or [H, W, 4] (channels last, like ComfyUI's IMAGE); "
-                         f"got shape {list(t.shape)}.")
+                         f"got shape {list(t.shape)}.{hint}")
     if t.dtype == torch.uint8:
         array = t.numpy()
     elif t.is_floating_point():
-        if not torch.isfinite(t).all():
-            raise InputError("the image tensor contains NaN or infinite values.")
+        check_unit_range(t, "the image tensor")
         array = torch.floor(t.double().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
     else:
         raise InputError(f"image tensors must be float in 0..1 or uint8, got {t.dtype}.")
@@ -127,8 +148,7 @@ def _mask_to_l(mask: Any, size: tuple[int, int], index: int) -> Image.Image:
         if t.dtype == torch.bool:
             array = t.to(torch.uint8).numpy() * 255
         elif t.is_floating_point():
-            if not torch.isfinite(t).all():
-                raise InputError(f"mask {index + 1} contains NaN or infinite values.")
+            check_unit_range(t, f"mask {index + 1}")
             array = torch.floor(t.double().clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).numpy()
         else:
             lo, hi = int(t.min()), int(t.max())
@@ -136,11 +156,32 @@ def _mask_to_l(mask: Any, size: tuple[int, int], index: int) -> Image.Image:
                 raise InputError(f"mask {index + 1}: integer masks must hold 0..255 (or 0/1), got {lo}..{hi}.")
             array = (t.numpy() * (255 if hi <= 1 else 1)).astype(np.uint8)  # a 0/1 mask means subject = 1
         img = Image.fromarray(np.ascontiguousarray(array))  # uint8 [H, W]: L
-    if img.size != size:
-        raise InputError(f"mask {index + 1} is {img.size[0]}x{img.size[1]} but its reference image is "
-                         f"{size[0]}x{size[1]}; masks must match their image's size (they are not resized "
-                         "to fit).")
+    check_mask_size(img.size, size, index)
     return img
+
+
+def check_reference_size(size: tuple[int, int], index: int) -> None:
+    """A reference at least ``MIN_REFERENCE_SIDE`` pixels on each side (a 1x1 image is no picture of a subject)."""
+    if min(size) < C.MIN_REFERENCE_SIDE:
+        raise InputError(f"reference image {index + 1} is {size[0]}x{size[1]} pixels; references must be at least "
+                         f"{C.MIN_REFERENCE_SIDE}x{C.MIN_REFERENCE_SIDE} (use a real picture of the subject).")
+
+
+def check_reference_sizes(images: Any) -> None:
+    """:func:`check_reference_size` on a user's references (PIL images or ``[..., H, W, C]`` tensors; paths are
+    checked once read). Only what the user gives: training's augmented crops may be smaller."""
+    for i, image in enumerate(_split_batch(images, "image")):
+        if isinstance(image, Image.Image):
+            check_reference_size(image.size, i)
+        elif isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim >= 3:
+            check_reference_size((int(image.shape[-2]), int(image.shape[-3])), i)
+
+
+def check_mask_size(mask_size: tuple[int, int], reference_size: tuple[int, int], index: int) -> None:
+    if mask_size != reference_size:
+        raise InputError(f"mask {index + 1} is {mask_size[0]}x{mask_size[1]} but its reference image is "
+                         f"{reference_size[0]}x{reference_size[1]}; masks must match their image's size (they are "
+                         "not resized to fit).")
 
 
 # ------------------------------------------------------------------------------------------ letterbox

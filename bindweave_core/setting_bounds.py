@@ -129,6 +129,10 @@ def _checked_text(s: Setting, value: Any) -> str:
         raise InputError(f"{s.label} must be text (a str), got a {type(value).__name__}: {value!r:.80}.")
     if s.choices and value not in s.choices:
         raise InputError(f"unknown {s.label} {value!r}; choose one of {', '.join(s.choices)}.")
+    if len(value) > C.MAX_PROMPT_CHARACTERS:  # checked before anything reads it: a 1 MiB prompt is refused at once
+        raise InputError(f"the {s.label} is {len(value):,} characters long; the limit is {C.MAX_PROMPT_CHARACTERS:,} "
+                         f"characters (UMT5 reads only its first {C.TEXT_LEN} tokens, about 2000 characters). "
+                         "Shorten it.")
     return value
 
 

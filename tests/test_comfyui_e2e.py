@@ -347,6 +347,41 @@ def test_lora_node_in_comfyui_matches_the_core_library(server, resident_blocks):
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-4)
 
 
+def test_nan_lora_is_an_error_in_the_history_never_a_video(server):
+    """A LoRA holding NaN through our LoRA node: the run ends with the named error in the history, no video
+    is written, and the server answers afterwards (issue 24: a NaN LoRA never produces a video silently)."""
+    import copy
+
+    import torch
+    from build_workflows import _cases
+    from comfy_browser import post_json
+    from safetensors.torch import save_file
+
+    (server["base"] / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    up = torch.zeros(64, 4)
+    up[0, 0] = float("nan")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 64),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up},
+              str(server["base"] / "models" / "loras" / "bw_nan_lora.safetensors"))
+    prompt = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    prompt["6"] = {"class_type": "BindWeaveLoraLoader",
+                   "inputs": {"model": ["1", 0], "lora_name": "bw_nan_lora.safetensors", "strength": 1.0}}
+    prompt["30"]["inputs"]["model"] = ["6", 0]
+    outputs_before = sorted(p.name for p in (server["base"] / "output").rglob("*.mp4"))
+    pid = post_json(server["url"] + "/prompt", {"prompt": prompt})["prompt_id"]
+    deadline = time.time() + 300
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline
+        time.sleep(1)
+    status = history[pid]["status"]
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert status["status_str"] == "error" and len(errors) == 1, status
+    assert "bw_nan_lora.safetensors: tensor diffusion_model.blocks.0.self_attn.q.lora_B.weight holds non-finite " \
+           "values (1 NaN, 0 inf of 256)" in errors[0]["exception_message"], errors[0]
+    assert sorted(p.name for p in (server["base"] / "output").rglob("*.mp4")) == outputs_before
+    assert "BindWeaveSampler" in get_json(server["url"] + "/object_info/BindWeaveSampler")  # still healthy
+
+
 _COMFY_LORA_SCRIPT = r'''
 import json, logging, sys
 from types import SimpleNamespace

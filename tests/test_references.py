@@ -114,13 +114,19 @@ def test_comfy_float_tensor_matches_pil_path():
     assert canvases.shape[0] == 2 and torch.equal(canvases[1], from_path[0][0])
 
 
-def test_float_to_uint8_rounds_half_up_and_clamps():
+def test_float_to_uint8_rounds_half_up_and_refuses_values_outside_0_1():
     k = torch.arange(256, dtype=torch.float32)
     exact = (k / 255.0).view(16, 16, 1).expand(16, 16, 3)
     np.testing.assert_array_equal(np.asarray(tensor_to_pil(exact))[..., 0], np.arange(256).reshape(16, 16))
-    tricky = torch.tensor([[[-0.3, 1.7, 10.4 / 255], [10.6 / 255, 0.5, 1.0]]])  # [1, 2, 3]
+    # rounding noise less than half an 8-bit step outside 0..1 passes (it rounds to 0 / 255 anyway)
+    tricky = torch.tensor([[[-0.4 / 255, 1 + 0.4 / 255, 10.4 / 255], [10.6 / 255, 0.5, 1.0]]])  # [1, 2, 3]
     out = np.asarray(tensor_to_pil(tricky))
     assert out[0, 0].tolist() == [0, 255, 10] and out[0, 1].tolist() == [11, 128, 255]
+    for bad, where in ((-0.3, "from -0.3 to 0.5"), (1.7, "from 0.5 to 1.7"), (1 + 0.6 / 255, "from 0.5 to 1.00235")):
+        t = torch.full((2, 2, 3), 0.5)
+        t[0, 0, 0] = bad
+        with pytest.raises(InputError, match=f"holds values {where};.*It is refused, not rescaled or clamped"):
+            tensor_to_pil(t)
 
 
 def _cutout(w: int, h: int) -> Image.Image:
@@ -228,4 +234,4 @@ def test_sizes_must_be_multiples_of_16():
 
 def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(InputError, match="too thin"):
-        prepare_references([Image.new("RGB", (1, 2000))], 1280, 720)  # would be 0 pixels wide
+        prepare_references([Image.new("RGB", (16, 20000))], 1280, 720)  # would be 0 pixels wide

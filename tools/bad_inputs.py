@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,9 @@ class Case:
     code: int = 2
     before_models: bool = True  # fails before any model is built
     process: str = ""  # "" in this process; "subprocess", "sigint" or "sigterm" in a real one
-    needs: str = ""  # "cpu-only-torch": only runs where torch has no CUDA
+    needs: str = ""  # "cpu-only-torch": only runs where torch has no CUDA; "tmpfs": root with mount rights
     command: str = "generate"  # the sub-command the args follow (inspect: what a model file is)
+    stage: str = ""  # where it stops, when the default wording (from before_models and process) is not exact
 
 
 @dataclass
@@ -130,6 +132,29 @@ CASES: list[Case] = [
     Case("memory", "a size that needs more memory than the machine has (CPU)",
          base("--width", "16384", "--height", "16384", "--frames", "4077", "--device", "cpu"),
          r"will not fit in this machine's memory", before_models=False),
+    # ---- data read back, pre-planner checks, output faults (issue 24 items 2, 3, 5)
+    Case("lora-nan", "--lora file holding an inf (a diverged training run)", base("--lora", "{d}/lora_inf.safetensors"),
+         r"lora_inf\.safetensors: tensor .*lora_B\.weight holds non-finite values \(0 NaN, 1 inf of \d+\)"),
+    Case("lora-shape", "--lora made for a bigger DiT (the smoke DiT is 64 wide)",
+         base("--lora", "{d}/lora_14b.safetensors"), r"this LoRA does not fit the model: .*wrong shape",
+         before_models=False, stage="after building the pipeline (a real DiT: from its header, no weights), "
+                                    "before the planner"),
+    Case("ref-1x1", "a 1x1 --ref image", base(ref="{d}/tiny.png"),
+         r"reference image 1 is 1x1 pixels; references must be at least 16x16"),
+    Case("mask-size", "--mask of another size than its --ref", base("--mask", "{d}/mask_32.png"),
+         r"mask 1 is 32x32 but its reference image is 64x48"),
+    Case("prompt-1mib", "a 1 MiB --prompt-file", base(prompt=("--prompt-file", "{d}/huge.txt")),
+         r"is 1,048,\d+ characters long; the limit is 8,192 characters"),
+    Case("smoke-with-files", "--smoke together with --dit", base("--dit", "{d}/ref.png"),
+         r"--smoke runs the built-in tiny random model and would ignore --dit"),
+    Case("cache-aliases", "--condition-cache A --planner-cache B", base("--condition-cache", "{d}/cache_a",
+                                                                        "--planner-cache", "{d}/cache_b"),
+         r"two names of the same option"),
+    Case("out-empty-stem", "--out DIR/.mp4 (no name before .mp4)", base(out="{d}/out/.mp4"),
+         r"has no file name before \.mp4; give one, e\.g\. .*/out/video\.mp4"),
+    Case("disk-full", "the output folder is on a full disk (a 16 KiB tmpfs)", base("--steps", "1"),
+         r"^could not write .*/out/video\.mp4: No space left on device; free some space there",
+         before_models=False, needs="tmpfs", stage="while writing the video (after sampling and decoding)"),
     # ---- cancel
     Case("ctrl-c", "Ctrl-C (SIGINT) while sampling", base("--steps", "1000"), r"^cancelled at step \d+ of 1000",
          code=130, before_models=False, process="sigint"),
@@ -178,6 +203,26 @@ def make_inputs(d: Path) -> None:
     png = (d / "ref.png").read_bytes()
     (d / "truncated.png").write_bytes(png[: len(png) // 2])
     os.mkfifo(d / "pipe.safetensors")  # inspect must refuse it, not block reading it
+    _make_issue24_inputs(d)
+
+
+def _make_issue24_inputs(d: Path) -> None:
+    """Inputs of the issue-24 block: LoRAs (one holding an inf, one for a 5120-wide DiT), a 1x1 reference, a
+    mask of the wrong size, a 1 MiB prompt file."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    up = np.zeros((64, 4), np.float32)
+    up[3, 1] = np.inf
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": np.zeros((4, 64), np.float32),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up}, str(d / "lora_inf.safetensors"))
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": np.zeros((4, 5120), np.float32),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": np.zeros((5120, 4), np.float32)},
+              str(d / "lora_14b.safetensors"))
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(d / "tiny.png")
+    Image.new("L", (32, 32), 255).save(d / "mask_32.png")
+    (d / "huge.txt").write_text("a cat walks " * ((1 << 20) // 12 + 1))
 
 
 def _hashes(d: Path) -> dict[str, str]:
@@ -199,7 +244,32 @@ def _runnable(case: Case) -> bool:
         import torch
 
         return torch.version.cuda is None and torch.version.hip is None
+    if case.needs == "tmpfs":
+        return os.geteuid() == 0 and shutil.which("mount") is not None
     return True
+
+
+@contextlib.contextmanager
+def _full_disk(case: Case, d: Path):
+    """For a "tmpfs" case, ``d/out`` is a 16 KiB tmpfs while it runs (its files are listed before unmounting)."""
+    if case.needs != "tmpfs":
+        yield
+        return
+    out = d / "out"
+    out.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out)],
+                             capture_output=True).returncode == 0
+    try:
+        yield
+    finally:
+        if mounted:
+            left = _outputs(d)
+            subprocess.run(["umount", str(out)], check=False)
+            for name in left:  # show them on the disk below, so the case reports them
+                (d / name).parent.mkdir(parents=True, exist_ok=True)
+                (d / name).touch()
+        if not any(out.iterdir()):
+            out.rmdir()
 
 
 # ---------------------------------------------------------------------------------- running
@@ -280,7 +350,8 @@ def run_cases(d: Path, cases: list[Case] | None = None) -> list[Result]:
         if not _runnable(case):
             results.append(Result(case, 0, "", ran=False))
             continue
-        code, err, built = _run_in_process(case, d)
+        with _full_disk(case, d):
+            code, err, built = _run_in_process(case, d)
         now = _hashes(d)  # (the signal folders' files are compared once their processes are done)
         results.append(Result(case, code, err, built, [k for k in hashes if now.get(k) != hashes[k]], _outputs(d)))
     for case in cases:
@@ -356,9 +427,10 @@ def render(results: list[Result], d: Path, existing: str = "") -> str:
             rows.append(kept.get(r.case.id, f"| `{r.case.id}` | {r.case.what} | (not run on this machine) | | |"))
             continue
         text = _doc_text(r, d).replace("|", "\\|").replace("\n", "<br>")
-        when = ("before reading the file" if r.case.command == "inspect" else "before any model"
-                if r.case.before_models else "during sampling" if r.case.process in SIGNAL_PROCESSES
-                else "after building the smoke model, before sampling")
+        when = r.case.stage or (
+            "before reading the file" if r.case.command == "inspect" else "before any model"
+            if r.case.before_models else "during sampling" if r.case.process in SIGNAL_PROCESSES
+            else "after building the smoke model, before sampling")
         rows.append(f"| `{r.case.id}` | {r.case.what} | {r.case.code} | {when} | {text} |")
     return "\n".join([
         "# Bad inputs and what they get",
@@ -370,13 +442,19 @@ def render(results: list[Result], d: Path, existing: str = "") -> str:
         "options, without the usage block), prints no traceback, leaves every input file byte for byte as it "
         "was and writes no output file, not even a temporary one. Checks run in "
         "this order, before any model is loaded: output and sidecar paths, prompt file, reference and mask "
-        "images, model paths, device, settings; the memory estimate runs once the pipeline is built and before "
+        "images (reference sizes, each mask against its reference), model paths, device, settings (the prompt's "
+        "length and content too), LoRA files (read whole: NaN/inf refused); LoRA shapes against the DiT are checked "
+        "once the pipeline is built (for a real DiT from its file header, no weights loaded); the memory estimate runs once the pipeline is built and before "
         "any weights of a real model load. Paths are shown as `<dir>`; the memory figures depend on the machine.",
         "",
         "Inputs that are not errors: 16-bit, float, CMYK, LA and palette images are converted to 8-bit RGB "
         "(`bindweave_core/images.py`); an animated image gives its first frame with a logged note; a prompt "
         "longer than UMT5's 512 tokens is used in full by the planner and cut by UMT5, with a warning naming "
-        "both counts.",
+        "both counts. A reference or mask carrying an EXIF orientation tag is turned upright first, as ComfyUI's "
+        "LoadImage does (docs/fidelity.md). A damaged `--condition-cache` entry (bytes changed, same size) fails its "
+        "sha256 and is recomputed and rewritten, with one warning. A NaN/inf in the planner, UMT5 or CLIP output, "
+        "the first step's velocity or the final latents stops the run naming the stage, the model and its "
+        "precision (`bindweave_core/finite.py`; tests/test_finite_checks.py injects them).",
         "",
         "| case | bad input | exit | fails | message |",
         "|---|---|---|---|---|",

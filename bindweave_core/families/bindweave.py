@@ -12,6 +12,7 @@ from .. import constants as C
 from ..condition_cache import tensor_digest
 from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from ..denoiser import DiTBranch
+from ..finite import check_finite, model_dtype
 from ..references import prepare_references
 from .base import ModelFamily, ReferenceHost
 
@@ -58,6 +59,8 @@ class BindWeaveFamily(ModelFamily):
         def encode() -> dict[str, torch.Tensor]:
             with host.on_device("clip_vision") as clip:
                 clip_tokens = clip.encode_references(canvases, settings.clip_resize_antialias)
+                check_finite(clip_tokens, stage="CLIP vision tokens", model="the CLIP vision encoder (ViT-H/14)",
+                             dtype=model_dtype(clip))
             with host.on_device("vae") as vae:
                 slots = vae.reference_slots(canvases, pixel_masks)
                 video = host.video_condition(vae, settings)
