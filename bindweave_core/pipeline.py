@@ -29,7 +29,7 @@ import torch
 
 from . import constants as C
 from .condition_cache import ConditionCache, model_identity, shared_cache
-from .conditioning import PlannerStates, ReferenceCondition, TextStates
+from .conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
 from .encoders.base import Encoder
@@ -321,7 +321,10 @@ class BindWeavePipeline:
                           family: str | None = None) -> ReferenceCondition:
         """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
         CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
-        return family_for(family or self.dit_family).encode_references(self, images, settings, masks)
+        refs = family_for(family or self.dit_family).encode_references(self, images, settings, masks)
+        if refs.geometry is None:  # stated, so every DiT call checks its latent against it
+            refs.geometry = VideoGeometry(settings.width, settings.height, settings.num_frames)
+        return refs
 
     def vae_tiling_active(self) -> bool:
         """Whether the VAE encodes tiled (a key of the cached reference conditions)."""

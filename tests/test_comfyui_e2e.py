@@ -759,3 +759,62 @@ def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
     out = _run(server, g)
     assert _saved_latent(server, out, "50").isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------ stated conditioning
+def _run_error(server, prompt: dict, timeout: float = 300) -> str:
+    """Queue an API prompt that must fail at run time; return its execution error message."""
+    from comfy_browser import post_json
+
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    assert reply["node_errors"] == {}, reply
+    pid = reply["prompt_id"]
+    deadline = time.time() + timeout
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline, f"prompt did not finish in {timeout} s"
+        time.sleep(1)
+    status = history[pid]["status"]
+    assert status["status_str"] == "error", status
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1, status
+    return f"{errors[0]['exception_type']}: {errors[0]['exception_message']}"
+
+
+def _native_mismatch_graph(latent: dict | None = None, mode: str = "bindweave") -> dict:
+    """The native smoke graph (KSampler) made for 5 frames at 64x48, with another latent or reference mode."""
+    from build_workflows import native_graph, node
+
+    g = native_graph(refs=None, prompt="a man waves", width=64, height=48, length=5, steps=2, guidance=5.0,
+                     shift=3.0, sampler="euler", seed=1, smoke=True, prefix="mismatch/video")
+    for key in ("34", "35", "40", "41"):
+        g.pop(key, None)
+    g["36"] = node("SaveLatent", samples=["33", 0], filename_prefix="mismatch/latent")
+    if latent is not None:
+        g["37"] = latent
+        g["33"]["inputs"]["latent_image"] = ["37", 0]
+    if mode != "bindweave":
+        g["22"]["inputs"]["mode"] = mode
+    return g
+
+
+@pytest.mark.parametrize("case", ["longer_video_latent", "sd_image_latent", "kaleido_references"])
+def test_native_route_refuses_a_latent_or_references_the_conditioning_was_not_made_for(server, case):
+    """Native MODEL + BindWeave Conditioning made for 5 frames: a 17-frame video latent, an SD image latent and
+    Kaleido references into the BindWeave DiT each stop with one message naming both sides (before: the first
+    ran with misaligned slots, the second 'succeeded', the third was a raw conv RuntimeError); the server
+    then runs a correct graph."""
+    from build_workflows import node
+
+    latent, mode, expected = {
+        "longer_video_latent": (node("EmptyHunyuanLatentVideo", width=64, height=48, length=17, batch_size=1),
+                                "bindweave", "17 frames (5 latent) at 64x48"),
+        "sd_image_latent": (node("EmptyLatentImage", width=64, height=48, batch_size=1), "bindweave",
+                            "at 64x48"),
+        "kaleido_references": (None, "kaleido", "kaleido references"),
+    }[case]
+    message = _run_error(server, _native_mismatch_graph(latent, mode))
+    print(f"{case}: {message}")
+    assert "InputError: " in message and expected in message, message
+    if case != "kaleido_references":
+        assert "made for 5 frames (2 latent) at 64x48" in message, message
+    assert _saved_latent(server, _run(server, _native_mismatch_graph()), "36").shape == (1, 16, 2, 6, 8)

@@ -388,7 +388,10 @@ class WanVAE(Encoder):
                  "device": str(self.device), "tiling": tiling}
 
         def encode_zero_video() -> dict[str, torch.Tensor]:
-            zeros = torch.zeros(1, 3, num_frames, height, width, dtype=self.dtype, device=self.device)
+            # one zero frame seen num_frames times (no memory per frame): the VAE reads the video in causal
+            # chunks, so only a chunk's pixels exist at a time; same numbers as a materialised zero video
+            zeros = torch.zeros(1, 3, 1, height, width, dtype=self.dtype, device=self.device)
+            zeros = zeros.expand(1, 3, num_frames, height, width)
             return {"video_condition": assemble_video_condition(self.encode(zeros))}
 
         cache = cache if cache is not None else shared_cache()

@@ -74,8 +74,11 @@ class BindWeaveFamily(ModelFamily):
                  refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
         """Guidance on text and planner: both branches share the CLIP tokens and the VAE condition."""
         condition = vae_condition(refs.slots, refs.video_condition)
-        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition)
-        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition)
+        contract = self.contract(refs)
+        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition,
+                         contract=contract)
+        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition,
+                           contract=contract)
         return cond, uncond
 
     # ------------------------------------------------------------------------------ training
