@@ -36,11 +36,11 @@ from .errors import InputError
 
 log = logging.getLogger("BindWeave")
 
-CONTEXT_SCHEDULES = ("standard_static", "batched")  # ComfyUI's names
-CONTEXT_FUSE_METHODS = ("pyramid", "flat", "overlap-linear")
-DEFAULT_CONTEXT_SCHEDULE = "standard_static"  # ComfyUI's ContextWindowsManual default
-DEFAULT_CONTEXT_FUSE = "pyramid"  # ComfyUI's default for both context nodes
-DEFAULT_CONTEXT_OVERLAP = 16  # video frames (4 latent)
+CONTEXT_SCHEDULES = C.CONTEXT_SCHEDULES
+CONTEXT_FUSE_METHODS = C.CONTEXT_FUSE_METHODS
+DEFAULT_CONTEXT_SCHEDULE = C.DEFAULT_CONTEXT_SCHEDULE
+DEFAULT_CONTEXT_FUSE = C.DEFAULT_CONTEXT_FUSE
+DEFAULT_CONTEXT_OVERLAP = C.DEFAULT_CONTEXT_OVERLAP
 # ComfyUI's overlap-linear ramps start at this weight instead of 0 (a frame is never weighted 0 everywhere)
 _RAMP_FLOOR = 1e-37
 

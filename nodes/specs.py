@@ -299,6 +299,20 @@ SAMPLER = NodeSpec(
                                   "for Wan 2.1 (about 2x faster there); higher is faster and less faithful. The "
                                   "number of evaluations saved is logged.",
            default=0.0, min=0.0, max=1.0, step=0.01),
+        In("context_frames", "int", "Context windows for long videos: the window length in frames (4k+1, e.g. 81, "
+                                    "the length the models were trained on). Each window is denoised as an "
+                                    "ordinary clip with the full references and the windows are fused at every "
+                                    "step. 0 (default): off, the whole video is one clip (exactly as before).",
+           default=0, min=0, max=C.MAX_CONTEXT_FRAMES, step=4),
+        In("context_overlap", "int", "Frames shared by neighbouring windows (a multiple of 4).",
+           default=C.DEFAULT_CONTEXT_OVERLAP, min=0, max=C.MAX_CONTEXT_FRAMES, step=4),
+        In("context_schedule", "combo", "Window placement, as ComfyUI's context-window nodes name it. "
+                                        "standard_static: windows every (length - overlap) frames, the last one "
+                                        "ending at the last frame. batched: back to back, no overlap.",
+           options=C.CONTEXT_SCHEDULES, default=C.DEFAULT_CONTEXT_SCHEDULE),
+        In("context_fuse", "combo", "How overlapping windows are weighted: pyramid (ComfyUI's default: more weight "
+                                    "to a window's middle), flat, overlap-linear (ramps over the overlap).",
+           options=C.CONTEXT_FUSE_METHODS, default=C.DEFAULT_CONTEXT_FUSE),
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),

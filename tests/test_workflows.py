@@ -13,7 +13,7 @@ from nodes.specs import MODEL_FOLDER, SPECS
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 REQUIRED = {"bindweave_single_subject", "bindweave_two_subjects", "bindweave_subject_background",
             "bindweave_fast_few_step", "bindweave_smoke_test", "bindweave_native_ksampler",
-            "bindweave_native_lora_stack"}
+            "bindweave_native_lora_stack", "bindweave_long_video", "bindweave_native_long_video"}
 
 
 def test_the_required_workflows_are_shipped():

@@ -63,7 +63,8 @@ class BindWeaveFamily(ModelFamily):
             return {"clip_tokens": clip_tokens, "slots": slots, "video_condition": video}
 
         out = host.cached("references", ("clip_vision", "vae"), {
-            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks), "frames": settings.num_frames,
+            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks),
+            "frames": settings.condition_frames,
             "tiling": host.vae_tiling_active(),
             "clip": {k: v for k, v in settings.to_dict().items() if k.startswith("clip_")}}, encode)
         return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
