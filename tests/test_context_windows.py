@@ -185,3 +185,18 @@ def test_chunked_decode_equals_the_whole_decode(pipe):
     written = pipe.decode_to(latents, chunks.append)
     assert written == 9 and [c.shape[0] for c in chunks] == [1, 4, 4]
     assert torch.equal(torch.cat(chunks), pipe.decode(latents))
+
+
+def test_the_memory_estimate_counts_the_longest_window_not_the_video():
+    """161 frames in windows of 33 overlapping 8: the DiT sees at most 9 + 1 (anchor) latent frames, i.e. a
+    37-frame clip; the video condition is computed for that length once."""
+    from types import SimpleNamespace
+
+    from bindweave_core.runtime import RuntimeOptions, run_shape
+
+    settings = GenerationSettings(prompt="a man", width=416, height=240, num_frames=161, context_frames=33,
+                                  context_overlap=8)
+    assert settings.condition_frames == 37
+    shape = run_shape(SimpleNamespace(runtime=RuntimeOptions()), settings, torch.bfloat16, "default", 2)
+    assert shape.num_frames == 37
+    assert GenerationSettings(prompt="a man", num_frames=161).condition_frames == 161
