@@ -200,3 +200,21 @@ def test_the_memory_estimate_counts_the_longest_window_not_the_video():
     shape = run_shape(SimpleNamespace(runtime=RuntimeOptions()), settings, torch.bfloat16, "default", 2)
     assert shape.num_frames == 37
     assert GenerationSettings(prompt="a man", num_frames=161).condition_frames == 161
+
+
+def test_generate_command_with_windows_writes_every_frame_and_lists_the_windows(tmp_path):
+    import json
+
+    from bindweave_core import cli
+    from bindweave_core.video_io import read_video
+
+    out = tmp_path / "long.mp4"
+    assert cli.main(["generate", "--smoke", "--ref", str(EXAMPLE), "--prompt", "a man walks", "--width", "64",
+                     "--height", "48", "--frames", "21", "--context-frames", "13", "--context-overlap", "4",
+                     "--steps", "1", "--out", str(out)]) == 0
+    frames, _ = read_video(out)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert frames.shape[0] == 21 and sidecar["frames_written"] == 21
+    assert [w["latent_frames"] for w in sidecar["context_windows"]] == [[0, 3], [2, 5]]
+    assert sidecar["settings"]["context_frames"] == 13 and sidecar["settings"]["context_fuse"] == "pyramid"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.json", "long.mp4"]
