@@ -176,6 +176,31 @@ def _models_note(files: list[str], extra: str) -> str:
     return "\n".join(lines) + "\n\n" + extra
 
 
+def _long_video_cases(prompt: str, real: list[str], swap: str) -> dict:
+    """The long-video workflows: our Sampler with context windows, and the native graph with ComfyUI's
+    WanContextWindowsManual set as the Sampler's windows."""
+    cases = {"singleface_1": prompt}
+    return {
+        "bindweave_long_video": dict(
+            title="BindWeave: long video (context windows)", files=real,
+            text="161 frames (10 s at 16 fps) as overlapping 81-frame windows (the length BindWeave was trained "
+                 "on), overlap 16, fused at every step (ComfyUI's static schedule and pyramid weights). Every "
+                 "window sees the same references, planner and text states; the identity across windows is not "
+                 "guaranteed (see the README's long-video section). Set context_frames to 0 for one clip. " + swap,
+            graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
+                                  steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/long")),
+        "bindweave_native_long_video": dict(
+            title="BindWeave in a native graph: long video (WanContextWindowsManual)", files=real,
+            text="ComfyUI's own Wan context-window node on the native MODEL: the reference slots are part of every "
+                 "window and each window gets the video condition of its length (the MODEL's context-window "
+                 "hook). Static schedule, pyramid fuse and FreeNoise off reproduce the BindWeave Sampler's "
+                 "windows; with BindWeave Noise and Sigmas in SamplerCustomAdvanced the latents are the same. "
+                 + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
+                               steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/native_long")),
+    }
+
+
 def _cases() -> dict:
     cases = json.loads((REPO / "tools/workflow_prompts.json").read_text())
     real = [DIT, VAE, T5, CLIP, QWEN]
@@ -227,23 +252,7 @@ def _cases() -> dict:
             graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
                                steps=4, guidance=1.0, shift=5.0, sampler="euler", loras=((FAST_LORA, 1.0),),
                                prefix="BindWeave/native_lora")),
-        "bindweave_long_video": dict(
-            title="BindWeave: long video (context windows)", files=real,
-            text="161 frames (10 s at 16 fps) as overlapping 81-frame windows (the length BindWeave was trained "
-                 "on), overlap 16, fused at every step (ComfyUI's static schedule and pyramid weights). Every "
-                 "window sees the same references, planner and text states; the identity across windows is not "
-                 "guaranteed (see the README's long-video section). Set context_frames to 0 for one clip. " + swap,
-            graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
-                                  steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/long")),
-        "bindweave_native_long_video": dict(
-            title="BindWeave in a native graph: long video (WanContextWindowsManual)", files=real,
-            text="ComfyUI's own Wan context-window node on the native MODEL: the reference slots are part of every "
-                 "window and each window gets the video condition of its length (the MODEL's context-window "
-                 "hook). Static schedule, pyramid fuse and FreeNoise off reproduce the BindWeave Sampler's "
-                 "windows; with BindWeave Noise and Sigmas in SamplerCustomAdvanced the latents are the same. "
-                 + swap,
-            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
-                               steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/native_long")),
+        **_long_video_cases(cases["singleface_1"], real, swap),
         "kaleido_two_subjects": dict(
             title="Kaleido-14B-S2V: two subjects (R-RoPE references)", files=[VAE, T5, "Kaleido-14B-S2V (directory)"],
             text="Kaleido's references go, un-noised, in front of the video at shifted rotary positions (1-3 "
