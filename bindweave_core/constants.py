@@ -117,3 +117,12 @@ KALEIDO_TRAIN_MU_POINTS = ((256, 0.5), (4096, 1.15))
 def latent_frames(num_frames: int) -> int:
     """Latent frames ``T`` for ``N = 4k+1`` video frames (spec intro)."""
     return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+# --- context windows (bindweave_core.context_windows; ComfyUI's names and defaults) ---------------------------
+CONTEXT_SCHEDULES = ("standard_static", "batched")
+CONTEXT_FUSE_METHODS = ("pyramid", "flat", "overlap-linear")
+DEFAULT_CONTEXT_SCHEDULE = "standard_static"  # ComfyUI's ContextWindowsManual default
+DEFAULT_CONTEXT_FUSE = "pyramid"  # ComfyUI's default for both context nodes
+DEFAULT_CONTEXT_OVERLAP = 16  # video frames (4 latent)
+MAX_CONTEXT_FRAMES = 16384  # a widget bound only (ComfyUI's MAX_RESOLUTION, which its Wan context node uses)

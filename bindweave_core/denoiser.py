@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from . import constants as C
+from .contract import ConditionContract
 from .dit.transformer import BindWeaveTransformer
 
 
@@ -18,13 +20,32 @@ class DiTBranch:
     clip_tokens: torch.Tensor | None = None  # [1, 1028, image_dim]
     condition: torch.Tensor | None = None  # [1, 20, 4 + T, h, w]
     reference_latents: torch.Tensor | None = None  # R-RoPE: [1, n, 16, h, w]
+    contract: ConditionContract | None = None  # what the condition was made for; checked against the latent
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "DiTBranch":
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return DiTBranch(*(move(t) for t in (self.text_states, self.planner_states, self.clip_tokens,
-                                              self.condition, self.reference_latents)))
+                                              self.condition, self.reference_latents)), contract=self.contract)
+
+    def check(self, latent_shape: tuple[int, ...], dit_config, where: str = "") -> None:
+        """Refuse a latent or DiT this branch was not made for (nothing is inferred from tensor sizes)."""
+        if self.contract is None:
+            return
+        self.contract.check_model(dit_config)
+        self.contract.check_latent(latent_shape, where)
+        self.contract.check_tensors(self.condition, self.reference_latents)
+
+    def window(self, latent_frames: int) -> "DiTBranch":
+        """This branch for a context window of ``latent_frames``: the same text, planner, CLIP and reference
+        tensors (never sliced), the video condition of a clip of that length, and the window's contract."""
+        from .context_windows import window_condition
+
+        slots = self.contract.slots if self.contract is not None else C.NUM_REF_SLOTS
+        condition = None if self.condition is None else window_condition(self.condition, latent_frames, slots)
+        contract = self.contract.for_window(latent_frames) if self.contract is not None else None
+        return replace(self, condition=condition, contract=contract)
 
 
 def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -57,6 +78,10 @@ def batch_branches(branches: list[DiTBranch]) -> tuple[dict, list[int] | None]:
 def call_dit(dit: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, branches: list[DiTBranch]) -> torch.Tensor:
     """The DiT on ``x`` ``[B, ...]`` (already in its dtype) with one branch per item, stacked by
     :func:`batch_branches`. Gradients flow (training calls it too); ``dit`` may be wrapped (DDP, FSDP)."""
+    config = getattr(dit, "dit_config", None)  # None: a wrapped DiT (training, whose batches are its own)
+    for branch in branches:
+        if config is not None:
+            branch.check((1, *x.shape[1:]), config)
     kwargs, lengths = batch_branches(branches)
     return dit(x, timestep, kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_image"],
                planner_states=kwargs["planner_states"], planner_lengths=lengths, condition=kwargs["condition"],

@@ -117,6 +117,16 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="run cond and uncond as one batch or one after the other; auto: batched when it fits")
     g.add_argument("--clip-antialias", action="store_true",
                    help="antialias the CLIP 224 resize (torchvision >= 0.17); default none, as the official run")
+    w = p.add_argument_group("context windows (long videos: overlapping clips of the trained length, fused per "
+                             "step; frames counted as ComfyUI's Wan context node counts them)")
+    w.add_argument("--context-frames", type=int, default=0, metavar="N",
+                   help="window length in video frames, 4k+1 (e.g. 81); default 0: off, the whole video is one clip")
+    w.add_argument("--context-overlap", type=int, default=C.DEFAULT_CONTEXT_OVERLAP, metavar="M",
+                   help=f"frames shared by neighbouring windows, a multiple of 4 (default {C.DEFAULT_CONTEXT_OVERLAP})")
+    w.add_argument("--context-schedule", choices=C.CONTEXT_SCHEDULES, default=C.DEFAULT_CONTEXT_SCHEDULE,
+                   help=f"window placement (ComfyUI's names; default {C.DEFAULT_CONTEXT_SCHEDULE})")
+    w.add_argument("--context-fuse", choices=C.CONTEXT_FUSE_METHODS, default=C.DEFAULT_CONTEXT_FUSE,
+                   help=f"how overlapping windows are weighted (default {C.DEFAULT_CONTEXT_FUSE})")
     g.add_argument("--step-cache", type=float, nargs="?", const=C.DEFAULT_STEP_CACHE, default=0.0, metavar="THRESHOLD",
                    help=f"skip DiT evaluations while the output barely changes (EasyCache; approximate). Alone: the "
                         f"authors' Wan 2.1 threshold {C.DEFAULT_STEP_CACHE}; higher skips more. Default 0: off")
@@ -256,6 +266,7 @@ class StageDisplay:
         self.stage = "loading"
         self.done = 0
         self.bar = None
+        self.window_at: tuple[int, int] | None = None
 
     def on_stage(self, stage: str) -> None:
         self.close()
@@ -273,6 +284,12 @@ class StageDisplay:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 
+    def window(self, index: int, total: int) -> None:
+        """A context window begins (the bar shows which; a cancel names it)."""
+        self.window_at = (index + 1, total)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"window {index + 1}/{total}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -280,7 +297,8 @@ class StageDisplay:
 
     def where(self) -> str:
         if self.stage == "sampling":
-            return f"at step {min(self.done + 1, self.steps)} of {self.steps}"
+            window = f", window {self.window_at[0]} of {self.window_at[1]}" if self.window_at else ""
+            return f"at step {min(self.done + 1, self.steps)} of {self.steps}{window}"
         return f"while {self.LABELS.get(self.stage, self.stage)}"
 
 
@@ -295,7 +313,8 @@ def generation_settings(args: argparse.Namespace, prompt: str, family: str, smok
         prompt=prompt, **{k: defaults[k] if v is None else v for k, v in given.items()}, seed=args.seed,
         refine_prompt=args.refine_prompt, refine_seed=args.refine_seed, mask_mode=args.mask_mode,
         cfg_batch=args.cfg_batch, clip_resize_antialias=args.clip_antialias,
-        step_cache=args.step_cache)
+        step_cache=args.step_cache, context_frames=args.context_frames, context_overlap=args.context_overlap,
+        context_schedule=args.context_schedule, context_fuse=args.context_fuse)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -342,7 +361,8 @@ def run_generate(args: argparse.Namespace) -> int:
             pipe.generate(args.ref, settings, masks=args.mask)
             return 0
         result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=display.progress,
-                                  on_stage=display.on_stage, evaluate=args.evaluate, smoke=smoke, sidecar={
+                                  on_stage=display.on_stage, window_callback=display.window, evaluate=args.evaluate,
+                                  smoke=smoke, sidecar={
             "references": [str(r) for r in args.ref], "masks": args.mask or [], "models": model_info,
             "family": pipe.dit_family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
@@ -353,38 +373,45 @@ def run_generate(args: argparse.Namespace) -> int:
         raise GenerationCancelled(f"{how} {display.where()}; no file was written", exit_code(e)) from None
     finally:
         display.close()
-    log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
+    log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames_written, settings.width,
              settings.height, settings.fps, out.with_suffix(".json").name)
     return 0
 
 
 def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks: list | None = None,
-                     callback=None, sidecar: dict[str, Any] | None = None, on_stage=None, evaluate: bool = False,
-                     smoke: bool = False):
+                     callback=None, sidecar: dict[str, Any] | None = None, on_stage=None, window_callback=None,
+                     evaluate: bool = False, smoke: bool = False):
     """Generate, then write ``out`` (MP4) and its ``.json`` sidecar. The paths are checked first (writable,
-    not a folder, not one of the input files). Nothing is written unless the generation finishes: a cancel
-    or an error leaves no file (not even a partial one) behind. ``evaluate``: score the video against the
-    references into the sidecar's ``"evaluation"`` (``bindweave_core.evaluate.generated``)."""
+    not a folder, not one of the input files). The frames are decoded in the VAE's causal chunks straight
+    into the MP4 writer (memory depends on a chunk, not on the length). Nothing is written unless the
+    generation finishes: a cancel or an error leaves no file (not even a partial one) behind. ``evaluate``:
+    score the video as written against the references into the sidecar's ``"evaluation"``
+    (``bindweave_core.evaluate.generated``)."""
     from .preflight import check_output_paths
-    from .video_io import atomic_path, write_json, write_mp4
+    from .video_io import Mp4Writer, atomic_path, read_video, write_json
 
     inputs = [str(r) for r in [*references, *(masks or [])] if isinstance(r, (str, Path))]
     out, sidecar_path = check_output_paths(out, inputs)
-    result = pipe.generate(references, settings, masks=masks, callback=callback, on_stage=on_stage)
-    if on_stage is not None:
-        on_stage("writing")
-    record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
-              "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-              "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-              "memory_estimate_gib": _estimate_gib(pipe), "step_cache": result.step_cache}
-    if evaluate:
-        from .evaluate.generated import evaluate_generated
+    # both files appear together, or neither does
+    with atomic_path(sidecar_path) as tmp_json, atomic_path(out) as tmp_mp4:
+        with Mp4Writer(tmp_mp4, fps=settings.fps) as writer:
+            result = pipe.generate(references, settings, masks=masks, callback=callback, on_stage=on_stage,
+                                   window_callback=window_callback, frame_sink=writer.write)
+            if on_stage is not None:
+                on_stage("writing")
+        record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+                  "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+                  "frames_written": writer.frames, "versions": _versions(), "output": str(out),
+                  "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
+                  "step_cache": result.step_cache}
+        if evaluate:  # the video as written (the frames were streamed into the file, not kept)
+            from .evaluate.generated import evaluate_generated
 
-        record["evaluation"] = evaluate_generated(pipe, references, result.frames, prompt=result.prompt,
-                                                  fps=settings.fps, windows=record.get("windows"), smoke=smoke)
-    with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
+            frames, _ = read_video(tmp_mp4)
+            record["evaluation"] = evaluate_generated(pipe, references, frames, prompt=result.prompt,
+                                                      fps=settings.fps, windows=result.windows,
+                                                      smoke=smoke)
         write_json(record, tmp_json)
-        write_mp4(result.frames, out, fps=settings.fps)
     return result
 
 

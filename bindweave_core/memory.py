@@ -222,7 +222,8 @@ def fits_batched_cfg(dit: Any, settings: Any, device: torch.device, margin: floa
     """
     if device.type != "cuda":
         return True
-    shape = RunShape(settings.width, settings.height, settings.num_frames, batch=2,
+    shape = RunShape(settings.width, settings.height, getattr(settings, "condition_frames", settings.num_frames),
+                     batch=2,
                      dtype=dit.patch_embedding.weight.dtype, weight_format="default")
     est = estimate_vram(dit.dit_config, shape)
     offload = getattr(dit, "block_offload", None)

@@ -29,7 +29,10 @@ import torch
 
 from . import constants as C
 from .condition_cache import ConditionCache, model_identity, shared_cache
-from .conditioning import PlannerStates, ReferenceCondition, TextStates
+from .conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
+from .context_windows import (DEFAULT_CONTEXT_FUSE, DEFAULT_CONTEXT_OVERLAP, DEFAULT_CONTEXT_SCHEDULE, ContextWindow,
+                              check_context, longest_dit_window, plan_windows, window_latent_frames, windowed_predictor)
+from .contract import pixel_frames
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory
 from .encoders.base import Encoder
@@ -75,6 +78,11 @@ class GenerationSettings:
     clip_resize_antialias: bool = C.CLIP_RESIZE_ANTIALIAS  # True: torchvision >= 0.17's resize (docs/fidelity.md)
     cfg_batch: str = "auto"  # "auto" | "batched" | "separate"
     step_cache: float = 0.0  # EasyCache threshold; 0 = off (every step computed); C.DEFAULT_STEP_CACHE = 0.05
+    # Context windows (bindweave_core.context_windows), in video frames: 0 = off (the whole video is one clip)
+    context_frames: int = 0
+    context_overlap: int = DEFAULT_CONTEXT_OVERLAP
+    context_schedule: str = DEFAULT_CONTEXT_SCHEDULE
+    context_fuse: str = DEFAULT_CONTEXT_FUSE
 
     def __post_init__(self) -> None:
         """Every field checked and normalised once, as it comes in (``bindweave_core.setting_bounds``): numpy
@@ -83,11 +91,23 @@ class GenerationSettings:
         for name in SETTINGS:
             value = getattr(self, name)
             setattr(self, name, check_prompt(value) if name == "prompt" else check_setting(name, value))
+        check_context(self.context_frames, self.context_overlap, self.context_schedule, self.context_fuse)
 
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
         """The reference count against the model's (the values themselves were checked when the settings were
         made)."""
         check_reference_count(num_references, max_references)
+
+    def windows(self) -> list[ContextWindow]:
+        """The context windows over the video's latent frames (one window: the whole video, as without)."""
+        return plan_windows(C.latent_frames(self.num_frames), self.context_frames, self.context_overlap,
+                            self.context_schedule)
+
+    @property
+    def condition_frames(self) -> int:
+        """Video frames of the longest clip the DiT sees (the whole video, or the longest window with its
+        anchor frame): the length of the video condition, computed once for every window."""
+        return pixel_frames(longest_dit_window(self.windows()))
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -115,6 +135,13 @@ class GenerationResult:
     settings: GenerationSettings
     timings: dict[str, float] = field(default_factory=dict)
     step_cache: dict[str, Any] | None = None  # what the step cache did (None when it was off)
+    windows: list[dict[str, Any]] | None = None  # the context windows (None: the video was one clip)
+    frames_written: int | None = None  # frames handed to ``frame_sink`` (``frames`` is then empty)
+
+
+def _frames(video: torch.Tensor) -> torch.Tensor:
+    """VAE output ``[1, 3, n, H, W]`` in [-1, 1] -> frames ``[n, H, W, 3]`` in 0..1 on the CPU."""
+    return ((video[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
 
 
 def _checking_first_calls(predict: Callable, calls: int, dtype: torch.dtype) -> Callable:
@@ -333,7 +360,10 @@ class BindWeavePipeline:
         """The references as the DiT of ``family`` (default: the loaded DiT's) takes them: BindWeave's
         CLIP tokens + temporal slots, or Kaleido's clean latents of white-letterboxed canvases."""
         check_reference_sizes(images)
-        return family_for(family or self.dit_family).encode_references(self, images, settings, masks)
+        refs = family_for(family or self.dit_family).encode_references(self, images, settings, masks)
+        if refs.geometry is None:  # stated, so every DiT call checks its latent against it
+            refs.geometry = VideoGeometry(settings.width, settings.height, settings.num_frames)
+        return refs
 
     def vae_tiling_active(self) -> bool:
         """Whether the VAE encodes tiled (a key of the cached reference conditions)."""
@@ -341,7 +371,7 @@ class BindWeavePipeline:
 
     def video_condition(self, vae: WanVAE, settings: GenerationSettings) -> torch.Tensor:
         """The all-zero video's condition (kept in the condition cache per VAE, size, frames, dtype, device)."""
-        return vae.video_condition(settings.num_frames, settings.height, settings.width,
+        return vae.video_condition(settings.condition_frames, settings.height, settings.width,
                                    cache=self.condition_cache).cpu()
 
     def branches(self, text: TextStates, planner: PlannerStates | None, refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
@@ -349,10 +379,18 @@ class BindWeavePipeline:
         return family_for(refs.family).branches(text, planner, refs)
 
     def sample(self, cond: DiTBranch, uncond: DiTBranch, settings: GenerationSettings,
-               callback: ProgressCallback | None = None) -> torch.Tensor:
+               callback: ProgressCallback | None = None,
+               window_callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The denoised latents. With several context windows, ``window_callback(index, total)`` is called
+        before each window's DiT call (progress; raising cancels between windows)."""
         with self.on_device("dit") as dit:
             dtype = dit.patch_embedding.weight.dtype
-            predict = make_predictor(dit, cond.to(self.device, dtype), uncond.to(self.device, dtype))
+            cond, uncond = cond.to(self.device, dtype), uncond.to(self.device, dtype)
+            windows = settings.windows()
+            if len(windows) == 1:  # the whole video as one clip: exactly as without windows
+                predict = make_predictor(dit, cond, uncond)
+            else:
+                predict = self._windowed_predictor(dit, cond, uncond, windows, settings, window_callback)
             batch_cfg = self.runtime.parallel == "cfg" or self._batch_cfg(settings)
             first_step_calls = 1 if settings.guidance == 1.0 or batch_cfg else 2  # sampling.guided_velocity
             predict = _checking_first_calls(predict, first_step_calls, dtype)
@@ -370,6 +408,29 @@ class BindWeavePipeline:
                 log.info("%s", step_cache.stats.summary())
             return latents
 
+    @staticmethod
+    def _windowed_predictor(dit: Any, cond: DiTBranch, uncond: DiTBranch, windows: list[ContextWindow],
+                            settings: GenerationSettings, window_callback: Callable[[int, int], None] | None):
+        """Each window an ordinary clip to the DiT: one predictor per window length, over the branches' window
+        (same reference tensors, the window-length video condition), fused per step."""
+        predictors: dict[int, Any] = {}
+
+        def predictor_for(frames: int):
+            if frames not in predictors:
+                predictors[frames] = make_predictor(dit, cond.window(frames), uncond.window(frames))
+            return predictors[frames]
+
+        def on_window(index: int, total: int) -> None:
+            log.debug("context window %d of %d", index + 1, total)
+            if window_callback is not None:
+                window_callback(index, total)
+
+        _, overlap = window_latent_frames(settings.context_frames, settings.context_overlap)
+        log.info("context windows: %d windows of %d frames (overlap %d) over %d frames", len(windows),
+                 settings.context_frames, settings.context_overlap, settings.num_frames)
+        return windowed_predictor(windows, predictor_for, C.latent_frames(settings.num_frames), overlap,
+                                  settings.context_fuse, on_window)
+
     def _batch_cfg(self, settings: GenerationSettings) -> bool:
         if settings.cfg_batch != "auto":
             return settings.cfg_batch == "batched"
@@ -383,15 +444,31 @@ class BindWeavePipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self.on_device("vae") as vae:
             video = vae.decode(latents.to(self.device))
-        return ((video[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+        return _frames(video)
+
+    def decode_to(self, latents: torch.Tensor, sink: Callable[[torch.Tensor], None]) -> int:
+        """Decode in the VAE's causal chunks, handing each chunk's frames ``[n, H, W, 3]`` to ``sink`` (the
+        MP4 writer): memory depends on a chunk, not on the video's length. Returns the frames written; the
+        frames equal :meth:`decode`'s."""
+        written = 0
+        with self.on_device("vae") as vae:
+            for chunk in vae.decode_chunks(latents.to(self.device)):
+                frames = _frames(chunk)
+                sink(frames)
+                written += int(frames.shape[0])
+        return written
 
     # ------------------------------------------------------------------------------- everything
     def generate(self, references: list, settings: GenerationSettings, masks: list | None = None,
                  callback: ProgressCallback | None = None,
-                 on_stage: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_stage: Callable[[str], None] | None = None,
+                 window_callback: Callable[[int, int], None] | None = None,
+                 frame_sink: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
         """Prompt + references -> frames. See the module docstring for the order of work.
 
-        ``on_stage`` is called with ``"conditioning"``, ``"sampling"`` and ``"decoding"`` as each begins."""
+        ``on_stage`` is called with ``"conditioning"``, ``"sampling"`` and ``"decoding"`` as each begins;
+        ``window_callback(index, total)`` before each context window's DiT call. With ``frame_sink`` the
+        frames are decoded in chunks and handed to it (``result.frames`` is then empty)."""
         from PIL import Image
 
         from .images import to_8bit
@@ -429,12 +506,18 @@ class BindWeavePipeline:
         cond, uncond = self.branches(text, planner, refs)
         t1 = time.perf_counter()
         stage("sampling")
-        latents = self.sample(cond, uncond, settings, callback)
+        latents = self.sample(cond, uncond, settings, callback, window_callback)
         timings["sampling_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         stage("decoding")
-        frames = self.decode(latents)
+        written = None
+        if frame_sink is None:
+            frames = self.decode(latents)
+        else:
+            written, frames = self.decode_to(latents, frame_sink), torch.zeros(0, settings.height, settings.width, 3)
         timings["decode_s"] = time.perf_counter() - t2
         stats = self.last_step_cache.to_dict() if settings.step_cache > 0 and self.last_step_cache else None
-        return GenerationResult(frames=frames, latents=latents, prompt=prompt,
-                                settings=replace(settings), timings=timings, step_cache=stats)
+        windows = settings.windows()
+        return GenerationResult(frames=frames, latents=latents, prompt=prompt, settings=replace(settings),
+                                timings=timings, step_cache=stats, frames_written=written,
+                                windows=[w.describe() for w in windows] if len(windows) > 1 else None)

@@ -140,7 +140,9 @@ def run_shape(pipe: Any, settings: Any, dtype: torch.dtype, weight_format: str, 
         import torch.distributed as dist
 
         cp = dist.get_world_size() if dist.is_initialized() else 1
-    return RunShape(settings.width, settings.height, settings.num_frames, batch=batch, dtype=dtype,
+    # the DiT sees one clip at a time: the whole video, or the longest context window with its anchor frame
+    frames = getattr(settings, "condition_frames", settings.num_frames)
+    return RunShape(settings.width, settings.height, frames, batch=batch, dtype=dtype,
                     weight_format=weight_format, resident_blocks=options.block_offload,
                     prefetch_blocks=options.prefetch_blocks, cp_degree=cp)
 

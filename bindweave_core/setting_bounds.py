@@ -75,6 +75,13 @@ SETTINGS: dict[str, Setting] = {
     "cfg_batch": Setting("cfg_batch", str, "auto", choices=C.CFG_BATCH_MODES),
     "step_cache": Setting("step_cache", float, 0.0, 0.0, 1.0,
                           hint=f"0 is off; {C.DEFAULT_STEP_CACHE} is the authors' value for Wan 2.1"),
+    # context windows (bindweave_core.context_windows checks how they fit together: 4k+1 frames, overlap < frames)
+    "context_frames": Setting("context frames", int, 0, 0, C.MAX_CONTEXT_FRAMES,
+                              hint="0 is off; else 4k+1 video frames, e.g. 81, the length the models were trained on"),
+    "context_overlap": Setting("context overlap", int, C.DEFAULT_CONTEXT_OVERLAP, 0, C.MAX_CONTEXT_FRAMES,
+                               multiple=C.VAE_TEMPORAL_FACTOR, hint="video frames shared by neighbouring windows"),
+    "context_schedule": Setting("context schedule", str, C.DEFAULT_CONTEXT_SCHEDULE, choices=C.CONTEXT_SCHEDULES),
+    "context_fuse": Setting("context fuse", str, C.DEFAULT_CONTEXT_FUSE, choices=C.CONTEXT_FUSE_METHODS),
 }
 
 

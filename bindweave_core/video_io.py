@@ -64,27 +64,58 @@ def _glibc_mallopt():
         return None
 
 
+class Mp4Writer:
+    """An H.264 MP4 (yuv420p) written frame chunk by frame chunk: ``write([n, H, W, 3])`` encodes at once, so
+    nothing the size of the whole video is held. The stream is set up by the first chunk."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = DEFAULT_FPS, crf: int = MP4_CRF,
+                 threads: int = MP4_ENCODER_THREADS) -> None:
+        import av
+
+        with _defined_heap_memory():
+            self.container = av.open(str(path), mode="w", format="mp4")
+        self.threads = threads
+        self.fps, self.crf = fps, crf
+        self.stream = None
+        self.frames = 0
+
+    def write(self, frames: torch.Tensor | np.ndarray) -> None:
+        import av
+
+        data = frames_to_uint8(frames)
+        if data.ndim != 4 or data.shape[-1] != 3:
+            raise InputError(f"frames must be [N, H, W, 3], got {data.shape}")
+        with _defined_heap_memory():
+            if self.stream is None:
+                self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+                self.stream.width, self.stream.height, self.stream.pix_fmt = data.shape[2], data.shape[1], "yuv420p"
+                self.stream.options = {"crf": str(self.crf), "threads": str(self.threads)}
+            for frame in data:
+                for packet in self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    self.container.mux(packet)
+        self.frames += data.shape[0]
+
+    def close(self) -> None:
+        with _defined_heap_memory():
+            if self.stream is not None:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+            self.container.close()
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def write_mp4(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS,
               crf: int = MP4_CRF, threads: int = MP4_ENCODER_THREADS) -> Path:
     """Encode ``[N, H, W, 3]`` frames as H.264 MP4 (yuv420p) at ``fps``; atomic. The same frames give the same
-    bytes: a fixed encoder thread count, and no creation time or other per-run metadata in the container."""
-    import av
-
-    data = frames_to_uint8(frames)
-    if data.ndim != 4 or data.shape[-1] != 3:
-        raise InputError(f"frames must be [N, H, W, 3], got {data.shape}")
-    n, h, w, _ = data.shape
+    bytes: a fixed encoder thread count, heap memory defined while encoding, no per-run container metadata."""
     path = Path(path)
-    with atomic_path(path) as tmp, _defined_heap_memory():
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "threads": str(threads)}
-            for i in range(n):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(data[i], format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+    with atomic_path(path) as tmp, Mp4Writer(tmp, fps, crf, threads) as writer:
+        writer.write(frames)
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
+from bindweave_core import constants as C
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
@@ -308,7 +309,9 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, text_conditioning, references, seed, steps, guidance, shift, sampler, cfg_batch,
-                step_cache=0.0, planner_conditioning=None) -> io.NodeOutput:
+                step_cache=0.0, context_frames=0, context_overlap=C.DEFAULT_CONTEXT_OVERLAP,
+                context_schedule=C.DEFAULT_CONTEXT_SCHEDULE, context_fuse=C.DEFAULT_CONTEXT_FUSE,
+                planner_conditioning=None) -> io.NodeOutput:
         dit = model.component
         family = family_for(dit.dit_config)
         refs: ReferenceCondition = references
@@ -321,11 +324,13 @@ class Sampler(io.ComfyNode):
         geometry = refs.geometry
         settings = GenerationSettings(prompt="(conditioning)", width=geometry.width, height=geometry.height,
                                       num_frames=geometry.num_frames, steps=steps, guidance=guidance, shift=shift,
-                                      sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache)
+                                      sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache,
+                                      context_frames=context_frames, context_overlap=context_overlap,
+                                      context_schedule=context_schedule, context_fuse=context_fuse)
         family.check_reference_count(refs.num_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
-        latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
+        latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True), host.window_progress)
         return io.NodeOutput(latent_output(latents, *latent_stats(geometry)))
 
 
@@ -337,7 +342,7 @@ def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWea
     element = dit.patch_embedding.weight.element_size()
     if model.resident_blocks is None:
         host.load_to_device(model, memory_required=dit_activation_bytes(dit.dit_config, settings.width, settings.height,
-                                                                        settings.num_frames, 2, element))
+                                                                        settings.condition_frames, 2, element))
         return _stage(model.device, dit=dit)
     host.load_to_device(model)
     pipe = _stage(model.device, offload="model", dit=dit,

@@ -247,6 +247,13 @@ def progress(total: int, preview: bool = False) -> ProgressCallback:
     return callback
 
 
+def window_progress(index: int, total: int) -> None:
+    """Before each context window's DiT call: ComfyUI's cancel button is honoured between windows, and the
+    window is logged (ComfyUI's own context windows log theirs the same way)."""
+    mm.throw_exception_if_processing_interrupted()
+    log.info("BindWeave context window %d/%d", index + 1, total)
+
+
 def _wan_previewer() -> Any:
     import comfy.latent_formats
     import latent_preview

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bindweave_core import constants as C
+from bindweave_core.context_windows import window_condition
 from bindweave_core.denoiser import DiTBranch, dit_velocity
 from bindweave_core.lora import original_name
 from bindweave_core.setting_bounds import check_setting
@@ -39,6 +40,8 @@ PREFIX = "diffusion_model."
 # DiTBranch field each one fills.
 COND_KEYS = {"bindweave_planner": "planner_states", "bindweave_clip": "clip_tokens",
              "bindweave_condition": "condition", "bindweave_reference_latents": "reference_latents"}
+# The ConditionContract (what the conditioning was made for) travels under this key, checked at every DiT call.
+CONTRACT_KEY = "bindweave_contract"
 
 
 def _container(root: nn.Module, path: list[str]) -> nn.Module:
@@ -104,10 +107,17 @@ class BindWeaveDiffusionModel(OriginalLayout):
         if resident is not None:  # block offload: the DiT computes on the GPU, ComfyUI's sampler holds x on the CPU
             device = place_streamed(self.dit, resident, x)
             moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
-            branch = DiTBranch(context.to(device) if context is not None else None, **moved)
+            branch = DiTBranch(context.to(device) if context is not None else None, **moved,
+                               contract=kwargs.get(CONTRACT_KEY))
             return dit_velocity(self.dit, x.to(device), timestep.to(device), [branch]).to(x.device)
-        # one branch holding the whole batch (ComfyUI may batch the positive and negative entries)
-        return dit_velocity(self.dit, x, timestep, [DiTBranch(context, **fields)])
+        # one branch holding the whole batch (ComfyUI may batch the positive and negative entries); the
+        # contract is checked against this call's latent (a context window's against the window's)
+        return dit_velocity(self.dit, x, timestep, [DiTBranch(context, **fields, contract=kwargs.get(CONTRACT_KEY))])
+
+
+class SlotCondition(comfy.conds.CONDRegular):
+    """The VAE condition ``[B, 20, 4 + T, h, w]``: its time axis is the 4 reference slots then the video, so
+    ComfyUI's generic context-window slicing (which matches the latent's length) never applies to it."""
 
 
 class BindWeaveModelConfig(comfy.supported_models_base.BASE):
@@ -132,8 +142,18 @@ class BindWeaveNativeModel(comfy.model_base.BaseModel):
             out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
         for key in COND_KEYS:
             if kwargs.get(key) is not None:
-                out[key] = comfy.conds.CONDRegular(kwargs[key])
+                out[key] = (SlotCondition if key == "bindweave_condition" else comfy.conds.CONDRegular)(kwargs[key])
+        if kwargs.get(CONTRACT_KEY) is not None:
+            out[CONTRACT_KEY] = comfy.conds.CONDConstant(kwargs[CONTRACT_KEY])
         return out
+
+    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=[]):  # noqa: B006
+        """ComfyUI's context windows (``comfy.context_windows``): the references are part of every window and
+        are never sliced; the video condition becomes that of a clip of the window's length
+        (:func:`bindweave_core.context_windows.window_condition`), and the contract states the window's length."""
+        if cond_key in COND_KEYS or cond_key == CONTRACT_KEY:
+            return window_cond(cond_key, cond_value, window_latent_frames(window), device)
+        return None
 
     def memory_required(self, input_shape, cond_shapes={}) -> float:  # noqa: B006 (ComfyUI's signature)
         from bindweave_core.memory import dit_activation_bytes
@@ -221,6 +241,26 @@ def _release_after(executor, *args, **kwargs):
 
 def conditioning(branch: DiTBranch) -> list:
     """One guidance branch as a native CONDITIONING: the UMT5 states as the cross-attention tensor,
-    the other branch tensors as extra conditioning read back by :class:`BindWeaveNativeModel`."""
+    the other branch tensors as extra conditioning read back by :class:`BindWeaveNativeModel`, and the
+    contract saying what the conditioning was made for."""
     extra = {key: getattr(branch, field) for key, field in COND_KEYS.items() if getattr(branch, field) is not None}
+    if branch.contract is not None:
+        extra[CONTRACT_KEY] = branch.contract
     return [[branch.text_states, extra]]
+
+
+def window_latent_frames(window) -> int:
+    """Latent frames ComfyUI gives the DiT for a context window: its indices, plus the anchor frame the
+    causal window fix puts in front of every window not starting at 0."""
+    anchor = getattr(window, "causal_anchor_index", None)
+    return len(window.index_list) + (1 if anchor is not None and anchor >= 0 else 0)
+
+
+def window_cond(key: str, value, frames: int, device):
+    """One conditioning item for a context window of ``frames`` latent frames."""
+    if key == CONTRACT_KEY:
+        return comfy.conds.CONDConstant(value.cond.for_window(frames))
+    tensor = value.cond
+    if key == "bindweave_condition":
+        tensor = window_condition(tensor, frames, C.NUM_REF_SLOTS)  # the 4 slots, then the window's frames
+    return value._copy_with(tensor.to(device) if device is not None else tensor)

@@ -387,6 +387,19 @@ SAMPLER = NodeSpec(
                  "less than this (accumulated relative change), reusing the last one. 0 (default): off, exact. "
                  f"{C.DEFAULT_STEP_CACHE}: the authors' value for Wan 2.1 (about 2x faster there); higher is "
                  "faster and less faithful. The number of evaluations saved is logged.", step=0.01),
+        _setting("context_frames", "context_frames", "int",
+                 "Context windows for long videos: the window length in frames (4k+1, e.g. 81, the length the "
+                 "models were trained on). Each window is denoised as an ordinary clip with the full references and "
+                 "the windows are fused at every step. 0 (default): off, the whole video is one clip (exactly as "
+                 "before).", step=4),
+        _setting("context_overlap", "context_overlap", "int", "Frames shared by neighbouring windows (a multiple of 4)."),
+        In("context_schedule", "combo", "Window placement, as ComfyUI's context-window nodes name it. "
+                                        "standard_static: windows every (length - overlap) frames, the last one "
+                                        "ending at the last frame. batched: back to back, no overlap.",
+           options=C.CONTEXT_SCHEDULES, default=C.DEFAULT_CONTEXT_SCHEDULE),
+        In("context_fuse", "combo", "How overlapping windows are weighted: pyramid (ComfyUI's default: more weight "
+                                    "to a window's middle), flat, overlap-linear (ramps over the overlap).",
+           options=C.CONTEXT_FUSE_METHODS, default=C.DEFAULT_CONTEXT_FUSE),
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),

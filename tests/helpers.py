@@ -55,6 +55,9 @@ CORE_NODES = {
     # the native route (workflows bindweave_native_*)
     "KSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "ModelSamplingSD3": ["shift"],
+    "WanContextWindowsManual": ["context_length", "context_overlap", "context_schedule", "context_stride",
+                                "closed_loop", "fuse_method", "freenoise", "retain_first_frame",
+                                "split_conds_to_windows"],
     "LoraLoaderModelOnly": ["lora_name", "strength_model"],
     "VAELoader": ["vae_name"],
     "VAEDecode": [],

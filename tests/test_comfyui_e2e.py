@@ -962,8 +962,9 @@ def test_references_wired_once_and_the_old_wiring_give_the_same_latents(server):
     torch.testing.assert_close(legacy, once, rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------------------------------ stated conditioning
 def _run_error(server, prompt: dict, timeout: float = 300) -> str:
-    """Queue a prompt that must fail while running; the server's error message."""
+    """Queue an API prompt that must fail at run time; return its execution error message."""
     from comfy_browser import post_json
 
     reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
@@ -1101,3 +1102,94 @@ def test_evaluate_node_scores_the_smoke_video_and_shows_its_plot(server):
     assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 3), (2, 5)]
     assert set(report["metrics"]) == {"clip_i", "subject_consistency", "temporal_flickering", "motion_amplitude"}
     assert len(report["skipped"]) == 2
+
+
+    status = history[pid]["status"]
+    assert status["status_str"] == "error", status
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1, status
+    return f"{errors[0]['exception_type']}: {errors[0]['exception_message']}"
+
+
+def _native_mismatch_graph(latent: dict | None = None, mode: str = "bindweave") -> dict:
+    """The native smoke graph (KSampler) made for 5 frames at 64x48, with another latent or reference mode."""
+    from build_workflows import native_graph, node
+
+    g = native_graph(refs=None, prompt="a man waves", width=64, height=48, length=5, steps=2, guidance=5.0,
+                     shift=3.0, sampler="euler", seed=1, smoke=True, prefix="mismatch/video")
+    for key in ("34", "35", "40", "41"):
+        g.pop(key, None)
+    g["36"] = node("SaveLatent", samples=["33", 0], filename_prefix="mismatch/latent")
+    if latent is not None:
+        g["37"] = latent
+        g["33"]["inputs"]["latent_image"] = ["37", 0]
+    if mode != "bindweave":
+        g["22"]["inputs"]["mode"] = mode
+    return g
+
+
+@pytest.mark.parametrize("case", ["longer_video_latent", "sd_image_latent", "kaleido_references"])
+def test_native_route_refuses_a_latent_or_references_the_conditioning_was_not_made_for(server, case):
+    """Native MODEL + BindWeave Conditioning made for 5 frames: a 17-frame video latent, an SD image latent and
+    Kaleido references into the BindWeave DiT each stop with one message naming both sides (before: the first
+    ran with misaligned slots, the second 'succeeded', the third was a raw conv RuntimeError); the server
+    then runs a correct graph."""
+    from build_workflows import node
+
+    latent, mode, expected = {
+        "longer_video_latent": (node("EmptyHunyuanLatentVideo", width=64, height=48, length=17, batch_size=1),
+                                "bindweave", "17 frames (5 latent) at 64x48"),
+        "sd_image_latent": (node("EmptyLatentImage", width=64, height=48, batch_size=1), "bindweave",
+                            "at 64x48"),
+        "kaleido_references": (None, "kaleido", "kaleido references"),
+    }[case]
+    message = _run_error(server, _native_mismatch_graph(latent, mode))
+    print(f"{case}: {message}")
+    assert "InputError: " in message and expected in message, message
+    if case != "kaleido_references":
+        assert "made for 5 frames (2 latent) at 64x48" in message, message
+    assert _saved_latent(server, _run(server, _native_mismatch_graph()), "36").shape == (1, 16, 2, 6, 8)
+
+
+# ------------------------------------------------------------------------------------------ context windows
+def test_native_context_windows_match_our_sampler(server):
+    """17 frames (5 latent) in windows of 9 (3 latent) overlapping 4: the native MODEL with ComfyUI's
+    WanContextWindowsManual through SamplerCustomAdvanced (BindWeave Noise/Sigmas, euler) equals our Sampler
+    with the same windows (the references are in every window, each window gets the video condition of its
+    length); the same windows with KSampler run and write the video's 17 frames."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, native_graph, node, wan_context_windows
+
+    seed, steps, length = 321, 2, 17
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["22"]["inputs"]["length"] = length
+    g["30"]["inputs"].update(sampler="euler", steps=steps, seed=seed, context_frames=9, context_overlap=4,
+                             context_schedule="standard_static", context_fuse="pyramid")
+    for key in ("31", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="windows/ours")
+    g["60"] = node("BindWeaveNativeModel", model=["1", 0])
+    g["62"] = wan_context_windows(["60", 0], (9, 4))
+    g["61"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
+                   planner_conditioning=["20", 0])
+    sampled = _custom_sampling(g, ["62", 0], ["61"], steps, 3.0, 5.0, seed, "euler", 7)
+    g["80"] = node("SaveLatent", samples=[sampled, 0], filename_prefix="windows/custom")
+    native = native_graph(refs=None, prompt=g["20"]["inputs"]["prompt"], width=64, height=48, length=length,
+                          steps=steps, guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True,
+                          prefix="windows/ksampler", context=(9, 4))
+    for key in ("34", "35", "40", "41"):
+        native.pop(key, None)
+    native["36"] = node("SaveLatent", samples=["33", 0], filename_prefix="windows/ksampler")
+    g.update({k: v for k, v in native.items() if k not in g})
+    out = _run(server, g)
+
+    ours = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())
+    custom = _normalised(_saved_latent(server, out, "80"), _wan21_stats())
+    print(f"windows: native vs our Sampler: max |diff| {(custom - ours).abs().max():.2e} "
+          f"(latents up to {ours.abs().max():.2f})")
+    assert ours.shape == (1, 16, 5, 6, 8)
+    torch.testing.assert_close(custom, ours, rtol=0, atol=1e-4)
+    ksampler = _saved_latent(server, out, "36")
+    assert ksampler.shape == (1, 16, 5, 6, 8) and ksampler.isfinite().all()

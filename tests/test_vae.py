@@ -346,3 +346,17 @@ def test_cli_inspect_recognises_the_original_layout(vae, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "vae" and report["layout"] == "wan-original" and report["family"] == "wan2.1-vae"
     assert report["config"]["base_dim"] == 8 and report["problems"] == []
+
+
+def test_zero_video_condition_streams_and_is_causal(vae):
+    """The zero video is one frame seen N times (no pixels per frame are built); its condition equals the
+    materialised zero video's bit for bit, and a shorter clip's condition is the longer one's first frames
+    (what a context window's condition is, issue 25)."""
+    from bindweave_core.condition_cache import ConditionCache
+
+    long = vae.video_condition(17, 16, 32, cache=ConditionCache())
+    materialised = vae.encode(torch.zeros(1, 3, 17, 16, 32))
+    assert torch.equal(long[:, 4:], materialised)
+    short = vae.video_condition(9, 16, 32, cache=ConditionCache())
+    assert torch.equal(short, long[:, :, :3])
+    assert not torch.equal(long[:, :, 1], long[:, :, 4])  # frames differ: a window is not a mid slice

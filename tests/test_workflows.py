@@ -13,7 +13,7 @@ from nodes.specs import MODEL_FOLDER, SPECS
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 REQUIRED = {"bindweave_single_subject", "bindweave_two_subjects", "bindweave_subject_background",
             "bindweave_fast_few_step", "bindweave_smoke_test", "bindweave_native_ksampler",
-            "bindweave_native_lora_stack"}
+            "bindweave_native_lora_stack", "bindweave_long_video", "bindweave_native_long_video"}
 
 
 def test_the_required_workflows_are_shipped():
@@ -118,9 +118,15 @@ def test_a_graph_saved_with_the_old_wiring_still_fits_the_nodes():
         if node_type in SPECS:
             declared = next(i for i in SPECS[node_type].inputs if i.name == name)
             assert declared.type == "" or kind in declared.type.split(","), (node_type, name, kind)
+    # Widgets added since (the Sampler's context windows) come after the old ones, so an old save's values
+    # keep their places and the frontend gives the new widgets their defaults.
     for node in wf["nodes"]:
         if node["type"] in SPECS:
-            assert len(node["widgets_values"]) == expected_widget_count(node["type"]), node["type"]
+            assert len(node["widgets_values"]) <= expected_widget_count(node["type"]), node["type"]
+    sampler = next(n for n in wf["nodes"] if n["type"] == "BindWeaveSampler")
+    widgets = [i.name for i in SPECS["BindWeaveSampler"].inputs if i.is_widget]
+    assert widgets[-4:] == ["context_frames", "context_overlap", "context_schedule", "context_fuse"]
+    assert len(sampler["widgets_values"]) == expected_widget_count("BindWeaveSampler") - 4
 
 
 def test_rewiring_an_old_graph_wires_the_references_once():

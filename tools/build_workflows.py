@@ -61,9 +61,26 @@ def _references(g: dict, refs: list[str] | None, color: int) -> dict:
     return {"reference_images": ["15", 0]}
 
 
+def context_inputs(context: tuple[int, int] | None) -> dict:
+    """Our Sampler's context-window widgets: ``(frames, overlap)`` in video frames, or None (off)."""
+    frames, overlap = context or (0, C.DEFAULT_CONTEXT_OVERLAP)
+    return dict(context_frames=frames, context_overlap=overlap, context_schedule=C.DEFAULT_CONTEXT_SCHEDULE,
+                context_fuse=C.DEFAULT_CONTEXT_FUSE)
+
+
+def wan_context_windows(model: list, context: tuple[int, int]) -> dict:
+    """ComfyUI's WanContextWindowsManual set as our Sampler's windows: static schedule, pyramid, no FreeNoise."""
+    frames, overlap = context
+    return node("WanContextWindowsManual", model=model, context_length=frames, context_overlap=overlap,
+                context_schedule=C.DEFAULT_CONTEXT_SCHEDULE, context_stride=1, closed_loop=False,
+                fuse_method=C.DEFAULT_CONTEXT_FUSE, freenoise=False, retain_first_frame=False,
+                split_conds_to_windows=False)
+
+
 def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
                     guidance: float, shift: float, sampler: str = "unipc", seed: int = 42, lora: str | None = None,
-                    smoke: bool = False, prefix: str = "BindWeave/video") -> dict:
+                    smoke: bool = False, prefix: str = "BindWeave/video",
+                    context: tuple[int, int] | None = None) -> dict:
     pick = (lambda name: SMOKE_CHOICE) if smoke else (lambda name: name)
     g = {
         "1": node("BindWeaveDiTLoader", model_name=pick(DIT), dtype="auto", weight_format="default", attention="sdpa",
@@ -88,7 +105,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=model, text_conditioning=["21", 0], references=["22", 0],
                    planner_conditioning=["20", 0], seed=seed, steps=steps, guidance=guidance, shift=shift,
-                   sampler=sampler, cfg_batch="auto", step_cache=0.0)
+                   sampler=sampler, cfg_batch="auto", step_cache=0.0, **context_inputs(context))
     g["31"] = node("BindWeaveDecode", vae=["2", 0], samples=["30", 0], tiled=False, fps=float(C.DEFAULT_FPS))
     g["40"] = node("CreateVideo", images=["31", 0], fps=["31", 1])
     g["41"] = node("SaveVideo", video=["40", 0], filename_prefix=prefix, format="mp4", codec="auto",
@@ -99,7 +116,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
 def native_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
                  guidance: float, shift: float, sampler: str = "uni_pc_bh2", scheduler: str = "simple",
                  seed: int = 42, loras: tuple[tuple[str, float], ...] = (), smoke: bool = False,
-                 vae: str = VAE, prefix: str = "BindWeave/native") -> dict:
+                 vae: str = VAE, prefix: str = "BindWeave/native", context: tuple[int, int] | None = None) -> dict:
     """BindWeave in a native graph: our loaders and encoders, then BindWeave to MODEL / BindWeave Conditioning
     -> (LoraLoaderModelOnly ...) -> ModelSamplingSD3 -> KSampler -> ComfyUI's VAE Decode."""
     g = bindweave_graph(refs=refs, prompt=prompt, width=width, height=height, length=length, steps=steps,
@@ -112,9 +129,13 @@ def native_graph(*, refs: list[str] | None, prompt: str, width: int, height: int
         g[str(26 + k)] = node("LoraLoaderModelOnly", lora_name=name, strength_model=strength, model=model)
         model = [str(26 + k), 0]
     g["29"] = node("ModelSamplingSD3", model=model, shift=shift)
+    sampled_model = ["29", 0]
+    if context is not None:  # ComfyUI's own context windows on the native MODEL
+        g["28"] = wan_context_windows(sampled_model, context)
+        sampled_model = ["28", 0]
     g["32"] = node("BindWeaveConditioning", text_conditioning=["21", 0], references=["22", 0],
                    planner_conditioning=["20", 0])
-    g["33"] = node("KSampler", model=["29", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
+    g["33"] = node("KSampler", model=sampled_model, positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
                    seed=seed, steps=steps, cfg=guidance, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
     g["34"] = node("VAELoader", vae_name=vae)
     g["35"] = node("VAEDecode", samples=["33", 0], vae=["34", 0])
@@ -141,7 +162,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
     g["24"] = node("MaskPreview", "Reference masks the model sees", mask=["22", 2])
     g["30"] = node("BindWeaveSampler", model=["1", 0], text_conditioning=["21", 0], references=["22", 0], seed=seed,
                    steps=steps, guidance=C.KALEIDO_GUIDANCE, shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER,
-                   cfg_batch="auto", step_cache=0.0)
+                   cfg_batch="auto", step_cache=0.0, **context_inputs(None))
     g["31"] = node("BindWeaveDecode", vae=["2", 0], samples=["30", 0], tiled=False, fps=float(C.KALEIDO_FPS))
     g["40"] = node("CreateVideo", images=["31", 0], fps=["31", 1])
     g["41"] = node("SaveVideo", video=["40", 0], filename_prefix=prefix, format="mp4", codec="auto",
@@ -154,6 +175,31 @@ def _models_note(files: list[str], extra: str) -> str:
     lines = ["| folder | file | size |", "| --- | --- | --- |"]
     lines += [f"| models/{f.comfy_folder}/ | [{f.filename}]({f.url or f.source}) | {f.size} |" for f in rows]
     return "\n".join(lines) + "\n\n" + extra
+
+
+def _long_video_cases(prompt: str, real: list[str], swap: str) -> dict:
+    """The long-video workflows: our Sampler with context windows, and the native graph with ComfyUI's
+    WanContextWindowsManual set as the Sampler's windows."""
+    cases = {"singleface_1": prompt}
+    return {
+        "bindweave_long_video": dict(
+            title="BindWeave: long video (context windows)", files=real,
+            text="161 frames (10 s at 16 fps) as overlapping 81-frame windows (the length BindWeave was trained "
+                 "on), overlap 16, fused at every step (ComfyUI's static schedule and pyramid weights). Every "
+                 "window sees the same references, planner and text states; the identity across windows is not "
+                 "guaranteed (see the README's long-video section). Set context_frames to 0 for one clip. " + swap,
+            graph=bindweave_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
+                                  steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/long")),
+        "bindweave_native_long_video": dict(
+            title="BindWeave in a native graph: long video (WanContextWindowsManual)", files=real,
+            text="ComfyUI's own Wan context-window node on the native MODEL: the reference slots are part of every "
+                 "window and each window gets the video condition of its length (the MODEL's context-window "
+                 "hook). Static schedule, pyramid fuse and FreeNoise off reproduce the BindWeave Sampler's "
+                 "windows; with BindWeave Noise and Sigmas in SamplerCustomAdvanced the latents are the same. "
+                 + swap,
+            graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=161,
+                               steps=50, guidance=5.0, shift=3.0, context=(81, 16), prefix="BindWeave/native_long")),
+    }
 
 
 def _cases() -> dict:
@@ -207,6 +253,7 @@ def _cases() -> dict:
             graph=native_graph(refs=["man.png"], prompt=cases["singleface_1"], width=832, height=480, length=81,
                                steps=4, guidance=1.0, shift=5.0, sampler="euler", loras=((FAST_LORA, 1.0),),
                                prefix="BindWeave/native_lora")),
+        **_long_video_cases(cases["singleface_1"], real, swap),
         "kaleido_two_subjects": dict(
             title="Kaleido-14B-S2V: two subjects (R-RoPE references)", files=[VAE, T5, "Kaleido-14B-S2V (directory)"],
             text="Kaleido's references go, un-noised, in front of the video at shifted rotary positions (1-3 "

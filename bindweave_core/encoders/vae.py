@@ -343,6 +343,32 @@ class WanVAE(Encoder):
             video = self.model.decode(z.to(self.dtype)).sample
         return video.float()
 
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """:meth:`decode` one latent frame at a time, yielding each chunk's video ``[B, 3, n, H, W]`` as it is
+        decoded (n = 1, then 4): the causal decoder's own chunks (diffusers' ``_decode`` loop with its feature
+        cache), so the frames equal :meth:`decode`'s and only a chunk's pixels exist at once. Tiled decoding
+        decodes whole (its tiles blend across the full length)."""
+        model = self.model
+        if self.tiling or model.config.patch_size is not None:
+            yield self.decode(latents)
+            return
+        if latents.ndim != 5 or latents.shape[1] != C.LATENT_CHANNELS:
+            raise InputError(f"the VAE decodes latents [B, {C.LATENT_CHANNELS}, T, h, w]; got shape "
+                             f"{list(latents.shape)}.")
+        mean, std = self._stats(self.device)
+        z = (latents.to(self.device, torch.float32) * std + mean).to(self.dtype)
+        with torch.no_grad():
+            model.clear_cache()
+            try:
+                x = model.post_quant_conv(z)
+                for i in range(x.shape[2]):
+                    model._conv_idx = [0]
+                    out = model.decoder(x[:, :, i:i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx,
+                                        first_chunk=i == 0)
+                    yield out.clamp(-1.0, 1.0).float()
+            finally:
+                model.clear_cache()
+
     # ---------------------------------------------------------------------------- conditions
     @staticmethod
     def _check_references(canvases: torch.Tensor, masks: torch.Tensor | None = None) -> None:
@@ -388,7 +414,10 @@ class WanVAE(Encoder):
                  "device": str(self.device), "tiling": tiling}
 
         def encode_zero_video() -> dict[str, torch.Tensor]:
-            zeros = torch.zeros(1, 3, num_frames, height, width, dtype=self.dtype, device=self.device)
+            # one zero frame seen num_frames times (no memory per frame): the VAE reads the video in causal
+            # chunks, so only a chunk's pixels exist at a time; same numbers as a materialised zero video
+            zeros = torch.zeros(1, 3, 1, height, width, dtype=self.dtype, device=self.device)
+            zeros = zeros.expand(1, 3, num_frames, height, width)
             return {"video_condition": assemble_video_condition(self.encode(zeros))}
 
         cache = cache if cache is not None else shared_cache()

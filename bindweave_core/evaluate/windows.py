@@ -1,8 +1,9 @@
 """Context windows: which pixel frames each window of a windowed generation covers, and per-window means.
 
-A window is a ``[start, end)`` range of pixel frames. They come from the ``"windows"`` field of a video's
-JSON sidecar (a list of ``[start, end]`` pairs or of ``{"start": s, "end": e}`` objects), or from the user
-(``"0:33, 24:57"``). Without windows there are no window means.
+A window is a ``[start, end)`` range of pixel frames. They come from the ``"context_windows"`` field of a
+video's JSON sidecar (as ``generate --context-frames`` writes it: ``{"video_frames": [first, last]}``, both
+inclusive), from a ``"windows"`` field (``[start, end]`` pairs or ``{"start": s, "end": e}`` objects), or from
+the user (``"0:33, 24:57"``). Without windows there are no window means.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from ..errors import InputError
 
 
 def _pair(item: Any) -> tuple[int, int]:
-    if isinstance(item, dict):
+    if isinstance(item, dict) and isinstance(item.get("video_frames"), (list, tuple)):  # our sidecar: inclusive
+        first, last = item["video_frames"]
+        item = (first, last + 1) if isinstance(last, int) else (first, last)
+    elif isinstance(item, dict):
         item = (item.get("start"), item.get("end"))
     if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(v, int) for v in item):
         raise InputError(f"a context window must be [start, end) frame indices, got {item!r}")
@@ -50,7 +54,9 @@ def sidecar_windows(video: str | Path) -> tuple[Any, Path | None]:
         data = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None, None  # not our sidecar (or not JSON): nothing to read windows from
-    return (data.get("windows") if isinstance(data, dict) else None), sidecar
+    if not isinstance(data, dict):
+        return None, sidecar
+    return (data.get("context_windows") or data.get("windows")), sidecar
 
 
 def window_means(windows: list[tuple[int, int]], curves: dict[str, dict[str, list]]) -> list[dict[str, Any]]:

@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from .. import constants as C
 from ..conditioning import PlannerStates, ReferenceCondition, TextStates
+from ..contract import ConditionContract
 from ..denoiser import DiTBranch
 from ..errors import InputError
 
@@ -103,6 +105,17 @@ class ModelFamily(ABC):
     def encode_canvases(self, host: ReferenceHost, canvases: torch.Tensor, pixel_masks: torch.Tensor,
                         settings: Any) -> ReferenceCondition:
         """The letterboxed references (:meth:`prepare_references`) encoded for the DiT."""
+
+    def contract(self, refs: ReferenceCondition) -> ConditionContract | None:
+        """What ``refs`` were encoded for (family, slots, frames, size), or None without a recorded geometry."""
+        if refs.geometry is None:
+            return None
+        return ConditionContract(family=refs.family, conditioning=self.conditioning,
+                                 in_channels=C.LATENT_CHANNELS + (C.CONDITION_CHANNELS if self.needs_video_condition else 0),
+                                 slots=0 if refs.slots is None else int(refs.slots.shape[2]),
+                                 references=refs.num_references,
+                                 latent_frames=C.latent_frames(refs.geometry.num_frames),
+                                 width=refs.geometry.width, height=refs.geometry.height)
 
     @abstractmethod
     def branches(self, text: TextStates, planner: PlannerStates | None,

@@ -67,7 +67,8 @@ class BindWeaveFamily(ModelFamily):
             return {"clip_tokens": clip_tokens, "slots": slots, "video_condition": video}
 
         out = host.cached("references", ("clip_vision", "vae"), {
-            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks), "frames": settings.num_frames,
+            "canvases": tensor_digest(canvases), "masks": tensor_digest(pixel_masks),
+            "frames": settings.condition_frames,
             "tiling": host.vae_tiling_active(),
             "clip": {k: v for k, v in settings.to_dict().items() if k.startswith("clip_")}}, encode)
         return ReferenceCondition(clip_tokens=out["clip_tokens"], slots=out["slots"], canvases=canvases,
@@ -78,8 +79,11 @@ class BindWeaveFamily(ModelFamily):
                  refs: ReferenceCondition) -> tuple[DiTBranch, DiTBranch]:
         """Guidance on text and planner: both branches share the CLIP tokens and the VAE condition."""
         condition = vae_condition(refs.slots, refs.video_condition)
-        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition)
-        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition)
+        contract = self.contract(refs)
+        cond = DiTBranch(text.positive, planner.positive if planner else None, refs.clip_tokens, condition,
+                         contract=contract)
+        uncond = DiTBranch(text.negative, planner.negative if planner else None, refs.clip_tokens, condition,
+                           contract=contract)
         return cond, uncond
 
     # ------------------------------------------------------------------------------ training

@@ -79,8 +79,8 @@ class KaleidoFamily(ModelFamily):
             raise InputError("these references were prepared for BindWeave (temporal slots); a Kaleido model needs "
                              "them encoded in kaleido mode.")
         K.check_reference_count(int(refs.latents.shape[1]))
-        cond = DiTBranch(text.positive, reference_latents=refs.latents)
-        uncond = DiTBranch(text.negative, reference_latents=refs.latents)
+        cond = DiTBranch(text.positive, reference_latents=refs.latents, contract=self.contract(refs))
+        uncond = DiTBranch(text.negative, reference_latents=refs.latents, contract=self.contract(refs))
         return cond, uncond
 
     # ------------------------------------------------------------------------------ training
