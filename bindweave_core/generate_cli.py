@@ -409,8 +409,7 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
 
             frames, _ = read_video(tmp_mp4)
             record["evaluation"] = evaluate_generated(pipe, references, frames, prompt=result.prompt,
-                                                      fps=settings.fps, windows=result.windows,
-                                                      smoke=smoke)
+                                                      fps=settings.fps, windows=result.windows or record.get("windows"), smoke=smoke)
         write_json(record, tmp_json)
     return result
 

@@ -81,7 +81,7 @@ SETTINGS: dict[str, Setting] = {
     "context_overlap": Setting("context overlap", int, C.DEFAULT_CONTEXT_OVERLAP, 0, C.MAX_CONTEXT_FRAMES,
                                multiple=C.VAE_TEMPORAL_FACTOR, hint="video frames shared by neighbouring windows"),
     "context_schedule": Setting("context schedule", str, C.DEFAULT_CONTEXT_SCHEDULE, choices=C.CONTEXT_SCHEDULES),
-    "context_fuse": Setting("context fuse", str, C.DEFAULT_CONTEXT_FUSE, choices=C.CONTEXT_FUSE_METHODS),
+    "context_fuse": Setting("context fuse method", str, C.DEFAULT_CONTEXT_FUSE, choices=C.CONTEXT_FUSE_METHODS),
 }
 
 

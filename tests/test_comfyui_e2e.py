@@ -181,7 +181,7 @@ def test_node_widget_bounds_are_the_settings_validators(server):
             _, opts = info[node_id]["input"][group][i.name]
             assert (opts["min"], opts["max"]) == (SETTINGS[i.setting].min, SETTINGS[i.setting].max), (node_id, i.name)
             compared += 1
-    assert compared == 13, compared  # every setting widget of the 6 nodes that have one
+    assert compared == 15, compared  # every setting widget of the 6 nodes that have one
 
 
 def test_core_nodes_used_by_the_workflows_exist(server):

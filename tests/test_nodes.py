@@ -45,7 +45,9 @@ def test_defaults_are_the_official_settings():
 
 
 # number widgets that are not generation settings (no GenerationSettings field behind them)
-NOT_SETTINGS = {("BindWeaveDiTLoader", "resident_blocks"), ("BindWeaveLoraLoader", "strength")}
+# Number widgets that are not generation settings (model loading, LoRA strength, the evaluation's sampling).
+NOT_SETTINGS = {("BindWeaveDiTLoader", "resident_blocks"), ("BindWeaveLoraLoader", "strength"),
+                ("BindWeaveEvaluate", "samples")}
 
 
 def test_node_widgets_take_their_bounds_from_the_settings_validator():
@@ -67,7 +69,7 @@ def test_node_widgets_take_their_bounds_from_the_settings_validator():
                     check_setting(i.setting, outside)
             seen.add(i.setting)
     assert seen == {"width", "height", "num_frames", "steps", "guidance", "shift", "seed", "refine_seed", "fps",
-                    "step_cache"}
+                    "step_cache", "context_frames", "context_overlap"}
 
 
 def test_every_loader_offers_the_smoke_model():
