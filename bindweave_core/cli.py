@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except GenerationCancelled as e:  # Ctrl-C during a run: one line, the shell's 128 + SIGINT
+    except GenerationCancelled as e:  # Ctrl-C during a run: one line, the shell's 128 + SIGINT (SIGTERM: 143)
         sys.stderr.write(f"{e}\n")
-        return EXIT_CANCELLED
+        return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("cancelled; no file was written\n")
         return EXIT_CANCELLED

@@ -16,7 +16,9 @@ class InputError(BindWeaveError, ValueError):
 
 
 class GenerationCancelled(BindWeaveError):
-    """The user cancelled a generation from the progress callback."""
+    """The user cancelled a generation from the progress callback (or stopped a batch with Ctrl-C/SIGTERM)."""
+
+    exit_code = 130  # what the command line exits with: 128 + SIGINT (a SIGTERM stop: 143)
 
 
 class OutOfMemoryError(BindWeaveError):

@@ -51,18 +51,21 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                                    "smoke model runs on the CPU: the pipeline works end to end, the video is noise. "
                                    "Settings left out take the model family's official values (BindWeave or "
                                    "Kaleido).")
-    p.add_argument("--ref", action="append", required=True, metavar="IMG",
-                   help="reference image (repeat; BindWeave 1-4, Kaleido 1-3)")
+    p.add_argument("--ref", action="append", metavar="IMG",
+                   help="reference image (repeat; BindWeave 1-4, Kaleido 1-3); required without --batch")
     p.add_argument("--mask", action="append", metavar="IMG",
                    help="optional subject mask per reference (same order; non-default, see README)")
     p.add_argument("--mask-mode", choices=C.MASK_MODES, default="rectangle",
                    help="rectangle = official letterbox mask; alpha = use the alpha channel of RGBA cut-outs")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="what the video shows")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="what the video shows (this or --prompt-file: required without --batch)")
     prompt.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--negative-prompt", help="default: the model family's official negative prompt (see "
                                              "bindweave_core/constants.py)")
-    p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
+    p.add_argument("--out", help="output .mp4 (a .json sidecar is written beside it); required without --batch")
+    from .batch_cli import add_batch_arguments
+
+    add_batch_arguments(p)
     _add_model_arguments(p)
     _add_generation_arguments(p)
     _add_runtime_group(p)
@@ -130,8 +133,9 @@ def _add_runtime_group(p: argparse.ArgumentParser) -> None:
     r.add_argument("--attention", choices=C.ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
                         "auto: sage, else flash, else sdpa")
-    r.add_argument("--offload", choices=C.OFFLOAD_MODES, default="release",
-                   help="release: load each model when needed and free it after (least memory)")
+    r.add_argument("--offload", choices=C.OFFLOAD_MODES,
+                   help="release (default): load each model when needed and free it after (least memory); with "
+                        "--batch the default is model (each model loads once and waits in CPU memory)")
     r.add_argument("--condition-cache", metavar="DIR",
                    help="directory keeping the video condition, text, planner and reference states across runs "
                         "(reused while the models and inputs are unchanged; exact); default: none (memory only)")
@@ -201,7 +205,7 @@ def build_pipeline(args: argparse.Namespace):
         dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
         planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
         dtype=torch_dtype(args.dtype) if args.dtype else None, device=device, weight_format=args.weight_format,
-        attention=args.attention, offload=args.offload, family=family, runtime=runtime,
+        attention=args.attention, offload=args.offload or "release", family=family, runtime=runtime,
         condition_cache=ConditionCache(cache_dir) if cache_dir else None)
     return pipe, {name: file_fingerprint(path) for name, path in given.items() if path}
 
@@ -214,7 +218,7 @@ def _dit_family(path: str, override: str | None) -> str:
 
 def _input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the run reads: no output may land on one of them."""
-    paths = [args.prompt_file, *args.ref, *(args.mask or [])]
+    paths = [args.prompt_file, *(args.ref or []), *(args.mask or [])]
     paths += [getattr(args, name, None) for name in PATH_ARGS]
     paths += [str(path) for path in _lora_paths(args)]
     return [str(p) for p in paths if p and isinstance(p, (str, Path))]
@@ -284,6 +288,14 @@ def generation_settings(args: argparse.Namespace, prompt: str, family: str, smok
 def run_generate(args: argparse.Namespace) -> int:
     from .preflight import check_device, check_images, check_model_paths, check_output_paths, read_prompt_file
 
+    if args.batch:
+        from .batch_cli import run_batch
+
+        return run_batch(args)
+    missing = [flag for flag, given in (("--ref", args.ref), ("--prompt or --prompt-file", args.prompt is not None
+                                        or args.prompt_file), ("--out", args.out)) if not given]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}: give them, or --batch CASES --out-dir DIR for a case file.")
     # Preflight: everything that can be checked before a model loads (bindweave_core.preflight).
     out, _ = check_output_paths(args.out, _input_paths(args))
     prompt = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
@@ -337,21 +349,30 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
     not a folder, not one of the input files). Nothing is written unless the generation finishes: a cancel
     or an error leaves no file (not even a partial one) behind."""
     from .preflight import check_output_paths
-    from .video_io import atomic_path, write_json, write_mp4
 
     inputs = [str(r) for r in [*references, *(masks or [])] if isinstance(r, (str, Path))]
     out, sidecar_path = check_output_paths(out, inputs)
     result = pipe.generate(references, settings, masks=masks, callback=callback, on_stage=on_stage)
     if on_stage is not None:
         on_stage("writing")
+    write_outputs(pipe, result, out, sidecar_path, sidecar)
+    return result
+
+
+def write_outputs(pipe, result, out: Path, sidecar_path: Path, sidecar: dict[str, Any] | None = None) -> None:
+    """The video, then its sidecar (with the video's sha256), each to a temporary name and renamed: the
+    sidecar appears last, so a sidecar always describes a complete video."""
+    from .batch_outputs import file_sha256
+    from .video_io import atomic_path, write_json, write_mp4
+
+    settings = result.settings
     with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
+        write_mp4(result.frames, out, fps=settings.fps)
         write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
                     "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
                     "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-                    "memory_estimate_gib": _estimate_gib(pipe),
+                    "memory_estimate_gib": _estimate_gib(pipe), "video_sha256": file_sha256(out),
                     "step_cache": result.step_cache}, tmp_json)
-        write_mp4(result.frames, out, fps=settings.fps)
-    return result
 
 
 def _estimate_gib(pipe) -> float | None:
