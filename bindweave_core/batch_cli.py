@@ -303,7 +303,7 @@ def run_batch(args: argparse.Namespace) -> int:
     stage = "loading models"
     with stop_on_signals():
         try:
-            pipe, model_info = _load_models(args)
+            pipe, model_info = _load_models(args) if share else (None, {})  # nothing to do: nothing to load
             for planned in share:
                 stage = f"during case {planned.id} (its files were not written)"
                 if writer:
