@@ -147,7 +147,8 @@ def init_rank_groups(size: int, mode: str, device: torch.device) -> RankGroup:
                                                  mesh_dim_names=("group", "ring", "ulysses"))
         group.mesh = mesh["ring", "ulysses"] if mode != "cfg" else None
         group.process_group = mesh["ulysses"].get_group()
-    _GROUP = group
+    if world > 1:  # one process alone keeps no group state (an embedding host may run more after)
+        _GROUP = group
     return group
 
 
