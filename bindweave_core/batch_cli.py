@@ -55,6 +55,19 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                         "ring or cfg); the world's groups of N share the cases (default 1: one video per rank)")
 
 
+def run_generate_or_batch(args: argparse.Namespace) -> int:
+    """``generate``: the batch with ``--batch``, else the one video of ``--ref/--prompt/--out``."""
+    from .generate_cli import run_generate
+
+    if args.batch:
+        return run_batch(args)
+    batch_only = [flag for flag, given in (("--out-dir", args.out_dir), ("--images-root", args.images_root),
+                                           ("--skip-bad", args.skip_bad), ("--sp-size", args.sp_size != 1)) if given]
+    if batch_only:
+        raise InputError(f"{', '.join(batch_only)} only work with --batch CASES; for one video use --out.")
+    return run_generate(args)
+
+
 # ---------------------------------------------------------------------------------- preflight
 @dataclass
 class PlannedCase:

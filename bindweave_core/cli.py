@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .errors import BindWeaveError, GenerationCancelled
+from .batch_cli import add_batch_arguments, run_generate_or_batch
 from .generate_cli import add_generate_parser
 
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad command line
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpoint folder (Kaleido's model/)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
-    add_generate_parser(sub)
+    generate = add_generate_parser(sub)
+    add_batch_arguments(generate)  # generate --batch: a case file in, every video out
+    generate.set_defaults(func=run_generate_or_batch)
     return parser
 
 

@@ -44,7 +44,7 @@ def _family_defaults(bindweave: Any, kaleido: Any, smoke: Any = None) -> str:
     return f"default {bindweave} (Kaleido {kaleido}{smoke_part})"
 
 
-def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a video from a prompt and 1-4 reference images",
                        formatter_class=DefaultsHelpFormatter,
                        description="Generate a video. With no model files given (or --smoke) the built-in tiny "
@@ -63,13 +63,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", help="default: the model family's official negative prompt (see "
                                              "bindweave_core/constants.py)")
     p.add_argument("--out", help="output .mp4 (a .json sidecar is written beside it); required without --batch")
-    from .batch_cli import add_batch_arguments
-
-    add_batch_arguments(p)
     _add_model_arguments(p)
     _add_generation_arguments(p)
     _add_runtime_group(p)
     p.set_defaults(func=run_generate)
+    return p
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -288,10 +286,6 @@ def generation_settings(args: argparse.Namespace, prompt: str, family: str, smok
 def run_generate(args: argparse.Namespace) -> int:
     from .preflight import check_device, check_images, check_model_paths, check_output_paths, read_prompt_file
 
-    if args.batch:
-        from .batch_cli import run_batch
-
-        return run_batch(args)
     missing = [flag for flag, given in (("--ref", args.ref), ("--prompt or --prompt-file", args.prompt is not None
                                         or args.prompt_file), ("--out", args.out)) if not given]
     if missing:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers import SAMPLES, need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     cases, _ = _cases(tmp_path)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bindweave_core", "generate", "--batch", str(cases), "--out-dir", str(out), *SMALL]
-    proc = subprocess.Popen([*cmd[:-2], "--steps", "60"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd[:-2], "--steps", "12"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (out / "faceobj_1.json").exists(), proc)
         proc.send_signal(signal.SIGTERM)
@@ -182,7 +183,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     assert "Run the same command again" in err
     assert not list(out.glob(".*tmp*"))  # no partial file left behind
     assert _summary(out)["faceobj_1"]["status"] == "done" and _summary(out)["multihuman_14"]["status"] == "pending"
-    done = subprocess.run([*cmd[:-2], "--steps", "60"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd[:-2], "--steps", "12"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 already done with the same settings, 2 to do" in done.stderr
     assert {r["status"] for r in _summary(out).values()} == {"done"}
@@ -254,7 +255,7 @@ def test_a_rank_killed_mid_batch_and_a_rerun_with_another_world_size_finishes(tm
     cases = tmp_path / "cases.jsonl"
     cases.write_text("\n".join(json.dumps({"id": i, "prompt": f"a man, take {i}", "refs": [man]}) for i in ids))
     out = tmp_path / "out"
-    proc = _torchrun(cases, out, "--steps", "40", wait=False)
+    proc = _torchrun(cases, out, "--steps", "6", wait=False)
     try:
         _wait_for(lambda: any(out.glob("*.json")), proc)
         workers = _children(proc.pid)
@@ -268,7 +269,7 @@ def test_a_rank_killed_mid_batch_and_a_rerun_with_another_world_size_finishes(tm
     finished = {p.stem for p in out.glob("*.json")}
     assert finished and set(ids) - finished  # some done, some not: the kill landed mid-batch
     before = {i: (out / f"{i}.mp4").stat().st_mtime_ns for i in finished}
-    rerun = _batch(cases, out, "--steps", "40")  # one process now
+    rerun = _batch(cases, out, "--steps", "6")  # one process now
     assert rerun == 0
     assert {i: (out / f"{i}.mp4").stat().st_mtime_ns for i in finished} == before  # not made again
     assert {r["status"] for r in _summary(out).values()} == {"done"} and len(_summary(out)) == 6
