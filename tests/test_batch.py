@@ -281,3 +281,44 @@ def test_a_rank_killed_mid_batch_and_a_rerun_with_another_world_size_finishes(tm
     assert rerun == 0
     assert {i: (out / f"{i}.mp4").stat().st_mtime_ns for i in finished} == before  # not made again
     assert {r["status"] for r in _summary(out).values()} == {"done"} and len(_summary(out)) == 5
+
+
+# ------------------------------------------------------------------------------------------ case files
+def test_case_files_read_both_formats_and_keep_every_problem_by_id(tmp_path):
+    from bindweave_core.batch_cases import read_cases
+    from bindweave_core.errors import InputError
+
+    opens2v = tmp_path / "test_case.json"
+    opens2v.write_text(json.dumps({"a_1": {"img_paths": ["Images/x.jpg"], "prompt": "p", "class_label": ["Man"],
+                                           "synthesis_flag": "True", "width": 64}}))
+    (tmp_path / "root").mkdir()
+    (case,) = read_cases(opens2v, tmp_path / "root")
+    assert case.id == "a_1" and case.refs == [tmp_path / "root" / "Images" / "x.jpg"]
+    assert case.settings == {"width": 64} and case.seed is None and not case.problems
+    assert read_cases(opens2v)[0].refs == [tmp_path / "Images" / "x.jpg"]  # default root: the file's folder
+
+    lines = tmp_path / "cases.jsonl"
+    lines.write_text("\n".join([
+        json.dumps({"id": "ok", "prompt": "p", "refs": ["/abs/r.png"], "masks": ["m.png"], "seed": 3, "frames": 9}),
+        json.dumps({"id": "OK", "prompt": "p", "refs": ["r.png"]}),
+        json.dumps({"id": "../up", "prompt": "p", "refs": ["r.png"]}),
+        json.dumps({"id": "typo", "prompt": "p", "refs": ["r.png"], "widht": 64, "steps": "4"}),
+        json.dumps({"prompt": "p", "refs": []}),
+        "{not json",
+    ]))
+    cases = {c.id: c for c in read_cases(lines)}
+    ok = cases["ok"]
+    assert ok.refs == [Path("/abs/r.png")] and ok.masks == [tmp_path / "m.png"] and ok.seed == 3
+    assert ok.settings == {"num_frames": 9} and not ok.problems
+    assert "same output file as case ok" in cases["OK"].problems[0]
+    assert "letters, digits" in cases["../up"].problems[0]
+    assert any("unknown key(s) widht" in p for p in cases["typo"].problems)
+    assert any("steps must be a whole number, got '4'" in p for p in cases["typo"].problems)
+    assert any("no \"id\"" in p for p in cases["line 5"].problems)
+    assert any("non-empty list" in p for p in cases["line 5"].problems)
+    assert "not valid JSON" in cases["line 6"].problems[0]
+
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"a": {"img_paths": ["x"], "prompt": "p"}, "a": {"img_paths": ["y"], "prompt": "q"}}')
+    with pytest.raises(InputError, match="appear twice"):
+        read_cases(twice)
