@@ -45,7 +45,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--batch", metavar="CASES",
                    help="an OpenS2V-Eval test_case.json or a .jsonl file (one case per line: id, prompt, refs, "
                         "optional masks, seed and per-case settings); replaces --ref/--prompt/--out (default: none, one video)")
-    b.add_argument("--out-dir", metavar="DIR", help="with --batch: where <id>.mp4, <id>.json and the summary go (no default: required with --batch)")
+    b.add_argument("--out-dir", metavar="DIR",
+                   help="with --batch: where <id>.mp4, <id>.json and the summary go (no default: required with --batch)")
     b.add_argument("--images-root", metavar="DIR",
                    help="with --batch: folder the cases' relative image paths start from (default: the case file's)")
     b.add_argument("--skip-bad", action="store_true",

@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 
-from .errors import BindWeaveError, GenerationCancelled
 from .batch_cli import add_batch_arguments, run_generate_or_batch
+from .errors import BindWeaveError, GenerationCancelled
 from .generate_cli import add_generate_parser
 
 EXIT_BAD_INPUT = 2  # argparse's own code for a bad command line

@@ -322,3 +322,23 @@ def test_case_files_read_both_formats_and_keep_every_problem_by_id(tmp_path):
     twice.write_text('{"a": {"img_paths": ["x"], "prompt": "p"}, "a": {"img_paths": ["y"], "prompt": "q"}}')
     with pytest.raises(InputError, match="appear twice"):
         read_cases(twice)
+
+
+def test_ctrl_c_stops_with_130_and_keeps_the_finished_cases(tmp_path, monkeypatch, capsys):
+    from bindweave_core.pipeline import BindWeavePipeline
+
+    cases, _ = _man_cases(tmp_path, 2)
+    original = BindWeavePipeline.generate
+
+    def generate(self, references, settings, *args, **kwargs):
+        if settings.prompt.endswith("take case1"):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+        return original(self, references, settings, *args, **kwargs)
+
+    monkeypatch.setattr(BindWeavePipeline, "generate", generate)
+    out = tmp_path / "out"
+    assert _batch(cases, out) == 130
+    err = capsys.readouterr().err
+    assert "stopped by Ctrl-C during case case1 (its files were not written); 1 case(s) of this run were written" in err
+    assert (out / "case0.mp4").exists() and not (out / "case1.mp4").exists()
+    assert [r["status"] for r in _summary(out).values()] == ["done", "pending"]
