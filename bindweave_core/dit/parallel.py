@@ -25,6 +25,10 @@ Launch (every rank runs the whole pipeline; rank 0 writes the video)::
 
     torchrun --nproc-per-node 4 -m bindweave_core generate ... --parallel ulysses
     torchrun --nproc-per-node 2 -m bindweave_core generate ... --parallel cfg
+
+**Rank groups** (``init_rank_groups``, for ``generate --batch --sp-size N``): the world is cut into
+groups of N consecutive ranks, each with its own device mesh (context parallelism) or process group
+(cfg split), so each group makes its own videos while its ranks share one.
 """
 
 from __future__ import annotations
