@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from .batch_cli import add_batch_arguments, run_generate_or_batch
 from .errors import BindWeaveError, GenerationCancelled
 from .evaluate.cli import add_evaluate_parser
 from .generate_cli import add_generate_parser
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpoint folder (Kaleido's model/)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
-    add_generate_parser(sub)
+    generate = add_generate_parser(sub)
+    add_batch_arguments(generate)  # generate --batch: a case file in, every video out
+    generate.set_defaults(func=run_generate_or_batch)
     add_evaluate_parser(sub)
     return parser
 

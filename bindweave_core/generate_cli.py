@@ -46,29 +46,30 @@ def _family_defaults(bindweave: Any, kaleido: Any, smoke: Any = None) -> str:
     return f"default {bindweave} (Kaleido {kaleido}{smoke_part})"
 
 
-def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a video from a prompt and 1-4 reference images",
                        formatter_class=DefaultsHelpFormatter,
                        description="Generate a video. With no model files given (or --smoke) the built-in tiny "
                                    "smoke model runs on the CPU: the pipeline works end to end, the video is noise. "
                                    "Settings left out take the model family's official values (BindWeave or "
                                    "Kaleido).")
-    p.add_argument("--ref", action="append", required=True, metavar="IMG",
-                   help="reference image (repeat; BindWeave 1-4, Kaleido 1-3)")
+    p.add_argument("--ref", action="append", metavar="IMG",
+                   help="reference image (repeat; BindWeave 1-4, Kaleido 1-3); required without --batch")
     p.add_argument("--mask", action="append", metavar="IMG",
                    help="optional subject mask per reference (same order; non-default, see README)")
     p.add_argument("--mask-mode", choices=C.MASK_MODES, default="rectangle",
                    help="rectangle = official letterbox mask; alpha = use the alpha channel of RGBA cut-outs")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="what the video shows")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="what the video shows (this or --prompt-file: required without --batch)")
     prompt.add_argument("--prompt-file", help="read the prompt from this text file")
     p.add_argument("--negative-prompt", help="default: the model family's official negative prompt (see "
                                              "bindweave_core/constants.py)")
-    p.add_argument("--out", required=True, help="output .mp4 (a .json sidecar is written beside it)")
+    p.add_argument("--out", help="output .mp4 (a .json sidecar is written beside it); required without --batch")
     _add_model_arguments(p)
     _add_generation_arguments(p)
     _add_runtime_group(p)
     p.set_defaults(func=run_generate)
+    return p
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -146,8 +147,9 @@ def _add_runtime_group(p: argparse.ArgumentParser) -> None:
     r.add_argument("--attention", choices=C.ATTENTION_BACKENDS, default="sdpa",
                    help="sdpa (default): PyTorch's fused kernels; sage/flash need their packages and a CUDA GPU; "
                         "auto: sage, else flash, else sdpa")
-    r.add_argument("--offload", choices=C.OFFLOAD_MODES, default="release",
-                   help="release: load each model when needed and free it after (least memory)")
+    r.add_argument("--offload", choices=C.OFFLOAD_MODES,
+                   help="release (default): load each model when needed and free it after (least memory); with "
+                        "--batch the default is model (each model loads once and waits in CPU memory)")
     r.add_argument("--condition-cache", metavar="DIR",
                    help="directory keeping the video condition, text, planner and reference states across runs "
                         "(reused while the models and inputs are unchanged; exact); default: none (memory only)")
@@ -228,7 +230,7 @@ def build_pipeline(args: argparse.Namespace):
         dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, clip_vision=args.clip_vision,
         planner=args.planner, planner_tokenizer=args.planner_tokenizer, text_tokenizer=args.text_tokenizer,
         dtype=torch_dtype(args.dtype) if args.dtype else None, device=device, weight_format=args.weight_format,
-        attention=args.attention, offload=args.offload, family=family, runtime=runtime,
+        attention=args.attention, offload=args.offload or "release", family=family, runtime=runtime,
         condition_cache=ConditionCache(cache_dir) if cache_dir else None)
     return pipe, {name: file_fingerprint(path) for name, path in given.items() if path}
 
@@ -241,7 +243,7 @@ def _dit_family(path: str, override: str | None) -> str:
 
 def _input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the run reads: no output may land on one of them."""
-    paths = [args.prompt_file, *args.ref, *(args.mask or [])]
+    paths = [args.prompt_file, *(args.ref or []), *(args.mask or [])]
     paths += [getattr(args, name, None) for name in PATH_ARGS]
     paths += [str(path) for path in _lora_paths(args)]
     return [str(p) for p in paths if p and isinstance(p, (str, Path))]
@@ -320,6 +322,10 @@ def generation_settings(args: argparse.Namespace, prompt: str, family: str, smok
 def run_generate(args: argparse.Namespace) -> int:
     from .preflight import check_device, check_images, check_model_paths, check_output_paths, read_prompt_file
 
+    missing = [flag for flag, given in (("--ref", args.ref), ("--prompt or --prompt-file", args.prompt is not None
+                                        or args.prompt_file), ("--out", args.out)) if not given]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}: give them, or --batch CASES --out-dir DIR for a case file.")
     # Preflight: everything that can be checked before a model loads (bindweave_core.preflight).
     check_option_conflicts(args)
     out, _ = check_output_paths(args.out, _input_paths(args))
@@ -387,6 +393,7 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
     generation finishes: a cancel or an error leaves no file (not even a partial one) behind. ``evaluate``:
     score the video as written against the references into the sidecar's ``"evaluation"``
     (``bindweave_core.evaluate.generated``)."""
+    from .batch_outputs import file_sha256
     from .preflight import check_output_paths
     from .video_io import Mp4Writer, atomic_path, read_video, write_json
 
@@ -403,15 +410,42 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
                   "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
                   "frames_written": writer.frames, "versions": _versions(), "output": str(out),
                   "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
-                  "step_cache": result.step_cache}
+                  "video_sha256": file_sha256(tmp_mp4), "step_cache": result.step_cache}
         if evaluate:  # the video as written (the frames were streamed into the file, not kept)
-            from .evaluate.generated import evaluate_generated
-
             frames, _ = read_video(tmp_mp4)
-            record["evaluation"] = evaluate_generated(pipe, references, frames, prompt=result.prompt,
-                                                      fps=settings.fps, windows=result.windows or record.get("windows"), smoke=smoke)
+            record["evaluation"] = _evaluation(pipe, references, frames, result, record, smoke)
         write_json(record, tmp_json)
     return result
+
+
+def _evaluation(pipe, references: list, frames: Any, result, record: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    """The evaluation report of a video just made (``bindweave_core.evaluate``) for its sidecar."""
+    from .evaluate.generated import evaluate_generated
+
+    return evaluate_generated(pipe, references, frames, prompt=result.prompt, fps=result.settings.fps,
+                              windows=result.windows or record.get("windows"), smoke=smoke)
+
+
+def write_outputs(pipe, result, out: Path, sidecar_path: Path, sidecar: dict[str, Any] | None = None, *,
+                  references: list | None = None, evaluate: bool = False, smoke: bool = False) -> dict[str, Any]:
+    """A result held in memory (the batch command's): the video, then its sidecar (with the video's sha256 and,
+    with ``evaluate``, the evaluation of ``references`` against it), each to a temporary name and renamed: the
+    sidecar appears last, so a sidecar always describes a complete video. Returns the sidecar's record."""
+    from .batch_outputs import file_sha256
+    from .video_io import atomic_path, write_json, write_mp4
+
+    settings = result.settings
+    with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
+        write_mp4(result.frames, out, fps=settings.fps)
+        record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+                  "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+                  "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
+                  "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
+                  "video_sha256": file_sha256(out), "step_cache": result.step_cache}
+        if evaluate:
+            record["evaluation"] = _evaluation(pipe, references or [], result.frames, result, record, smoke)
+        write_json(record, tmp_json)
+    return record
 
 
 def _estimate_gib(pipe) -> float | None:

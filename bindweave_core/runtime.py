@@ -67,11 +67,9 @@ def place_dit(dit: torch.nn.Module, options: RuntimeOptions, device: torch.devic
     if options.compile and not is_compiled(dit):
         compile_blocks(dit, backend=options.compile_backend, mode=options.compile_mode)
     if options.parallel in ("ulysses", "ring") and getattr(dit, "_parallel_config", None) is None:
-        import torch.distributed as dist
+        from .dit.parallel import enable_context_parallel, group_size
 
-        from .dit.parallel import enable_context_parallel
-
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = group_size()  # the whole world, or this rank's group of generate --batch --sp-size
         enable_context_parallel(dit, device=device, ulysses_degree=world if options.parallel == "ulysses" else None,
                                 ring_degree=world if options.parallel == "ring" else None)
     offload = getattr(dit, "block_offload", None)
@@ -137,9 +135,9 @@ def run_shape(pipe: Any, settings: Any, dtype: torch.dtype, weight_format: str, 
     options: RuntimeOptions = pipe.runtime
     cp = 1
     if options.parallel in ("ulysses", "ring"):
-        import torch.distributed as dist
+        from .dit.parallel import group_size
 
-        cp = dist.get_world_size() if dist.is_initialized() else 1
+        cp = group_size()
     # the DiT sees one clip at a time: the whole video, or the longest context window with its anchor frame
     frames = getattr(settings, "condition_frames", settings.num_frames)
     return RunShape(settings.width, settings.height, frames, batch=batch, dtype=dtype,

@@ -25,6 +25,10 @@ Launch (every rank runs the whole pipeline; rank 0 writes the video)::
 
     torchrun --nproc-per-node 4 -m bindweave_core generate ... --parallel ulysses
     torchrun --nproc-per-node 2 -m bindweave_core generate ... --parallel cfg
+
+**Rank groups** (``init_rank_groups``, for ``generate --batch --sp-size N``): the world is cut into
+groups of N consecutive ranks, each with its own device mesh (context parallelism) or process group
+(cfg split), so each group makes its own videos while its ranks share one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,6 +73,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up: ``(rank, world size, this rank's device)``.
 
     NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is available, else gloo on the CPU.
+    Several nodes work the same way (torchrun's ``--nnodes``/``--rdzv-backend c10d`` set the variables).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
@@ -92,6 +98,73 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def rank() -> int:
     """This process's rank (0 when not distributed)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---------------------------------------------------------------------------------- rank groups
+@dataclass
+class RankGroup:
+    """This rank's share of the world when the world is cut into groups of ``size`` consecutive ranks
+    (``generate --batch --sp-size``): each group makes its own videos, its ranks one video together.
+
+    ``mesh`` is the group's device mesh for context parallelism (dims ``ring``, ``ulysses``; None
+    otherwise), ``process_group`` the group's own process group (cfg split; None for a group of one)."""
+
+    size: int
+    index: int  # which group this rank is in
+    count: int  # how many groups
+    local_rank: int  # this rank's place inside its group (0 writes)
+    mesh: Any = None
+    process_group: Any = None
+
+
+_GROUP: RankGroup | None = None  # set by init_rank_groups; None: one group spanning the whole world
+
+
+def check_rank_groups(size: int, mode: str, world: int) -> None:
+    """Whether ``world`` ranks cut into groups of ``size`` for ``mode`` (before anything starts)."""
+    if size < 1 or world % size:
+        raise InputError(f"--sp-size {size} must divide the number of processes ({world}): each group of {size} "
+                         f"ranks makes one video at a time. Use a divisor of {world} (launch with torchrun "
+                         "--nproc-per-node N for N processes).")
+    if size > 1 and mode == "none":
+        raise InputError(f"--sp-size {size} runs one video over {size} ranks: add --parallel ulysses or ring "
+                         "(sequence split) or, for groups of 2, --parallel cfg.")
+    if size == 1 and mode != "none":
+        raise InputError(f"--parallel {mode} with --batch splits each video over the ranks of a group: give "
+                         "--sp-size N (N ranks per video; 2 for cfg), or drop --parallel to make one video per rank.")
+    if mode == "cfg" and size != 2:
+        raise InputError(f"--parallel cfg splits cond and uncond over groups of exactly 2 ranks; use --sp-size 2 "
+                         f"(got {size}).")
+
+
+def init_rank_groups(size: int, mode: str, device: torch.device) -> RankGroup:
+    """Cut the world into groups of ``size`` ranks for ``mode`` (ulysses, ring, cfg or none) and make this
+    rank's group the one :func:`group_size`, :func:`enable_context_parallel` and the cfg split use.
+    Every rank must call it (making groups is a collective)."""
+    global _GROUP
+    world, me = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    check_rank_groups(size, mode, world)
+    group = RankGroup(size=size, index=me // size, count=world // size, local_rank=me % size)
+    if size > 1:
+        shape = {"ulysses": (1, size), "ring": (size, 1), "cfg": (1, size)}[mode]
+        mesh = dist.device_mesh.init_device_mesh(device.type, (group.count, *shape),
+                                                 mesh_dim_names=("group", "ring", "ulysses"))
+        group.mesh = mesh["ring", "ulysses"] if mode != "cfg" else None
+        group.process_group = mesh["ulysses"].get_group()
+    if world > 1:  # one process alone keeps no group state (an embedding host may run more after)
+        _GROUP = group
+    return group
+
+
+def group_size() -> int:
+    """Ranks that compute one video together: this rank's group, else the whole world (1 alone)."""
+    if _GROUP is not None:
+        return _GROUP.size
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def current_group() -> RankGroup | None:
+    return _GROUP
 
 
 # ---------------------------------------------------------------------------------- context parallel
@@ -120,9 +193,10 @@ def check_divisible(tokens: int, world: int) -> None:
 def enable_context_parallel(model: nn.Module, *, ulysses_degree: int | None = None, ring_degree: int | None = None,
                             device: str | torch.device | None = None, anything: bool = False,
                             mesh: Any = None) -> ParallelConfig:
-    """Shard the DiT's sequence over the ranks of the default process group (see the module docstring).
+    """Shard the DiT's sequence over the ranks of the default process group, or of ``mesh`` / this rank's
+    group (:func:`init_rank_groups`) (see the module docstring).
 
-    ``ulysses_degree`` x ``ring_degree`` must equal the world size (default: all ranks Ulysses).
+    ``ulysses_degree`` x ``ring_degree`` must equal the ranks sharing the sequence (default: all Ulysses).
     Ulysses also splits the heads: ``num_heads`` must divide by ``ulysses_degree`` unless ``anything``.
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -130,7 +204,9 @@ def enable_context_parallel(model: nn.Module, *, ulysses_degree: int | None = No
                            "and call bindweave_core.dit.parallel.init_distributed() first")
     if getattr(model, "_parallel_config", None) is not None:
         raise RuntimeError("context parallelism is already enabled on this model")
-    world = dist.get_world_size()
+    if mesh is None and _GROUP is not None and _GROUP.mesh is not None:
+        mesh = _GROUP.mesh  # a rank group of generate --batch --sp-size: the sequence spans the group only
+    world = mesh.size() if mesh is not None else dist.get_world_size()
     if ulysses_degree is None and ring_degree is None:
         ulysses_degree = world
     ulysses_degree, ring_degree = ulysses_degree or 1, ring_degree or 1
@@ -147,7 +223,8 @@ def enable_context_parallel(model: nn.Module, *, ulysses_degree: int | None = No
     device = torch.device(device) if device is not None else model.patch_embedding.weight.device
     mesh = cp.mesh or dist.device_mesh.init_device_mesh(device.type, cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
     config = ParallelConfig(context_parallel_config=cp)
-    config.setup(dist.get_rank(), world, device, mesh=mesh)
+    config.setup(_GROUP.local_rank if _GROUP is not None and mesh is _GROUP.mesh else dist.get_rank(), world, device,
+                 mesh=mesh)
 
     from diffusers.hooks.context_parallel import apply_context_parallel
 
@@ -172,6 +249,8 @@ def cfg_parallel_predictor(predict: Callable[[torch.Tensor, torch.Tensor, str], 
                            group: Any = None) -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
     """Wrap a ``predict(latents, timestep, "cond" | "uncond" | "both")`` so that ``"both"`` runs the
     conditional branch on rank 0 and the unconditional one on rank 1, then gathers ``[cond, uncond]``."""
+    if group is None and _GROUP is not None:
+        group = _GROUP.process_group  # a rank group of generate --batch --sp-size 2
     world = dist.get_world_size(group)
     if world != 2:
         raise InputError(f"--parallel cfg splits cond and uncond over exactly 2 GPUs; {world} processes were started")
