@@ -325,7 +325,7 @@ def run_generate(args: argparse.Namespace) -> int:
     missing = [flag for flag, given in (("--ref", args.ref), ("--prompt or --prompt-file", args.prompt is not None
                                         or args.prompt_file), ("--out", args.out)) if not given]
     if missing:
-        raise InputError(f"missing {', '.join(missing)}: give them, or --batch CASES --out-dir DIR for a case file.")
+        raise InputError(f"generate needs {' and '.join(missing)} (or --batch CASES --out-dir DIR for a case file).")
     # Preflight: everything that can be checked before a model loads (bindweave_core.preflight).
     check_option_conflicts(args)
     out, _ = check_output_paths(args.out, _input_paths(args))

@@ -165,7 +165,7 @@ CASES: list[Case] = [
     Case("sampler-unknown", "--sampler dpm (not one of ours)", base("--sampler", "dpm"),
          r"^argument --sampler: invalid choice: 'dpm'"),
     Case("out-missing", "no --out (the usage block is not printed)", base(out=""),
-         r"^the following arguments are required: --out\n\(python -m bindweave_core generate --help"),
+         r"^generate needs --out \(or --batch CASES --out-dir DIR for a case file\)\.$"),
     Case("shift-tiny", "--shift 0.05 (below the validator's 0.1)", base("--shift", "0.05"),
          r"shift must be a number from 0\.1 to 100, got 0\.05"),
     Case("guidance-huge", "--guidance 1000", base("--guidance", "1000"), r"guidance must be a number from 0 to 100"),
