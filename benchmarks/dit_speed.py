@@ -46,8 +46,10 @@ from bindweave_core import constants as C  # noqa: E402
 from bindweave_core.checkpoints.materialize import target_dtype  # noqa: E402
 from bindweave_core.config import PRESETS, DiTConfig  # noqa: E402
 from bindweave_core.dit.attention import resolve_backend  # noqa: E402
-from bindweave_core.dtypes import torch_dtype  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
+from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
+from bindweave_core.dit.transformer import BindWeaveTransformer  # noqa: E402
+from bindweave_core.dtypes import torch_dtype  # noqa: E402
 from bindweave_core.fp8 import (  # noqa: E402
     FP8Linear,
     convert_to_fp8,
@@ -55,8 +57,6 @@ from bindweave_core.fp8 import (  # noqa: E402
     set_fp8_matmul,
     swap_in_fp8_linears,
 )
-from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
-from bindweave_core.dit.transformer import BindWeaveTransformer  # noqa: E402
 from bindweave_core.memory import GiB, RunShape, estimate_vram, token_count  # noqa: E402
 
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}

@@ -46,7 +46,6 @@ from .references import (
 )
 
 
-
 # ------------------------------------------------------------------------------------------ references
 def check_reference_count(count: int) -> None:
     """1..3 references, or an InputError naming the problem and the fix."""

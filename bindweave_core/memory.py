@@ -111,8 +111,8 @@ def weight_bytes(config: Any, dtype: torch.dtype = torch.bfloat16, weight_format
     """``(bytes outside the blocks, bytes of one block)`` of a DiT loaded with ``dtype``/``weight_format``,
     counted on a meta-device model with the loader's rules (fp32 tables, fp8 block linears)."""
     from .checkpoints.materialize import target_dtype
-    from .fp8 import fp8_candidate_modules
     from .dit.transformer import BindWeaveTransformer
+    from .fp8 import fp8_candidate_modules
 
     with torch.device("meta"):  # every block is alike: one is enough (a 40-block meta model takes seconds)
         model = BindWeaveTransformer(config.replace(num_layers=1))

@@ -159,9 +159,9 @@ def wrap(component: Encoder | torch.nn.Module, kind: str, resident_blocks: int |
     if kind == "dit":
         # the native ComfyUI model class over the DiT: the same ModelPatcher serves our Sampler and the
         # native samplers (MODEL). In-place weight updates: the original-name view shares the DiT's tensors.
-        from bindweave_core.pipeline import defaults_for
-
         from comfy.patcher_extension import CallbacksMP
+
+        from bindweave_core.pipeline import defaults_for
 
         from .native import BindWeaveNativeModel, patch_bare_parameters
 

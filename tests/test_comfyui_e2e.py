@@ -341,7 +341,6 @@ def _watch(server, prompt: dict, extra_data: dict | None = None, interrupt=None,
     import uuid
 
     import aiohttp
-
     from comfy_browser import post_json
 
     client = uuid.uuid4().hex

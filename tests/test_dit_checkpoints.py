@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bindweave_core.dit.loading import load_dit, scan_dit
-from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit, count_parameters
-from bindweave_core.fp8 import FP8Linear
+from bindweave_core.dit.loading import load_dit, scan_dit
 from bindweave_core.errors import CheckpointError
+from bindweave_core.fp8 import FP8Linear
+from bindweave_core.inspection import inspect_checkpoint
 from helpers import REPO, randomize_, tiny_dit_inputs
 
 TINY = PRESETS["tiny"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bindweave_core.dit.loading import load_dit
+from bindweave_core import fp8 as FP8
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit
-from bindweave_core import fp8 as FP8
+from bindweave_core.dit.loading import load_dit
 from helpers import randomize_
 
 HALF = [torch.bfloat16, torch.float16]

@@ -33,17 +33,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_dit_checkpoints import BLOCK_LINEAR, to_original
 
-from bindweave_core.dit.loading import load_dit
-from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.materialize import expand_scale
 from bindweave_core.cli import main as cli_main
 from bindweave_core.config import PRESETS, DiTConfig
 from bindweave_core.dit import build_dit, count_parameters
 from bindweave_core.dit.gguf_linear import GGUFLinear
+from bindweave_core.dit.loading import load_dit
 from bindweave_core.errors import CheckpointError
+from bindweave_core.inspection import inspect_checkpoint
 from helpers import randomize_, tiny_dit_inputs
-from test_dit_checkpoints import BLOCK_LINEAR, to_original
 
 TINY = PRESETS["tiny"]
 FP8 = torch.float8_e4m3fn

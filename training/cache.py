@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.condition_cache import digest
 from bindweave_core.errors import BindWeaveError
-from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.families import family_for
+from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import load_image
 
 from .augment import augment_reference, variant_rng

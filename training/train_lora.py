@@ -42,9 +42,7 @@ from .cache import FeatureCache, load_entry, load_tensors
 from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
 from .config import TrainConfig
 from .dataset import BadSample, BatchOrder, DatasetReport, load_dataset
-from .model import add_lora, dit_config, export_lora, lora_parameter_count, load_training_dit, train_connector, \
-    trainable_state
-from .preflight import check_launch, preflight
+from .model import add_lora, dit_config, export_lora, load_training_dit, lora_parameter_count, train_connector, trainable_state
 from .objective import (
     CONDITIONING,
     conditioning_mode,
@@ -53,6 +51,7 @@ from .objective import (
     sigma_method,
     step_generator,
 )
+from .preflight import check_launch, preflight
 
 log = logging.getLogger("BindWeave")
 

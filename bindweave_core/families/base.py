@@ -64,13 +64,13 @@ class ModelFamily(ABC):
     def defaults(self) -> dict[str, Any]:
         """The official sampling settings, as ``GenerationSettings`` keyword arguments."""
 
-    def check_reference_count(self, count: int) -> None:
+    def check_reference_count(self, count: int) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """The family's own message for a reference count it cannot take (before the generic check)."""
 
-    def check_settings(self, settings: Any) -> None:
+    def check_settings(self, settings: Any) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """Warnings about settings the family was not trained for (nothing is changed)."""
 
-    def check_dit(self, config: Any, source: str, checkpoint_family: str) -> None:
+    def check_dit(self, config: Any, source: str, checkpoint_family: str) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """Refuse a DiT (read as ``checkpoint_family``) that cannot run as this family."""
 
     def slot_frames(self, config: Any) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .. import constants as C
-from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from ..condition_cache import tensor_digest
+from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_condition
 from ..denoiser import DiTBranch
 from ..references import prepare_references
 from .base import ModelFamily, ReferenceHost

@@ -11,8 +11,8 @@ import torch
 
 from .. import constants as C
 from .. import kaleido as K
-from ..conditioning import PlannerStates, ReferenceCondition, TextStates
 from ..condition_cache import tensor_digest
+from ..conditioning import PlannerStates, ReferenceCondition, TextStates
 from ..denoiser import DiTBranch
 from ..errors import InputError
 from .base import ModelFamily, ReferenceHost
