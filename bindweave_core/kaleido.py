@@ -12,7 +12,7 @@ and line ranges in ``docs/kaleido-rrope.md``):
 * text only: UMT5 states (no CLIP, no planner); guidance 6 on the text, the unconditional branch
   keeps the same references;
 * sampling: Euler over ``sigma = 7u / (1 + 6u)``, ``u = linspace(1, 0, steps + 1)``, model time
-  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :class:`RFEulerScheduler`).
+  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :func:`rf_sigmas`).
 
 Also here: the same inputs for training on a Wan base (:func:`rrope_training_batch`), and the
 layout of the Kaleido download (:func:`find_kaleido_bundle`). The family object that puts these
@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from . import constants as C
@@ -209,26 +208,6 @@ def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
         raise InputError(f"steps must be at least 1, got {steps}")
     u = np.linspace(1.0, 0.0, steps + 1)
     return (shift * u / (1.0 + (shift - 1.0) * u)).astype(np.float32)
-
-
-class RFEulerScheduler(FlowMatchEulerDiscreteScheduler):
-    """diffusers' flow Euler scheduler fed with Kaleido's sigma grid (:func:`rf_sigmas`).
-
-    The grid is passed as explicit sigmas with the scheduler's own shift at 1, so diffusers adds
-    nothing: timesteps are ``1000 * sigma`` (float32) and each step is ``x + (sigma' - sigma) * v``.
-    """
-
-    def __init__(self, shift: float = C.KALEIDO_SHIFT, num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS):
-        super().__init__(num_train_timesteps=num_train_timesteps, shift=1.0)
-        self.grid_shift = float(shift)
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      sigmas: list[float] | None = None, **kwargs: Any) -> None:
-        if sigmas is None:
-            if num_inference_steps is None:
-                raise ValueError("give num_inference_steps or sigmas")
-            sigmas = rf_sigmas(num_inference_steps, self.grid_shift)[:-1]  # the scheduler appends the final 0
-        super().set_timesteps(device=device, sigmas=list(sigmas), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ download layout

@@ -174,8 +174,7 @@ def test_reference_condition_carries_typed_family_condition_and_geometry():
     refs = ReferenceCondition(clip_tokens=None, slots=None, canvases=torch.zeros(2, 48, 64, 3),
                               masks=torch.ones(2, 48, 64), video_condition=condition, geometry=geometry)
     assert refs.family == "bindweave" and refs.num_references == 2
-    # the dict older callers read holds the same values
-    assert refs.extra["video_condition"] is condition and (refs.extra["width"], refs.extra["num_frames"]) == (64, 5)
+    assert refs.video_condition is condition and (refs.geometry.width, refs.geometry.num_frames) == (64, 5)
     assert latent_stats(geometry) == ([0.5] * 16, [2.0] * 16)
     # without recorded statistics: the Wan 2.1 VAE's (channel 7: mean 1.5508, std 2.0743)
     mean, std = latent_stats(VideoGeometry(64, 48, 5))
