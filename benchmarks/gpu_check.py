@@ -202,7 +202,7 @@ def full(device: torch.device, cfg, width: int, height: int, frames: int, steps:
     model.set_attention_backend("sdpa")
     ours, theirs = S.make_inputs(cfg, width, height, frames, 2, planner_tokens, torch.bfloat16, device)
     tokens = token_count(width, height, frames)
-    flops = S.step_flops(cfg, tokens, C.CLIP_CONTEXT_TOKENS + planner_tokens + cfg.text_len, 2)
+    flops = S.step_flops(cfg, tokens, C.CLIP_CONTEXT_TOKENS + planner_tokens + C.TEXT_LEN, 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_ours, peak = S.time_steps(model, ours, 1, steps, 1, device)

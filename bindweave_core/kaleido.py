@@ -43,6 +43,7 @@ from .references import (
     _mask_to_l,
     prepare_references,
 )
+from .schedules import shifted_sigmas
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -207,7 +208,7 @@ def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
     if steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
     u = np.linspace(1.0, 0.0, steps + 1)
-    return (shift * u / (1.0 + (shift - 1.0) * u)).astype(np.float32)
+    return shifted_sigmas(u, shift).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ download layout

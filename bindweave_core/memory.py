@@ -145,8 +145,8 @@ def estimate_vram(config: Any, shape: RunShape) -> VramEstimate:
     tokens = -(-token_count(shape.width, shape.height, shape.num_frames, slots) // cp)
     t, h, w = (C.latent_frames(shape.num_frames), shape.height // C.VAE_SPATIAL_FACTOR,
                shape.width // C.VAE_SPATIAL_FACTOR)
-    context_tokens = C.CLIP_CONTEXT_TOKENS + shape.planner_tokens + config.text_len
-    inputs = (config.text_len * config.text_dim + C.CLIP_CONTEXT_TOKENS * (config.image_dim or 0)
+    context_tokens = C.CLIP_CONTEXT_TOKENS + shape.planner_tokens + C.TEXT_LEN
+    inputs = (C.TEXT_LEN * config.text_dim + C.CLIP_CONTEXT_TOKENS * (config.image_dim or 0)
               + shape.planner_tokens * (config.planner_dim or 0))
     per_branch = (context_tokens * config.dim + inputs + C.CONDITION_CHANNELS * (slots + t) * h * w) * element
     conditioning = (2 * per_branch  # cond and uncond are both on the device

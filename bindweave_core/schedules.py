@@ -16,6 +16,7 @@ same dtypes (numpy float64, then int64 timesteps by truncation and float32 sigma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,12 @@ class FlowGrid:
     def __post_init__(self) -> None:
         if len(self.sigmas) != len(self.timesteps) + 1:
             raise ValueError("a flow grid has one sigma more than timesteps")
+
+
+def shifted_sigmas(u: Any, shift: float) -> Any:
+    """``shift u / (1 + (shift - 1) u)``: the flow-matching time shift of ``u`` in [0, 1] (the one place it is
+    written; a numpy array or a tensor, in its own dtype, the operations in this order as upstream does)."""
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def _check(steps: int, shift: float) -> None:
@@ -55,7 +62,7 @@ def official_unipc_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     shift = float(shift)
     alphas = np.linspace(1, 1 / num_train_timesteps, steps + 1)
     sigmas = 1.0 - alphas
-    sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+    sigmas = np.flip(shifted_sigmas(sigmas, shift))[:-1].copy()
     timesteps = torch.from_numpy(sigmas * num_train_timesteps).to(torch.int64)
     sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
     return FlowGrid(timesteps=timesteps, sigmas=sigmas)
@@ -72,10 +79,10 @@ def flow_euler_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     _check(steps, shift)
     shift = float(shift)
     ends = torch.tensor([num_train_timesteps, 1], dtype=torch.float32) / num_train_timesteps
-    ends = shift * ends / (1 + (shift - 1) * ends)
+    ends = shifted_sigmas(ends, shift)
     sigma_max, sigma_min = ends[0].item(), ends[1].item()
     sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
-    sigmas = torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)).to(torch.float32)
+    sigmas = torch.from_numpy(shifted_sigmas(sigmas, shift)).to(torch.float32)
     timesteps = sigmas * num_train_timesteps
     return FlowGrid(timesteps=timesteps, sigmas=torch.cat([sigmas, torch.zeros(1)]))
 

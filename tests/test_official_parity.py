@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from bindweave_core import constants as C
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.config import DiTConfig
 from bindweave_core.dit import build_dit
@@ -20,11 +21,12 @@ TOLERANCE = 2e-5
 
 
 def fixture_config(meta: dict) -> DiTConfig:
+    assert meta["num_ref_slots"] == C.NUM_REF_SLOTS  # the slot count is the model's, not a config field
     return DiTConfig(family="bindweave", num_layers=meta["num_layers"], num_heads=meta["num_attention_heads"],
                      head_dim=meta["attention_head_dim"], ffn_dim=meta["ffn_dim"], in_channels=meta["in_channels"],
                      out_channels=meta["out_channels"], text_dim=meta["text_dim"], freq_dim=meta["freq_dim"],
                      image_dim=meta["image_dim"], planner_dim=meta["planner_dim"], eps=meta["eps"],
-                     clip_token_len=meta["clip_token_len"], num_ref_slots=meta["num_ref_slots"])
+                     clip_token_len=meta["clip_token_len"])
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ with or without ``lm_head``), its loadability, and the ``inspect`` report."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -245,18 +244,6 @@ class MissingLMHead(nn.Module):
         raise CheckpointError("this planner file has no LM head (lm_head.weight), so it cannot generate text. Prompt "
                               "refinement needs a file with the LM head, e.g. the Qwen/Qwen2.5-VL-7B-Instruct "
                               "directory or ComfyUI's qwen_2.5_vl_7b.safetensors.")
-
-
-def file_identity(files: list[Path]) -> list[list[Any]]:
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def json_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ inspect
