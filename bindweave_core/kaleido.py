@@ -12,7 +12,7 @@ and line ranges in ``docs/kaleido-rrope.md``):
 * text only: UMT5 states (no CLIP, no planner); guidance 6 on the text, the unconditional branch
   keeps the same references;
 * sampling: Euler over ``sigma = 7u / (1 + 6u)``, ``u = linspace(1, 0, steps + 1)``, model time
-  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :func:`rf_sigmas`).
+  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (``schedules.rf_sigmas``).
 
 Also here: the same inputs for training on a Wan base (:func:`rrope_training_batch`), and the
 layout of the Kaleido download (:func:`find_kaleido_bundle`). The family object that puts these
@@ -43,7 +43,6 @@ from .references import (
     _mask_to_l,
     prepare_references,
 )
-from .schedules import shifted_sigmas
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -196,19 +195,6 @@ def kaleido_training_sigma(batch: int, latent_height: int, latent_width: int,
     mu = y1 + (y2 - y1) / (x2 - x1) * (patches - x1)
     sigma = torch.sigmoid(torch.randn(batch, generator=generator))
     return math.exp(mu) / (math.exp(mu) + 1 / sigma - 1)
-
-
-# ------------------------------------------------------------------------------------------ sampling
-def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
-    """The ``steps + 1`` official sigmas from 1 to 0, float32 (computed in float64 first, as upstream).
-
-    ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
-    the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
-    """
-    if steps < 1:
-        raise InputError(f"steps must be at least 1, got {steps}")
-    u = np.linspace(1.0, 0.0, steps + 1)
-    return shifted_sigmas(u, shift).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ download layout

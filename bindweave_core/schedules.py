@@ -10,7 +10,7 @@ same dtypes (numpy float64, then int64 timesteps by truncation and float32 sigma
 * :func:`diffusers_unipc_grid`: whatever the installed diffusers computes (``unipc-diffusers``, opt-in);
 * :func:`flow_euler_grid`: diffusers' ``FlowMatchEulerDiscreteScheduler`` grid (``euler``), which is the
   same in 0.33.1 and 0.42.1 but is computed here too so that it stays that way;
-* :func:`rf_euler_grid`: Kaleido's official RF grid (``rf-euler``, ``kaleido.rf_sigmas``).
+* :func:`rf_euler_grid`: Kaleido's official RF grid (``rf-euler``, :func:`rf_sigmas`; docs/kaleido-rrope.md).
 """
 
 from __future__ import annotations
@@ -87,12 +87,22 @@ def flow_euler_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     return FlowGrid(timesteps=timesteps, sigmas=torch.cat([sigmas, torch.zeros(1)]))
 
 
+def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
+    """The ``steps + 1`` official sigmas from 1 to 0, float32 (computed in float64 first, as upstream).
+
+    ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
+    the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
+    """
+    if steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    u = np.linspace(1.0, 0.0, steps + 1)
+    return shifted_sigmas(u, shift).astype(np.float32)
+
+
 def rf_euler_grid(steps: int, shift: float = C.KALEIDO_SHIFT,
                   num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS) -> FlowGrid:
-    """Kaleido's grid (``kaleido.rf_sigmas``, float32, 1 -> 0); timesteps ``1000 * sigma`` in float32."""
+    """Kaleido's grid (:func:`rf_sigmas`, float32, 1 -> 0); timesteps ``1000 * sigma`` in float32."""
     _check(steps, shift)
-    from .kaleido import rf_sigmas
-
     sigmas = torch.from_numpy(rf_sigmas(int(steps), float(shift)))
     return FlowGrid(timesteps=sigmas[:-1] * num_train_timesteps, sigmas=sigmas)
 
