@@ -239,6 +239,7 @@ def test_diffusers_config_eps_is_the_models_eps(reference, tmp_path):
     ({"qk_norm": "rms_norm"}, "implements only qk_norm='rms_norm_across_heads'"),
     ({"rope_max_seq_len": 2048}, "implements only rope_max_seq_len=1024"),
     ({"num_layers": 3}, "says num_layers=3 but the weights have num_layers=2"),
+    ({"added_kv_proj_dim": None}, "says added_kv_proj_dim=None but the weights' image key/value projections are 64"),
     ({"attention_head_dim": 16, "num_attention_heads": 4}, None),  # another head split of the same width: used
     ({"attention_head_dim": 24, "num_attention_heads": 2}, "do not make the width 64"),
     ({"sample_size": 64}, "unknown DiT config key(s) ['sample_size']"),

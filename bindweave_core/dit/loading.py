@@ -101,9 +101,12 @@ def _config_json(directory: Path | None) -> tuple[dict[str, Any], str]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e}). Fix or remove the file.") from None
     try:
-        return DiTConfig.fields_from_dict(raw), str(path)
+        given = DiTConfig.fields_from_dict(raw)
     except InputError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if "added_kv_proj_dim" in raw:  # derived, not stored: kept to be checked against the weights
+        given["added_kv_proj_dim"] = raw["added_kv_proj_dim"]
+    return given, str(path)
 
 
 def _head_dim(dim: int, given: dict[str, Any], source: str) -> int:
@@ -138,6 +141,11 @@ def infer_config(tensors: dict[str, TensorInfo], metadata: dict[str, str], direc
     fields = _shape_fields(tensors)
     dim = fields.pop("dim")
     given, source = _config_json(directory)
+    if "added_kv_proj_dim" in given:
+        added, expected = given.pop("added_kv_proj_dim"), dim if fields["image_dim"] is not None else None
+        if added != expected:
+            raise CheckpointError(f"{source} says added_kv_proj_dim={added!r} but the weights' image key/value "
+                                  f"projections are {expected!r}: the config belongs to another model.")
     for name, value in given.items():
         stored = tuple(value) if name == "patch_size" else value
         if name in fields and fields[name] != stored:
