@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .checkpoints.in_memory import is_in_memory
+
 log = logging.getLogger("BindWeave")
 
 VERSION = 1  # bump when what an entry holds changes
@@ -60,7 +62,10 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def file_identity(path: str | os.PathLike) -> list[Any]:
-    """``[resolved path, size, mtime_ns]``: a file as the caches name it (a change of any part is a new file)."""
+    """``[resolved path, size, mtime_ns]``: a file as the caches name it (a change of any part is a new file);
+    a host's loaded model (an in-memory pseudo path, unique per model) is ``[pseudo path]``."""
+    if is_in_memory(path):
+        return [str(path)]
     st = os.stat(path)
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import constants as C
-from .errors import InputError
+from .setting_bounds import check_reference_count
 
 
 # ------------------------------------------------------------------------------------------ types
@@ -71,8 +71,7 @@ def clip_context(ref_tokens: list[torch.Tensor], slots: int = C.NUM_REF_SLOTS) -
 
     The padding is applied even for one reference (quirk of the released weights).
     """
-    if not 1 <= len(ref_tokens) <= slots:
-        raise InputError(f"{len(ref_tokens)} references given; BindWeave takes 1 to {slots}.")
+    check_reference_count(len(ref_tokens), slots, "BindWeave")
     tokens = torch.cat(ref_tokens, dim=1)
     per_ref = ref_tokens[0].shape[1]
     pad = tokens.new_zeros(tokens.shape[0], (slots - len(ref_tokens)) * per_ref, tokens.shape[2])
@@ -99,8 +98,7 @@ def reference_slot(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def pad_slots(slots: list[torch.Tensor], num_slots: int = C.NUM_REF_SLOTS) -> torch.Tensor:
     """Concatenate reference slots in time and fill the unused ones with zeros: ``[1, 20, 4, h, w]``."""
-    if not 1 <= len(slots) <= num_slots:
-        raise InputError(f"{len(slots)} references given; BindWeave takes 1 to {num_slots}.")
+    check_reference_count(len(slots), num_slots, "BindWeave")
     stacked = torch.cat(slots, dim=2)
     pad = stacked.new_zeros(*stacked.shape[:2], num_slots - len(slots), *stacked.shape[3:])
     return torch.cat([stacked, pad], dim=2)

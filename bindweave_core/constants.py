@@ -54,6 +54,10 @@ DEFAULT_WIDTH = 1280
 DEFAULT_HEIGHT = 720
 DEFAULT_FRAMES = 81
 DEFAULT_FPS = 16
+# H.264 output: libx264's thread count decides its output bytes, and by default it follows the machine's
+# core count; a fixed count makes the same frames the same file on every machine (benchmarks/mp4_encode.py).
+MP4_CRF = 18
+MP4_ENCODER_THREADS = 4
 
 # --- sampling [10] ----------------------------------------------------------------------------
 DEFAULT_STEPS = 50
@@ -70,6 +74,9 @@ DEFAULT_STEP_CACHE = 0.05
 # --- option lists: defined once, imported by the CLI, the node specs and the training config ------------
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # torch dtypes by name: bindweave_core.dtypes.torch_dtype
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # torch's own names (training config)
+# The precision of every model in the official run (configs/inference/inference_model_s2v.json: DiT, UMT5,
+# image encoder and VAE "dtype": "bf16"; configs/feature_extract/model.json: the Qwen2.5-VL planner, bf16).
+OFFICIAL_DTYPE = "bf16"
 DIT_WEIGHT_FORMATS = ("default", "fp8", "fp8_fast")
 ENCODER_WEIGHT_FORMATS = ("default", "fp8")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sage", "flash")

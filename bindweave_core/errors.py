@@ -16,8 +16,17 @@ class InputError(BindWeaveError, ValueError):
 
 
 class GenerationCancelled(BindWeaveError):
-    """The user cancelled a generation from the progress callback."""
+    """The user cancelled a generation (the progress callback, Ctrl-C or SIGTERM). ``exit_code``: what the
+    command line exits with (130 for Ctrl-C, 143 for SIGTERM: the shell's 128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class OutOfMemoryError(BindWeaveError):
     """A run would not fit (or did not fit) in device memory; the message lists what to change."""
+
+
+class OutputWriteError(BindWeaveError):
+    """An output (video, checkpoint, LoRA) could not be written, e.g. on a full disk; no partial file is left."""

@@ -16,6 +16,8 @@ from . import constants as C
 from .dtypes import torch_dtype
 from .errors import GenerationCancelled, InputError
 from .runtime import add_runtime_arguments, runtime_from_args
+from .setting_bounds import range_text
+from .signals import exit_code, signal_name
 from .smoke import SMOKE_DEFAULTS, SMOKE_FAMILIES
 
 log = logging.getLogger("BindWeave")
@@ -101,14 +103,14 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                                                   C.KALEIDO_FRAMES, sd["num_frames"]))
     g.add_argument("--steps", type=int, help=_family_defaults(C.DEFAULT_STEPS, C.KALEIDO_STEPS, sd["steps"]))
     g.add_argument("--guidance", type=float, help=_family_defaults(C.DEFAULT_GUIDANCE, C.KALEIDO_GUIDANCE)
-                   + "; 0 or more, 1 = no guidance")
+                   + f"; {range_text('guidance')}, 1 = no guidance")
     g.add_argument("--shift", type=float, help=_family_defaults(C.DEFAULT_SHIFT, C.KALEIDO_SHIFT)
-                   + "; above 0")
+                   + f"; {range_text('shift')}")
     g.add_argument("--sampler", choices=C.SAMPLERS, help=_family_defaults(C.DEFAULT_SAMPLER, C.KALEIDO_SAMPLER))
     g.add_argument("--seed", type=int, default=C.DEFAULT_SEED,
                    help=f"noise seed, 0 to 2**64-1 (default {C.DEFAULT_SEED}, the official one)")
     g.add_argument("--fps", type=int, help=_family_defaults(C.DEFAULT_FPS, C.KALEIDO_FPS)
-                   + "; at least 1")
+                   + f"; {range_text('fps')}")
     g.add_argument("--refine-prompt", action="store_true", help="let the planner rewrite the prompt first")
     g.add_argument("--refine-seed", type=int, help="sample the rewrite with this seed (default: greedy)")
     g.add_argument("--cfg-batch", choices=C.CFG_BATCH_MODES, default="auto",
@@ -118,6 +120,10 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-cache", type=float, nargs="?", const=C.DEFAULT_STEP_CACHE, default=0.0, metavar="THRESHOLD",
                    help=f"skip DiT evaluations while the output barely changes (EasyCache; approximate). Alone: the "
                         f"authors' Wan 2.1 threshold {C.DEFAULT_STEP_CACHE}; higher skips more. Default 0: off")
+    g.add_argument("--evaluate", action="store_true",
+                   help="score the video against the references (CLIP-I, subject consistency, flickering, motion; "
+                        "see docs/evaluation.md) into the sidecar's 'evaluation' field, with the run's CLIP vision "
+                        "model (--clip-vision for Kaleido)")
 
 
 def _add_runtime_group(p: argparse.ArgumentParser) -> None:
@@ -298,8 +304,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from .families import family_for
 
     model_family = family_for(family)
-    model_family.check_reference_count(len(args.ref))  # e.g. Kaleido's own message (which references to remove)
-    settings.validate(len(args.ref), model_family.max_references)
+    model_family.check_reference_count(len(args.ref))  # the settings' values were checked when they were made
+    if args.evaluate:
+        from .evaluate.generated import check_can_evaluate
+
+        check_can_evaluate(model_family.encoders, args.clip_vision, smoke)
 
     display = StageDisplay(settings.steps)
     try:
@@ -316,14 +325,15 @@ def run_generate(args: argparse.Namespace) -> int:
             pipe.generate(args.ref, settings, masks=args.mask)
             return 0
         result = generate_to_file(pipe, args.ref, settings, out, masks=args.mask, callback=display.progress,
-                                  on_stage=display.on_stage, sidecar={
+                                  on_stage=display.on_stage, evaluate=args.evaluate, smoke=smoke, sidecar={
             "references": [str(r) for r in args.ref], "masks": args.mask or [], "models": model_info,
             "family": pipe.dit_family,
             "dtype": args.dtype or ("bf16" if pipe.device.type == "cuda" else "fp32"),
             "weight_format": args.weight_format, "attention": args.attention, "runtime": pipe.runtime.to_dict()})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (bindweave_core.signals): the temporary files are gone
         display.close()
-        raise GenerationCancelled(f"cancelled {display.where()}; no file was written") from None
+        how = "cancelled" if signal_name(e) == "Ctrl-C" else "terminated (SIGTERM)"
+        raise GenerationCancelled(f"{how} {display.where()}; no file was written", exit_code(e)) from None
     finally:
         display.close()
     log.info("wrote %s (%d frames, %dx%d, %d fps) and %s", out, result.frames.shape[0], settings.width,
@@ -332,10 +342,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks: list | None = None,
-                     callback=None, sidecar: dict[str, Any] | None = None, on_stage=None):
+                     callback=None, sidecar: dict[str, Any] | None = None, on_stage=None, evaluate: bool = False,
+                     smoke: bool = False):
     """Generate, then write ``out`` (MP4) and its ``.json`` sidecar. The paths are checked first (writable,
     not a folder, not one of the input files). Nothing is written unless the generation finishes: a cancel
-    or an error leaves no file (not even a partial one) behind."""
+    or an error leaves no file (not even a partial one) behind. ``evaluate``: score the video against the
+    references into the sidecar's ``"evaluation"`` (``bindweave_core.evaluate.generated``)."""
     from .preflight import check_output_paths
     from .video_io import atomic_path, write_json, write_mp4
 
@@ -344,12 +356,17 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
     result = pipe.generate(references, settings, masks=masks, callback=callback, on_stage=on_stage)
     if on_stage is not None:
         on_stage("writing")
+    record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+              "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+              "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
+              "memory_estimate_gib": _estimate_gib(pipe), "step_cache": result.step_cache}
+    if evaluate:
+        from .evaluate.generated import evaluate_generated
+
+        record["evaluation"] = evaluate_generated(pipe, references, result.frames, prompt=result.prompt,
+                                                  fps=settings.fps, windows=record.get("windows"), smoke=smoke)
     with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
-        write_json({**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
-                    "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-                    "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-                    "memory_estimate_gib": _estimate_gib(pipe),
-                    "step_cache": result.step_cache}, tmp_json)
+        write_json(record, tmp_json)
         write_mp4(result.frames, out, fps=settings.fps)
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +33,27 @@ def inspector(kind: str) -> Callable[[Path, dict, dict], dict]:
     return found
 
 
+def check_inspectable(path: Path) -> None:
+    """A model file or folder, refused at once otherwise: a FIFO, device or socket would block the read (or
+    never end), so only regular files and directories (diffusers folders, shards, SAT checkpoints) are read."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to a model file is fine
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found. Check the path.") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}).") from None
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    raise CheckpointError(f"{path} is {kind}, not a model file: inspect reads a .safetensors/.gguf/.pt file or a "
+                          "model folder.")
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able report: kind, layout, family, dtypes, parameter count, key problems."""
     path = Path(path)
+    check_inspectable(path)
     infos, metadata = read_header(path)
     sig = identify(infos)
     dtypes = Counter(i.quant or str(i.dtype).replace("torch.", "") for i in infos.values())

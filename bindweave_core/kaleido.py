@@ -43,19 +43,13 @@ from .references import (
     _mask_to_l,
     prepare_references,
 )
+from .setting_bounds import check_reference_count as check_references
 
 
 # ------------------------------------------------------------------------------------------ references
 def check_reference_count(count: int) -> None:
-    """1..3 references, or an InputError naming the problem and the fix."""
-    if count < 1:
-        raise InputError("no reference images given; Kaleido takes 1 to 3.")
-    if count > C.KALEIDO_MAX_REFERENCES:
-        raise InputError(
-            f"{count} reference images given; Kaleido-14B-S2V takes at most {C.KALEIDO_MAX_REFERENCES} (its R-RoPE "
-            f"layout was trained with up to {C.KALEIDO_MAX_REFERENCES}). Remove "
-            f"{count - C.KALEIDO_MAX_REFERENCES} of them, or combine subjects into one image; none are dropped "
-            "automatically.")
+    """1..3 references (``setting_bounds.check_reference_count``, the one count check)."""
+    check_references(count, C.KALEIDO_MAX_REFERENCES, "Kaleido-14B-S2V")
 
 
 def kaleido_placement(size: tuple[int, int], width: int, height: int) -> Placement:

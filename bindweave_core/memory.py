@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import constants as C
-from .device_memory import free_device_memory
+from .device_memory import free_device_memory, make_room
 from .errors import OutOfMemoryError
 from .families import family_for
 
@@ -216,14 +216,17 @@ def fits_batched_cfg(dit: Any, settings: Any, device: torch.device, margin: floa
     """Whether cond and uncond fit in one batch on ``device`` next to the DiT already placed there.
 
     The same arithmetic as the pre-run check: what batch 2 needs beyond the weights already on
-    the device (activations, conditioning, workspace and any block-streaming window).
+    the device (activations, conditioning, workspace and any block-streaming window). A host with a
+    memory manager first frees what idle models hold (``device_memory.make_room``): the slower
+    separate mode is chosen only for memory that cannot be had.
     """
     if device.type != "cuda":
         return True
-    free = free_device_memory(device)
     shape = RunShape(settings.width, settings.height, settings.num_frames, batch=2,
                      dtype=dit.patch_embedding.weight.dtype, weight_format="default")
     est = estimate_vram(dit.dit_config, shape)
     offload = getattr(dit, "block_offload", None)
     window = offload.streamed_block_bytes() * (offload.prefetch_blocks + 1) if offload and offload.streamed else 0
-    return free > margin * (est.activations + est.conditioning + est.workspace + window)
+    need = int(margin * (est.activations + est.conditioning + est.workspace + window))
+    make_room(device, need)
+    return free_device_memory(device) >= need

@@ -36,9 +36,10 @@ from .encoders.base import Encoder
 from .errors import InputError
 from .families import ModelFamily, family_for
 from .lazy import Lazy
-from .preflight import check_device, check_values
+from .preflight import check_device
 from .runtime import RuntimeOptions, oom_guard, preflight, prepare_component, wrap_predictor
-from .sampling import SAMPLERS, GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
+from .sampling import GuidanceInputs, ProgressCallback, denoise, guidance_batch, seeded_noise
+from .setting_bounds import SETTINGS, check_prompt, check_reference_count, check_setting
 from .step_cache import StepCache
 
 if TYPE_CHECKING:
@@ -73,30 +74,18 @@ class GenerationSettings:
     cfg_batch: str = "auto"  # "auto" | "batched" | "separate"
     step_cache: float = 0.0  # EasyCache threshold; 0 = off (every step computed); C.DEFAULT_STEP_CACHE = 0.05
 
+    def __post_init__(self) -> None:
+        """Every field checked and normalised once, as it comes in (``bindweave_core.setting_bounds``): numpy
+        scalars and ints for floats become plain Python values; a str where a number goes, a non-integer
+        step count, NaN, a value out of range or an unknown name is an :class:`InputError`."""
+        for name in SETTINGS:
+            value = getattr(self, name)
+            setattr(self, name, check_prompt(value) if name == "prompt" else check_setting(name, value))
+
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
-        """Clear messages for the inputs the model cannot take (nothing is silently adjusted)."""
-        if not self.prompt or not self.prompt.strip():
-            raise InputError("the prompt is empty: describe the video to generate.")
-        if self.num_frames < 1 or (self.num_frames - 1) % C.VAE_TEMPORAL_FACTOR:
-            k = max(0, round((self.num_frames - 1) / 4))
-            raise InputError(f"frames must be 4k+1 (e.g. {4 * k + 1} or {4 * k + 5}), got {self.num_frames}.")
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value < C.SIZE_MULTIPLE or value % C.SIZE_MULTIPLE:
-                lower = max(C.SIZE_MULTIPLE, value // C.SIZE_MULTIPLE * C.SIZE_MULTIPLE)
-                raise InputError(f"{name} must be a multiple of {C.SIZE_MULTIPLE}, got {value} "
-                                 f"(use {lower} or {lower + C.SIZE_MULTIPLE}).")
-        if not 1 <= num_references <= max_references:
-            raise InputError(f"{num_references} reference images given; this model takes 1 to {max_references}.")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}.")
-        if self.steps < 1:
-            raise InputError(f"steps must be at least 1, got {self.steps}.")
-        if self.cfg_batch not in C.CFG_BATCH_MODES:
-            raise InputError(f"cfg_batch must be auto, batched or separate, got {self.cfg_batch!r}.")
-        check_values(self)  # seed, fps, guidance, shift, steps and size ranges (bindweave_core.preflight)
-        if not 0 <= self.step_cache < float("inf"):
-            raise InputError(f"step_cache must be 0 (off) or a positive threshold (e.g. {C.DEFAULT_STEP_CACHE}), "
-                             f"got {self.step_cache}.")
+        """The reference count against the model's (the values themselves were checked when the settings were
+        made)."""
+        check_reference_count(num_references, max_references)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -385,9 +374,8 @@ class BindWeavePipeline:
         stage = on_stage or (lambda name: None)
 
         family = self.family
-        family.check_reference_count(len(references))
+        family.check_reference_count(len(references))  # the settings' values were checked when they were made
         family.check_settings(settings)
-        settings.validate(len(references), family.max_references)
         self.last_estimate = preflight(self, settings)  # logs the estimated peak; OutOfMemoryError if it can't fit
         images = [load_image(r) if isinstance(r, (str, bytes)) or hasattr(r, "__fspath__")
                   else to_8bit(r) if isinstance(r, Image.Image) else r for r in references]  # 8-bit RGB(A)

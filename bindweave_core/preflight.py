@@ -1,7 +1,7 @@
 """Checks that run before any model loads, so no bad input costs a user a run or a file.
 
-* settings in their valid ranges (:func:`check_values`, called by ``GenerationSettings.validate``,
-  so the CLI, the Python API and the ComfyUI nodes all refuse the same values);
+* settings in their valid ranges: ``bindweave_core.setting_bounds`` (``GenerationSettings`` checks its
+  fields there when it is made, so the CLI, the Python API and the ComfyUI nodes refuse the same values);
 * output and sidecar paths: writable, not folders, not any input file (:func:`check_output_paths`);
 * prompt files as UTF-8 (:func:`read_prompt_file`), images readable and decodable (:func:`check_images`),
   model paths present (:func:`check_model_paths`);
@@ -15,7 +15,6 @@ Nothing here imports torch at module level: ``generate --help`` stays fast.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -25,51 +24,7 @@ from typing import Any
 from . import constants as C
 from .errors import InputError, OutOfMemoryError
 
-MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
-ROPE_POSITIONS = C.ROPE_POSITIONS  # inputs stay inside the official rotary tables
-MAX_SIDE = ROPE_POSITIONS * C.SIZE_MULTIPLE  # 16384 px: one position per 16 pixels
-MAX_FRAMES = (ROPE_POSITIONS - C.NUM_REF_SLOTS - 1) * C.VAE_TEMPORAL_FACTOR + 1  # latent frames + 4 slots
-MAX_STEPS = C.NUM_TRAIN_TIMESTEPS  # the schedulers pick steps among 1000 training timesteps
 GiB = 1024 ** 3
-
-
-# ---------------------------------------------------------------------------------- settings
-def check_seed(value: Any, name: str = "seed") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise InputError(f"{name} must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {value!r}.")
-
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}.")
-    return float(value)
-
-
-def check_values(settings: Any) -> None:
-    """Numbers the pipeline cannot use: each message names the valid range."""
-    check_seed(settings.seed)
-    if settings.refine_seed is not None:
-        check_seed(settings.refine_seed, "refine seed")
-    if isinstance(settings.fps, bool) or not isinstance(settings.fps, int) or settings.fps < 1:
-        raise InputError(f"fps must be a whole number of at least 1, got {settings.fps!r} (the video would "
-                         "otherwise play at a rate the sidecar does not say; the official rate is "
-                         f"{C.DEFAULT_FPS}).")
-    if _finite(settings.guidance, "guidance") < 0:
-        raise InputError(f"guidance must be 0 or more, got {settings.guidance} (1.0 turns guidance off; "
-                         f"the official value is {C.DEFAULT_GUIDANCE}).")
-    if _finite(settings.shift, "shift") <= 0:
-        raise InputError(f"shift must be above 0, got {settings.shift} (the official value is {C.DEFAULT_SHIFT}).")
-    if settings.steps > MAX_STEPS:
-        raise InputError(f"steps must be at most {MAX_STEPS} (the schedulers' training timesteps), got "
-                         f"{settings.steps}.")
-    for name, value in (("width", settings.width), ("height", settings.height)):
-        if value > MAX_SIDE:
-            raise InputError(f"{name} {value} is above {MAX_SIDE}, the largest the DiT's position tables cover "
-                             f"({ROPE_POSITIONS} positions of {C.SIZE_MULTIPLE} pixels). The official size is "
-                             f"{C.DEFAULT_WIDTH}x{C.DEFAULT_HEIGHT}.")
-    if settings.num_frames > MAX_FRAMES:
-        raise InputError(f"frames {settings.num_frames} is above {MAX_FRAMES}, the longest the DiT's position "
-                         f"tables cover. The official length is {C.DEFAULT_FRAMES}.")
 
 
 # ---------------------------------------------------------------------------------- files
@@ -129,6 +84,19 @@ def check_output_paths(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
                                  f"({source}). Choose another output name.")
         _check_writable(target, flag)
     return video, sidecar
+
+
+def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str,
+                      suffix: str) -> Path:
+    """One output file (ending in ``suffix``) that can be written without replacing any input."""
+    target = Path(out).expanduser()
+    if target.suffix.lower() != suffix:
+        raise InputError(f"{flag} must end in {suffix}, got {target.name}.")
+    for source in (Path(p).expanduser() for p in inputs if p):
+        if source.exists() and _overwrites(target, source):
+            raise InputError(f"{flag} {target} would overwrite an input file ({source}). Choose another output name.")
+    _check_writable(target, flag)
+    return target
 
 
 def read_prompt_file(path: str | os.PathLike) -> str:

@@ -38,6 +38,7 @@ from PIL import Image
 from . import constants as C
 from .errors import InputError
 from .images import open_image, to_8bit
+from .setting_bounds import check_reference_count
 
 log = logging.getLogger("BindWeave")
 
@@ -227,10 +228,7 @@ def _split_batch(items: Any, kind: str) -> list:
 
 
 def _check_bindweave_count(count: int) -> None:
-    if not 1 <= count <= C.MAX_REFERENCES:
-        extra = (f" Remove {count - C.MAX_REFERENCES} of them (none are dropped automatically)."
-                 if count > C.MAX_REFERENCES else "")
-        raise InputError(f"{count} reference images given; BindWeave takes 1 to {C.MAX_REFERENCES}.{extra}")
+    check_reference_count(count, C.MAX_REFERENCES, "BindWeave")
 
 
 def prepare_references(images: Sequence[ReferenceImage] | torch.Tensor | ReferenceImage, width: int, height: int,

@@ -157,13 +157,16 @@ def preflight(pipe: Any, settings: Any):
     :class:`OutOfMemoryError` (with the settings to change) when it cannot fit. Returns the estimate."""
     import torch
 
-    from .memory import GiB, check_fits, estimate_vram, free_device_memory
+    from .device_memory import make_room
+    from .memory import FIT_MARGIN, GiB, check_fits, estimate_vram, free_device_memory
 
     described = dit_description(pipe)
     if described is None:
         return None
     config, dtype, fmt = described
     shape = run_shape(pipe, settings, dtype, fmt, _dit_batch(pipe, settings))
+    if pipe.device.type == "cuda":  # a host unloads its idle models first: only memory it cannot free counts
+        make_room(pipe.device, int(FIT_MARGIN * estimate_vram(config, shape).total) - _weights_on(pipe, pipe.device))
     free = free_device_memory(pipe.device)
     if free is None and pipe.device.type == "cpu":  # RAM: what this machine has available
         from .preflight import available_cpu_memory, check_cpu_memory
@@ -177,9 +180,7 @@ def preflight(pipe: Any, settings: Any):
         est = estimate_vram(config, shape)
         log.debug("estimated peak memory of the DiT stage: %s", est.describe())
         return est
-    dit = pipe.loaded("dit")
-    if isinstance(dit, torch.nn.Module):  # weights already on the device count as free for this run
-        free += sum(t.nbytes for t in list(dit.parameters()) + list(dit.buffers()) if t.device == pipe.device)
+    free += _weights_on(pipe, pipe.device)  # weights already on the device count as free for this run
     if shape.batch == 2 and settings.cfg_batch == "auto" and not estimate_vram(config, shape).fits(free):
         shape = shape.replace(batch=1)  # auto batching will run cond and uncond one after the other
     est = estimate_vram(config, shape)
@@ -188,6 +189,16 @@ def preflight(pipe: Any, settings: Any):
     if pipe.runtime.memory_check:
         check_fits(config, shape, free, pipe.device)
     return est
+
+
+def _weights_on(pipe: Any, device: Any) -> int:
+    """Bytes of the loaded DiT's weights already on ``device``."""
+    import torch
+
+    dit = pipe.loaded("dit")
+    if not isinstance(dit, torch.nn.Module):
+        return 0
+    return sum(t.nbytes for t in list(dit.parameters()) + list(dit.buffers()) if t.device == device)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import constants as C
-from .errors import InputError
+from .setting_bounds import check_setting
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,9 @@ def shifted_sigmas(u: Any, shift: float) -> Any:
 
 
 def _check(steps: int, shift: float) -> None:
-    if int(steps) != steps or steps < 1:
-        raise InputError(f"steps must be a whole number of at least 1, got {steps}")
-    if not shift > 0:
-        raise InputError(f"shift must be positive, got {shift}")
+    """The grids' guard for direct callers: the bounds of ``setting_bounds`` (the one validator)."""
+    check_setting("steps", steps)
+    check_setting("shift", shift)
 
 
 def official_unipc_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
@@ -93,8 +92,7 @@ def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
     ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
     the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
     """
-    if steps < 1:
-        raise InputError(f"steps must be at least 1, got {steps}")
+    check_setting("steps", steps)
     u = np.linspace(1.0, 0.0, steps + 1)
     return shifted_sigmas(u, shift).astype(np.float32)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InputError
+from .setting_bounds import check_setting
 
 if TYPE_CHECKING:
     from .sampling import GuidanceInputs
@@ -75,8 +75,7 @@ class StepCache:
     """EasyCache around a ``predict(latents, timestep, which)`` function; one instance per sampling run."""
 
     def __init__(self, threshold: float) -> None:
-        if not threshold >= 0 or math.isinf(threshold):
-            raise InputError(f"the step-cache threshold must be 0 (off) or a positive number, got {threshold}.")
+        threshold = check_setting("step_cache", threshold)  # the settings' one validator
         self.threshold = float(threshold)
         self.stats = StepCacheStats(self.threshold)
         self._total = 0

@@ -5,52 +5,68 @@ The inputs, tooltips and descriptions are defined once in ``specs.py``.
 
 from __future__ import annotations
 
-import importlib
+import weakref
 from functools import lru_cache
 from typing import ClassVar
 
 import comfy.model_management as mm
+import numpy as np
 import torch
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
 from bindweave_core.conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
-from bindweave_core.encoders.base import Encoder
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
-from bindweave_core.memory import dit_activation_bytes, estimate_vram
+from bindweave_core.memory import FIT_MARGIN, dit_activation_bytes, estimate_vram
 from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import tensor_to_pil
 from bindweave_core.runtime import RuntimeOptions, dit_description, run_shape
 from bindweave_core.sampling import guidance_batch
+from bindweave_core.setting_bounds import check_setting
 
 from . import host
-from .convert import collect_references, latent_output, latent_stats, latents_from, normalise
+from .convert import (
+    ReferenceImages,
+    collect_references,
+    latent_output,
+    latent_stats,
+    latents_from,
+    normalise,
+    wired_references,
+)
 from .specs import (
+    CLIP_VISION_LOADER,
     DECODE,
     DIT_FOLDERS,
     ENCODER_LOADERS,
+    EVALUATE,
     LOAD_DIT,
     LORA,
     NATIVE_CONDITIONING,
     NATIVE_MODEL,
     NOISE,
     PLANNER_ENCODE,
+    PLANNER_LOADER,
     REFERENCE_ENCODE,
+    REFERENCE_IMAGES_NODE,
     SAMPLER,
     SIGMAS,
     SMOKE_CHOICE,
     SMOKE_KALEIDO_CHOICE,
     TEXT_ENCODE,
+    TEXT_ENCODER_LOADER,
+    VAE_LOADER,
     EncoderLoader,
     In,
     NodeSpec,
 )
 
+MAX_EVALUATED_REFERENCES = 16  # a batched IMAGE may hold more than the 4 a generation takes
 SMOKE_DIT_FAMILIES = {SMOKE_CHOICE: "bindweave", SMOKE_KALEIDO_CHOICE: "kaleido"}  # Load DiT's smoke choices
 _SOCKETS = {"IMAGE": io.Image, "MASK": io.Mask, "LATENT": io.Latent, "STRING": io.String, "FLOAT": io.Float,
             "MODEL": io.Model, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas, "VAE": io.Vae,
-            "NOISE": io.Noise}
+            "NOISE": io.Noise, "CLIP": io.Clip, "CLIP_VISION": io.ClipVision}
 
 
 @lru_cache(maxsize=None)
@@ -78,11 +94,19 @@ def _input(i: In):
     return _io_type(i.type).Input(i.name, **common)
 
 
+def _output_id(name: str, spec: NodeSpec) -> str:
+    """An output's id; ComfyUI 0.3.64 refuses a node whose output id is also an input's (Planner Encode's
+    prompt), so such an output gets another id under the same displayed name."""
+    return f"{name}_output" if any(i.name == name for i in spec.inputs) else name
+
+
 def schema(spec: NodeSpec) -> io.Schema:
     return io.Schema(
         node_id=spec.node_id, display_name=spec.display_name, category=spec.category, description=spec.description,
         inputs=[_input(i) for i in spec.inputs],
-        outputs=[_io_type(o.type).Output(o.name, display_name=o.name, tooltip=o.tooltip) for o in spec.outputs],
+        outputs=[_io_type(o.type).Output(_output_id(o.name, spec), display_name=o.name, tooltip=o.tooltip)
+                 for o in spec.outputs],
+        is_output_node=spec.output_node,
     )
 
 
@@ -112,14 +136,15 @@ class LoadDiT(io.ComfyNode):
             dit = smoke_dit(0, family_for(SMOKE_DIT_FAMILIES[model_name]).smoke_preset)
             dit.set_attention_backend(attention)
         else:
-            dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit"),
+            dit = load_dit(host.resolve(model_name, DIT_FOLDERS), dtype=host.torch_dtype(dtype, "dit", "DiT"),
                            weight_format=weight_format, attention_backend=attention)
         return io.NodeOutput(host.wrap(dit, "dit", resident_blocks=None if resident_blocks < 0 else resident_blocks))
 
 
 class EncoderLoaderNode(io.ComfyNode):
-    """The loader node of one encoder (a row of ``specs.ENCODER_LOADERS``): the smoke model or the chosen
-    file, loaded by the encoder's own ``load`` (or ``tiny``) and handed to ComfyUI's memory manager."""
+    """The shared body of the four encoder loaders (one row of ``specs.ENCODER_LOADERS`` each): the smoke
+    model or the chosen file, loaded by the encoder's own ``load`` (or ``tiny``) and handed to ComfyUI's
+    memory manager."""
 
     row: ClassVar[EncoderLoader]
 
@@ -130,8 +155,7 @@ class EncoderLoaderNode(io.ComfyNode):
     @classmethod
     def execute(cls, dtype, **inputs) -> io.NodeOutput:
         row = cls.row
-        module, _, name = row.encoder.partition(":")
-        encoder: type[Encoder] = getattr(importlib.import_module(module), name)
+        encoder = row.encoder()
         choice = inputs.pop(row.file_input)
         if choice == SMOKE_CHOICE:
             return io.NodeOutput(host.wrap(encoder.tiny(0), row.memory_kind))
@@ -139,24 +163,72 @@ class EncoderLoaderNode(io.ComfyNode):
         options = {k: (None if v == "" else v) for k, v in options.items()}  # an empty text box: not given
         if row.comfy_tokenizer:
             options["tokenizer_dir"] = host.qwen_tokenizer_dir()
-        loaded = encoder.load(host.resolve(choice, row.folders), dtype=host.torch_dtype(dtype, row.dtype_kind),
-                              **options)
+        loaded = encoder.load(host.resolve(choice, row.folders),
+                              dtype=host.torch_dtype(dtype, row.memory_kind, row.what), **options)
         return io.NodeOutput(host.wrap(loaded, row.memory_kind))
 
 
-def encoder_loader_node(row: EncoderLoader) -> type[EncoderLoaderNode]:
-    """The node class of one encoder loader (named as ``row.class_name``)."""
-    return type(row.class_name, (EncoderLoaderNode,), {"row": row, "__module__": __name__,
-                                                       "__qualname__": row.class_name})
+class LoadVAE(EncoderLoaderNode):
+    row = VAE_LOADER
 
 
-LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner = (encoder_loader_node(row) for row in ENCODER_LOADERS)
+class LoadTextEncoder(EncoderLoaderNode):
+    row = TEXT_ENCODER_LOADER
+
+
+class LoadCLIPVision(EncoderLoaderNode):
+    row = CLIP_VISION_LOADER
+
+
+class LoadPlanner(EncoderLoaderNode):
+    row = PLANNER_LOADER
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI's own models
+_NATIVE_OF = weakref.WeakKeyDictionary()  # ComfyUI's loaded model -> {our kind: our encoder over its tensors}
+
+
+def ours(model, kind: str) -> host.Loaded:
+    """The encoder of one of our loaders as it is, or ComfyUI's own loaded model (Load VAE, Load CLIP Vision,
+    Load CLIP type wan / qwen_image) as our encoder over the same tensors (``native_inputs``), made once per
+    ComfyUI model; it computes in the precision our loaders' ``auto`` picks."""
+    from . import native_inputs as native
+
+    if isinstance(model, host.Loaded):
+        return model
+    made = _NATIVE_OF.setdefault(model, {})
+    if kind not in made:
+        row = next(r for r in ENCODER_LOADERS if r.memory_kind == kind)
+        dtype = host.torch_dtype("auto", row.memory_kind, row.what)
+        if kind == "vae" and native.is_native_vae(model):
+            component = native.wan_vae_from_native(model)
+        elif kind == "clip_vision" and native.is_native_clip_vision(model):
+            component = native.clip_vision_from_native(model, dtype)
+        elif kind == "text_encoder" and native.is_native_clip(model):
+            component = native.text_encoder_from_native(model, dtype)
+        elif kind == "planner" and native.is_native_clip(model):
+            component = native.planner_from_native(model, dtype, host.qwen_tokenizer_dir())
+        else:
+            raise InputError(f"a {model.__class__.__name__} is connected where the {row.what} goes: connect "
+                             f"{row.display_name} (or ComfyUI's own loader of that model).")
+        made[kind] = host.wrap(component, kind)
+    return made[kind]
 
 
 # ------------------------------------------------------------------------------------------ conditioning
-def _pil_references(images: list) -> list:
-    refs, _ = collect_references(images)
-    return [tensor_to_pil(r) for r in refs]
+class References(io.ComfyNode):
+    """The references wired once: Planner Encode and Reference Encode read the same images and masks."""
+
+    @classmethod
+    def define_schema(cls):
+        return schema(REFERENCE_IMAGES_NODE)
+
+    @classmethod
+    def execute(cls, image_1, image_2=None, image_3=None, image_4=None, mask_1=None, mask_2=None, mask_3=None,
+                mask_4=None, invert_masks=True) -> io.NodeOutput:
+        images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
+                                           invert_masks=invert_masks)
+        return io.NodeOutput(ReferenceImages(tuple(images), tuple(masks) if masks is not None else None))
 
 
 class PlannerEncode(io.ComfyNode):
@@ -165,9 +237,11 @@ class PlannerEncode(io.ComfyNode):
         return schema(PLANNER_ENCODE)
 
     @classmethod
-    def execute(cls, planner, prompt, negative_prompt, image_1, refine_prompt, refine_seed,
-                image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
-        images = _pil_references([image_1, image_2, image_3, image_4])
+    def execute(cls, planner, prompt, negative_prompt, refine_prompt, refine_seed, reference_images=None,
+                image_1=None, image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
+        refs, _ = wired_references(reference_images, [image_1, image_2, image_3, image_4])
+        images = [tensor_to_pil(r) for r in refs]
+        planner = ours(planner, "planner")
         host.load_to_device(planner)
         pipe = _stage(planner.device, planner=planner.component)
         used = pipe.refine_prompt(prompt, images, seed=refine_seed or None) if refine_prompt else prompt
@@ -183,6 +257,7 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        text_encoder = ours(text_encoder, "text_encoder")
         host.load_to_device(text_encoder)
         states = _stage(text_encoder.device, text_encoder=text_encoder.component).encode_text(prompt, negative_prompt)
         return io.NodeOutput(TextStates(_to_intermediate(states.positive), _to_intermediate(states.negative)))
@@ -194,22 +269,20 @@ class ReferenceEncode(io.ComfyNode):
         return schema(REFERENCE_ENCODE)
 
     @classmethod
-    def execute(cls, vae, image_1, width, height, length, mode, mask_mode, image_2=None, image_3=None, image_4=None,
-                clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
+    def execute(cls, vae, width, height, length, mode, mask_mode, reference_images=None, image_1=None, image_2=None,
+                image_3=None, image_4=None, clip_vision=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
                 invert_masks=True) -> io.NodeOutput:
-        from .native_inputs import is_native_vae, wan_vae_from_native
-
-        if is_native_vae(vae):  # ComfyUI's own VAE: our WanVAE over its tensors
-            vae = host.wrap(wan_vae_from_native(vae), "vae")
         family = family_for(mode)  # the mode names the family whose references to make
-        images, masks = collect_references([image_1, image_2, image_3, image_4], [mask_1, mask_2, mask_3, mask_4],
-                                           invert_masks=invert_masks, max_references=family.max_references)
+        images, masks = wired_references(reference_images, [image_1, image_2, image_3, image_4],
+                                         [mask_1, mask_2, mask_3, mask_4], invert_masks=invert_masks,
+                                         max_references=family.max_references)
         settings = GenerationSettings(prompt="(references)", width=width, height=height, num_frames=length,
-                                      mask_mode=mask_mode)
-        settings.validate(len(images), family.max_references)
+                                      mask_mode=mask_mode)  # the count was checked by collect_references
         uses_clip = "clip_vision" in family.reference_encoders
         if uses_clip and clip_vision is None:
             raise InputError(f"{mode} mode needs the CLIP vision encoder: connect Load BindWeave CLIP Vision.")
+        vae = ours(vae, "vae")  # ComfyUI's own VAE: our WanVAE over its tensors
+        clip_vision = ours(clip_vision, "clip_vision") if uses_clip else None
         host.load_to_device(*[vae] + ([clip_vision] if uses_clip else []))
         pipe = _stage(vae.device, vae=vae.component, clip_vision=clip_vision.component if clip_vision else None)
         # VAE chunks: one per reference, then any video condition's (a cached condition skips those)
@@ -249,7 +322,7 @@ class Sampler(io.ComfyNode):
         settings = GenerationSettings(prompt="(conditioning)", width=geometry.width, height=geometry.height,
                                       num_frames=geometry.num_frames, steps=steps, guidance=guidance, shift=shift,
                                       sampler=sampler, seed=seed, cfg_batch=cfg_batch, step_cache=step_cache)
-        settings.validate(refs.num_references, family.max_references)
+        family.check_reference_count(refs.num_references)
         pipe = _sampling_stage(model, settings)
         cond, uncond = pipe.branches(text_conditioning, planner_conditioning, refs)
         latents = pipe.sample(cond, uncond, settings, host.progress(steps, preview=True))
@@ -271,7 +344,7 @@ def _sampling_stage(model: host.Loaded, settings: GenerationSettings) -> BindWea
                   runtime=RuntimeOptions(block_offload=model.resident_blocks, memory_check=False))
     config, dtype, fmt = dit_description(pipe)
     batch = guidance_batch(settings.guidance, settings.cfg_batch != "separate")
-    host.make_room(pipe.device, estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total)
+    host.make_room(pipe.device, int(FIT_MARGIN * estimate_vram(config, run_shape(pipe, settings, dtype, fmt, batch)).total))
     return pipe
 
 
@@ -282,6 +355,7 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tiled, fps) -> io.NodeOutput:
+        vae = ours(vae, "vae")
         host.load_to_device(vae)
         component = vae.component
         latents = normalise(latents_from(samples), component.latents_mean.tolist(), component.latents_std.tolist())
@@ -320,9 +394,10 @@ class NativeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        if model.resident_blocks is not None:
-            raise InputError("DiT block offload (resident_blocks) is the BindWeave Sampler's: for native samplers set "
-                             "resident_blocks to -1 on Load BindWeave DiT and let ComfyUI manage the memory.")
+        if model.resident_blocks is not None:  # block offload under ComfyUI's samplers (native.with_block_offload)
+            from .native import with_block_offload
+
+            return io.NodeOutput(with_block_offload(model.patcher, model.resident_blocks))
         return io.NodeOutput(model.patcher.clone())  # a clone: ComfyUI swaps the weight patches of its family
 
 
@@ -355,7 +430,9 @@ class Sigmas(io.ComfyNode):
     def execute(cls, steps, shift, schedule) -> io.NodeOutput:
         from bindweave_core.sampling import make_scheduler
 
-        scheduler = make_scheduler(schedule, shift)
+        # the settings' one validator (the same bounds as the Sampler's and the CLI's)
+        steps, shift = check_setting("steps", steps), check_setting("shift", shift)
+        scheduler = make_scheduler(check_setting("sampler", schedule), shift)
         scheduler.set_timesteps(steps, device="cpu")
         return io.NodeOutput(scheduler.sigmas.float().cpu())
 
@@ -382,19 +459,52 @@ class Noise(io.ComfyNode):
         return io.NodeOutput(OfficialNoise(noise_seed))
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+class Evaluate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(EVALUATE)
+
+    @classmethod
+    def execute(cls, frames, clip_vision, image_1, samples, regions, image_2=None, image_3=None, image_4=None,
+                prompt="", windows="", dino_dir="", face_model_dir="") -> io.NodeOutput:
+        import json
+
+        from bindweave_core.evaluate.plot import draw_plot
+        from bindweave_core.evaluate.report import EvaluationOptions, evaluate_video, summary_text
+
+        refs, _ = collect_references([image_1, image_2, image_3, image_4], max_references=MAX_EVALUATED_REFERENCES)
+        options = EvaluationOptions(samples=samples, regions=regions, dino=dino_dir.strip() or None,
+                                    face_models=face_model_dir.strip() or None, windows=windows.strip() or None,
+                                    prompt=prompt or None)
+        host.load_to_device(clip_vision)
+        report = evaluate_video(frames, list(refs), clip_vision.component, options)
+        plot = torch.from_numpy(np.asarray(draw_plot(report), dtype=np.float32) / 255.0).unsqueeze(0)
+        return io.NodeOutput(plot, summary_text(report), json.dumps(report, indent=2, default=str),
+                             ui=ui.PreviewImage(plot, cls=cls))
+
+
 NODES: list[type[io.ComfyNode]] = [LoadDiT, LoadVAE, LoadTextEncoder, LoadCLIPVision, LoadPlanner, PlannerEncode,
                                    TextEncode, ReferenceEncode, Sampler, Decode, LoraLoader, NativeModel,
-                                   NativeConditioning, Sigmas, Noise]
+                                   NativeConditioning, Sigmas, Noise, References, Evaluate]
 
 
 class BindWeaveExtension(ComfyExtension):
+    _ready = False
+
+    def _set_up(self) -> None:
+        if not BindWeaveExtension._ready:
+            host.register_model_folder()
+            host.use_comfy_memory_manager()
+            BindWeaveExtension._ready = True
+
     @override
     async def on_load(self) -> None:
-        host.register_model_folder()
-        host.use_comfy_memory_manager()
+        self._set_up()
 
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        self._set_up()  # ComfyUI 0.3.64 asks for the nodes (and builds their schemas) without calling on_load
         return NODES
 
 

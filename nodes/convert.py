@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from bindweave_core import constants as C
 from bindweave_core.conditioning import VideoGeometry
 from bindweave_core.errors import InputError
+from bindweave_core.setting_bounds import check_reference_count
 
 
 def _frames(batch: torch.Tensor, what: str) -> list[torch.Tensor]:
@@ -51,10 +53,36 @@ def collect_references(images: Sequence[torch.Tensor | None], masks: Sequence[to
             mask_frames = [(1.0 - m if invert_masks else m) for m in (given * len(frames))[: len(frames)]]
         refs.extend(frames)
         ref_masks.extend(mask_frames)
-    if not 1 <= len(refs) <= max_references:
-        raise InputError(f"{len(refs)} reference images connected; this model takes 1 to {max_references}. "
-                         "Connect at least image_1, and remove the extra images.")
+    check_reference_count(len(refs), max_references, hint="Connect at least image_1, and disconnect the extra images.")
     return refs, (ref_masks if any(m is not None for m in ref_masks) else None)
+
+
+@dataclass(frozen=True)
+class ReferenceImages:
+    """The 1-4 references wired once (BindWeave References): images ``[H, W, C]`` in order, and their subject
+    masks (1 = subject) or None. Planner Encode and Reference Encode both read this one value."""
+
+    images: tuple[torch.Tensor, ...]
+    masks: tuple[torch.Tensor | None, ...] | None
+
+
+def wired_references(wired: ReferenceImages | None, images: Sequence[torch.Tensor | None],
+                     masks: Sequence[torch.Tensor | None] = (), invert_masks: bool = True,
+                     max_references: int = C.MAX_REFERENCES):
+    """``(images, masks)`` from a BindWeave References output, or from the older per-node ``image_k`` /
+    ``mask_k`` sockets (graphs saved before it); both at once would be two lists that can disagree."""
+    direct = [k for k, t in enumerate(list(images) + list(masks)) if t is not None]
+    if wired is None:
+        if not direct:
+            raise InputError("no reference images: connect BindWeave References to reference_images.")
+        return collect_references(images, masks, invert_masks=invert_masks, max_references=max_references)
+    if direct:
+        raise InputError("reference_images (BindWeave References) and image/mask sockets are both connected: keep "
+                         "only BindWeave References, so the planner and the reference encoding see the same images.")
+    if not 1 <= len(wired.images) <= max_references:
+        raise InputError(f"{len(wired.images)} reference images connected; this model takes 1 to {max_references}. "
+                         "Remove the extra images from BindWeave References.")
+    return list(wired.images), (list(wired.masks) if wired.masks is not None else None)
 
 
 # ComfyUI keeps LATENT samples in the VAE's raw space (a model's latent format normalises them on the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ import comfy.utils
 import folder_paths
 import torch
 
+from bindweave_core import constants as C
 from bindweave_core import dtypes
 from bindweave_core.encoders.base import Encoder
 from bindweave_core.errors import OutOfMemoryError
 from bindweave_core.sampling import ProgressCallback
 
-from .specs import GGUF_FOLDER, MODEL_FOLDER, In
+from .specs import AUTO_PRECISION, GGUF_FOLDER, MODEL_FOLDER, In
 
 log = logging.getLogger("BindWeave")
 
@@ -45,10 +47,10 @@ def register_model_folder() -> None:
 
 
 def use_comfy_memory_manager() -> None:
-    """Let ComfyUI's memory manager answer the core's cache-release and free-memory questions."""
+    """Let ComfyUI's memory manager answer the core's cache-release, free-memory and make-room requests."""
     from bindweave_core.device_memory import use_host_memory_manager
 
-    use_host_memory_manager(release=mm.soft_empty_cache, free_bytes=mm.get_free_memory)
+    use_host_memory_manager(release=mm.soft_empty_cache, free_bytes=mm.get_free_memory, make_room=make_room)
 
 
 def _model_directories() -> list[str]:
@@ -97,15 +99,41 @@ def resolve(name: str, folders: tuple[str, ...]) -> str:
                             "refresh the node list (R) or put the file there.")
 
 
-def torch_dtype(choice: str, kind: str) -> torch.dtype:
-    """``auto`` -> ComfyUI's choice for this kind of model on this machine."""
+def devices(kind: str) -> tuple[torch.device, torch.device]:
+    """Where ComfyUI loads and offloads this kind of model: the DiT as its diffusion models, the VAE as
+    its VAEs, the encoders (UMT5, CLIP vision, planner) as its text encoders."""
+    if kind == "dit":
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if kind == "vae":
+        return mm.vae_device(), mm.vae_offload_device()
+    return mm.text_encoder_device(), mm.text_encoder_offload_device()
+
+
+def torch_dtype(choice: str, kind: str, what: str) -> torch.dtype:
+    """The loader's precision: ``auto`` as :data:`specs.AUTO_PRECISION` says for this kind of model, from
+    ComfyUI's own answers about the device the model computes on; the choice is logged (one line)."""
     if choice != "auto":
         return dtypes.torch_dtype(choice)
-    if kind == "dit":
-        return mm.unet_dtype()
-    if kind == "vae":
-        return mm.vae_dtype()
-    return mm.text_encoder_dtype()
+    name, reason = _auto_precision(kind)
+    log.info("%s precision (auto): %s, %s", what, name, reason)
+    return dtypes.torch_dtype(name)
+
+
+def _auto_precision(kind: str) -> tuple[str, str]:
+    """``(dtype name, why)``. Not ComfyUI's text_encoder_dtype()/unet_dtype(): those prefer fp16 even where
+    bf16, the official precision, is supported (fp16's range is too small for the 7B planner's activations)."""
+    rule = AUTO_PRECISION[kind]
+    for name in C.DTYPE_NAMES:  # the user's launch flag for this kind of model (e.g. --fp32-text-enc) first
+        if getattr(mm.args, f"{name}_{rule.flag.replace('-', '_')}", False):
+            return name, f"ComfyUI was started with --{name}-{rule.flag}"
+    device = devices(kind)[0]
+    if mm.is_device_cpu(device):
+        return "fp32", "the model runs on the CPU"
+    if mm.should_use_bf16(device):
+        return C.OFFICIAL_DTYPE, f"the official run's precision, supported on {device}"
+    if rule.fallback == "fp16" and mm.should_use_fp16(device):
+        return "fp16", f"{device} does not support bf16"
+    return "fp32", f"{device} does not support bf16" + (" or fp16" if rule.fallback == "fp16" else "")
 
 
 class Hosted(torch.nn.Module):
@@ -150,12 +178,8 @@ def wrap(component: Encoder | torch.nn.Module, kind: str, resident_blocks: int |
     module = component if isinstance(component, torch.nn.Module) else component.model
     if kind == "dit" and resident_blocks is not None:
         load = offload = torch.device("cpu")  # the streamed blocks live in CPU RAM whatever the VRAM mode
-    elif kind == "dit":
-        load, offload = mm.get_torch_device(), mm.unet_offload_device()
-    elif kind == "vae":
-        load, offload = mm.vae_device(), mm.vae_offload_device()
     else:
-        load, offload = mm.text_encoder_device(), mm.text_encoder_offload_device()
+        load, offload = devices(kind)
     if kind == "dit":
         # the native ComfyUI model class over the DiT: the same ModelPatcher serves our Sampler and the
         # native samplers (MODEL). In-place weight updates: the original-name view shares the DiT's tensors.
@@ -174,11 +198,18 @@ def wrap(component: Encoder | torch.nn.Module, kind: str, resident_blocks: int |
     return Loaded(component, patcher, kind, resident_blocks)
 
 
+# The ModelPatchers the running node asked for (load_to_device): make_room never unloads them.
+_in_use: weakref.WeakSet = weakref.WeakSet()
+
+
 def make_room(device: torch.device, memory_required: int) -> None:
-    """Ask ComfyUI to unload other models until ``memory_required`` bytes are free on ``device`` (for
-    the part of a block-offloaded DiT that the sampler puts there itself)."""
-    if device.type != "cpu":
-        mm.free_memory(memory_required, device)
+    """Ask ComfyUI to unload idle models until ``memory_required`` bytes are free on ``device``: before the
+    core decides on free memory (cfg batching), and for the part of a block-offloaded DiT that the
+    sampler puts there itself. The models the running node uses stay loaded."""
+    if device.type == "cpu":
+        return
+    keep = [loaded for loaded in mm.current_loaded_models if loaded.model in _in_use]
+    mm.free_memory(memory_required, device, keep_loaded=keep)
 
 
 def load_to_device(*models: Loaded, memory_required: int = 0) -> None:
@@ -187,6 +218,8 @@ def load_to_device(*models: Loaded, memory_required: int = 0) -> None:
     Our modules are plain torch modules, so they are loaded whole (``force_full_load``); when that does
     not fit, the message says what to change instead of ComfyUI's generic CUDA error.
     """
+    _in_use.clear()
+    _in_use.update(m.patcher for m in models)
     try:
         mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
     except torch.OutOfMemoryError as e:

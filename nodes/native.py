@@ -29,8 +29,10 @@ import comfy.supported_models_base
 import torch
 from torch import nn
 
+from bindweave_core import constants as C
 from bindweave_core.denoiser import DiTBranch, dit_velocity
 from bindweave_core.lora import original_name
+from bindweave_core.setting_bounds import check_setting
 
 PREFIX = "diffusion_model."
 # Keys of the extra conditioning a CONDITIONING entry carries (besides the UMT5 states), and the
@@ -98,6 +100,12 @@ class BindWeaveDiffusionModel(OriginalLayout):
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
                  transformer_options: dict, **kwargs) -> torch.Tensor:
         fields = {field: kwargs.get(key) for key, field in COND_KEYS.items()}
+        resident = transformer_options.get(RESIDENT_BLOCKS)
+        if resident is not None:  # block offload: the DiT computes on the GPU, ComfyUI's sampler holds x on the CPU
+            device = place_streamed(self.dit, resident, x)
+            moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
+            branch = DiTBranch(context.to(device) if context is not None else None, **moved)
+            return dit_velocity(self.dit, x.to(device), timestep.to(device), [branch]).to(x.device)
         # one branch holding the whole batch (ComfyUI may batch the positive and negative entries)
         return dit_velocity(self.dit, x, timestep, [DiTBranch(context, **fields)])
 
@@ -106,15 +114,15 @@ class BindWeaveModelConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}
     latent_format = comfy.latent_formats.Wan21
-    sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    sampling_settings = {"multiplier": C.NUM_TRAIN_TIMESTEPS}  # timestep = 1000 * sigma; the shift is the family's
 
 
 class BindWeaveNativeModel(comfy.model_base.BaseModel):
     """A ComfyUI flow model whose diffusion model is the core BindWeave / Kaleido DiT."""
 
     def __init__(self, dit: nn.Module, shift: float) -> None:
-        config = BindWeaveModelConfig({"disable_unet_model_creation": True})
-        config.sampling_settings["shift"] = float(shift)
+        config = BindWeaveModelConfig({"disable_unet_model_creation": True})  # copies the class's sampling_settings
+        config.sampling_settings["shift"] = check_setting("shift", shift)
         super().__init__(config, comfy.model_base.ModelType.FLOW)
         self.diffusion_model = BindWeaveDiffusionModel(dit)
 
@@ -128,7 +136,6 @@ class BindWeaveNativeModel(comfy.model_base.BaseModel):
         return out
 
     def memory_required(self, input_shape, cond_shapes={}) -> float:  # noqa: B006 (ComfyUI's signature)
-        from bindweave_core import constants as C
         from bindweave_core.memory import dit_activation_bytes
 
         dit = self.diffusion_model.dit
@@ -157,6 +164,59 @@ def patch_key(name: str) -> str:
     if module and leaf in ("weight", "bias"):
         return f"{PREFIX}{original_name(module)}.{leaf}"
     return PREFIX + original_name(name)
+
+
+# ------------------------------------------------------------------------------------------ block offload
+# The DiT loader's resident_blocks under native samplers (KSampler, SamplerCustomAdvanced): ComfyUI's memory
+# manager keeps the model (and applies its weight patches) on the CPU, as for our Sampler's block offload; on
+# the first DiT call of a sampling run the core places the non-block modules and the resident blocks on the GPU
+# and streams the others (bindweave_core.dit.offload), after asking ComfyUI to free room for them; when the
+# run ends (an OUTER_SAMPLE wrapper) everything goes back to the CPU. The arithmetic is the DiT's own, so the
+# latents equal the unswapped run's.
+RESIDENT_BLOCKS = "bindweave_resident_blocks"  # transformer_options key: blocks kept on the GPU
+OFFLOAD_WRAPPER = "bindweave_block_offload"
+
+
+def with_block_offload(patcher, resident_blocks: int):
+    """A clone of the DiT's ModelPatcher whose DiT runs with block offload under ComfyUI's samplers."""
+    clone = patcher.clone()
+    options = dict(clone.model_options.get("transformer_options", {}))
+    options[RESIDENT_BLOCKS] = int(resident_blocks)
+    clone.model_options["transformer_options"] = options
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, OFFLOAD_WRAPPER, _release_after)
+    return clone
+
+
+def place_streamed(dit: nn.Module, resident_blocks: int, x: torch.Tensor) -> torch.device:
+    """Put the DiT on the GPU with ``resident_blocks`` blocks resident (once per sampling run); its device."""
+    import comfy.model_management as mm
+
+    from bindweave_core import constants as C
+    from bindweave_core.memory import RunShape, estimate_vram
+    from bindweave_core.runtime import RuntimeOptions, place_dit
+
+    device = torch.device(mm.get_torch_device())
+    offload = getattr(dit, "block_offload", None)
+    if offload is None or offload.device.type != device.type:
+        batch, _, frames, h, w = x.shape
+        shape = RunShape(w * C.VAE_SPATIAL_FACTOR, h * C.VAE_SPATIAL_FACTOR, (frames - 1) * C.VAE_TEMPORAL_FACTOR + 1,
+                         batch=batch, dtype=dit.patch_embedding.weight.dtype, resident_blocks=resident_blocks)
+        if device.type != "cpu":
+            mm.free_memory(estimate_vram(dit.dit_config, shape).total, device)
+        place_dit(dit, RuntimeOptions(block_offload=resident_blocks, memory_check=False), device)
+    return device
+
+
+def _release_after(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: after the sampling run, the streamed DiT back to the CPU where ComfyUI keeps it."""
+    from bindweave_core.dit.offload import disable_block_offload
+
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        dit = executor.class_obj.model_patcher.model.diffusion_model.dit
+        disable_block_offload(dit)
+        dit.to("cpu")
 
 
 def conditioning(branch: DiTBranch) -> list:

@@ -7,12 +7,17 @@ without a ComfyUI install (e.g. to check the example workflows' widgets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bindweave_core import constants as C
 from bindweave_core.config import get_preset
 from bindweave_core.sampling import SAMPLERS
+from bindweave_core.setting_bounds import SETTINGS
+
+if TYPE_CHECKING:
+    from bindweave_core.encoders.base import Encoder
 
 CATEGORY = "BindWeave"
 SMOKE_CHOICE = "tiny smoke test (random weights)"
@@ -20,7 +25,6 @@ SMOKE_KALEIDO_CHOICE = "tiny smoke test, Kaleido R-RoPE (random weights)"
 MODEL_FOLDER = "bindweave"  # models/bindweave/: Hugging Face directories (Qwen2.5-VL, BindWeave, Kaleido)
 GGUF_FOLDER = "bindweave_gguf"  # .gguf files in models/unet/ and models/diffusion_models/ (host.register_model_folder)
 DIT_FOLDERS = ("diffusion_models", GGUF_FOLDER)
-MAX_RESOLUTION = 8192
 MAX_DIT_BLOCKS = get_preset("bindweave-14b").num_layers
 
 # Custom types passed between BindWeave nodes.
@@ -32,6 +36,7 @@ PLANNER = "BINDWEAVE_PLANNER"
 PLANNER_COND = "BINDWEAVE_PLANNER_COND"
 TEXT_COND = "BINDWEAVE_TEXT_COND"
 REFERENCES = "BINDWEAVE_REFERENCES"
+REFERENCE_IMAGES = "BINDWEAVE_REFERENCE_IMAGES"  # the 1-4 images and masks, wired once (BindWeave References)
 
 DTYPE_CHOICES = ("auto", *C.DTYPE_NAMES)
 WIDGET_KINDS = ("combo", "int", "float", "string", "boolean")
@@ -56,6 +61,7 @@ class In:
     optional: bool = False
     multiline: bool = False
     seed: bool = False  # adds ComfyUI's "control after generate" widget
+    setting: str = ""  # the generation setting (setting_bounds.SETTINGS) whose min/max the widget takes
 
     @property
     def is_widget(self) -> bool:
@@ -86,9 +92,45 @@ class NodeSpec:
         return [i for i in ordered if i.is_widget]
 
 
-def _dtype(what: str) -> In:
-    return In("dtype", "combo", f"Precision of the {what}'s weights. auto: bf16 on GPUs that support it, else fp16; "
-                                "fp32 on CPU.", options=DTYPE_CHOICES, default="auto")
+@dataclass(frozen=True)
+class AutoPrecision:
+    """What a loader's ``dtype: auto`` picks inside ComfyUI for one kind of model (``host.torch_dtype``
+    asks ComfyUI about the device): a ComfyUI launch flag for this kind of model when one is given, else
+    the official run's precision (``constants.OFFICIAL_DTYPE``, bf16) where the device supports it, else
+    ``fallback``; fp32 on the CPU."""
+
+    flag: str  # ComfyUI's per-model precision flags: --fp32-<flag>, --bf16-<flag>, --fp16-<flag>
+    fallback: str  # on a GPU without bf16
+
+    def tooltip(self, what: str) -> str:
+        return (f"Precision of the {what}'s weights. auto: {C.OFFICIAL_DTYPE} (the official run's precision) on "
+                f"devices that support it, else {self.fallback}; fp32 on CPU. ComfyUI's launch flags "
+                f"--fp32-{self.flag}, --bf16-{self.flag} and --fp16-{self.flag} take precedence. The choice is "
+                "logged.")
+
+
+# By ComfyUI memory kind (host.wrap). fp16 has a far smaller range than bf16: only where bf16 is missing.
+# VAEs stay out of fp16 altogether, as ComfyUI keeps its own VAEs (model_management.vae_dtype).
+AUTO_PRECISION = {
+    "dit": AutoPrecision("unet", "fp16"),
+    "text_encoder": AutoPrecision("text-enc", "fp16"),
+    "clip_vision": AutoPrecision("text-enc", "fp16"),
+    "planner": AutoPrecision("text-enc", "fp16"),
+    "vae": AutoPrecision("vae", "fp32"),
+}
+
+
+def _setting(name: str, setting: str, kind: str, tooltip: str, **extra: Any) -> In:
+    """A number widget whose default, min and max are the setting's own (``setting_bounds``, the one
+    validator); ``extra`` adds the step or replaces the default."""
+    s = SETTINGS[setting]
+    cast = float if kind == "float" else int
+    fields = {"default": s.default, "step": s.multiple if s.multiple > 1 else None, **extra}
+    return In(name, kind, tooltip, min=cast(s.min), max=cast(s.max), setting=setting, **fields)
+
+
+def _dtype(what: str, kind: str) -> In:
+    return In("dtype", "combo", AUTO_PRECISION[kind].tooltip(what), options=DTYPE_CHOICES, default="auto")
 
 
 def _images(what: str) -> tuple[In, ...]:
@@ -98,6 +140,30 @@ def _images(what: str) -> tuple[In, ...]:
                                             "the order must match the other nodes.", type="IMAGE", optional=True)
                  for k in range(2, C.MAX_REFERENCES + 1))
     return (first,) + rest
+
+
+def _reference_images(what: str) -> tuple[In, ...]:
+    """The references input of Planner Encode and Reference Encode: BindWeave References, or (graphs saved
+    before it) the node's own image sockets, kept so that old graphs load and run."""
+    wired = In("reference_images", "socket", f"The reference images for the {what}, from BindWeave References "
+                                             "(connect the same one to Planner Encode and Reference Encode).",
+               type=REFERENCE_IMAGES, optional=True)
+    legacy = tuple(In(f"image_{k}", "socket", f"Older wiring, kept for saved graphs: reference image {k}. Use "
+                                              "reference_images instead.", type="IMAGE", optional=True)
+                   for k in range(1, C.MAX_REFERENCES + 1))
+    return (wired,) + legacy
+
+
+def _masks(what: str) -> tuple[In, ...]:
+    return tuple(In(f"mask_{k}", "socket", f"{what} for reference {k} (same size as the image; non-default). See "
+                                           "invert_masks.", type="MASK", optional=True)
+                 for k in range(1, C.MAX_REFERENCES + 1))
+
+
+def _invert_masks(note: str = "") -> In:
+    return In("invert_masks", "boolean", "ComfyUI's Load Image gives MASK = 1 where the image is transparent; on "
+                                         "(default) turns that into 1 = subject. Off: masks already mark the subject."
+                                         + (" " + note if note else ""), default=True, optional=True)
 
 
 LOAD_DIT = NodeSpec(
@@ -110,7 +176,7 @@ LOAD_DIT = NodeSpec(
         In("model_name", "combo", "The DiT checkpoint. The tiny smoke test choices need no download and make noise, "
                                   "for checking a workflow runs.", files=DIT_FOLDERS,
            smoke=(SMOKE_CHOICE, SMOKE_KALEIDO_CHOICE), directories=True),
-        _dtype("DiT"),
+        _dtype("DiT", "dit"),
         In("weight_format", "combo", "default: weights in the chosen precision (fp8 files are dequantised). "
                                      "fp8: keep the block weights in fp8 (e4m3) storage, about half the memory of bf16. "
                                      "fp8_fast: fp8 storage and fp8 matrix multiplies on GPUs of compute capability "
@@ -123,8 +189,9 @@ LOAD_DIT = NodeSpec(
         In("resident_blocks", "int", "Block offload. -1 (default): the whole DiT goes on the GPU when sampling, "
                                      "managed by ComfyUI. 0 or more: only this many of the transformer blocks (40 in "
                                      "the 14B model) stay on the GPU; the others stay in CPU RAM and are streamed in "
-                                     "one by one while sampling. Same output, slower; for GPUs that cannot hold the "
-                                     "model (e.g. 24 GB at 720p: fp8 with 16).",
+                                     "one by one while sampling (BindWeave Sampler, and KSampler / "
+                                     "SamplerCustomAdvanced through BindWeave to MODEL). Same output, slower; for GPUs "
+                                     "that cannot hold the model (e.g. 24 GB at 720p: fp8 with 16).",
            default=-1, min=-1, max=MAX_DIT_BLOCKS),
     ),
     (Out(DIT, "model", "The BindWeave (or Kaleido) DiT, managed by ComfyUI's model memory."),),
@@ -133,9 +200,9 @@ LOAD_DIT = NodeSpec(
 @dataclass(frozen=True)
 class EncoderLoader:
     """One encoder loader node. The four (VAE, UMT5, CLIP vision, planner) differ only in these fields:
-    ``spec`` is the node's interface and ``nodes/comfy_nodes.py`` builds one node class per row."""
+    ``spec`` is the node's interface; ``nodes/comfy_nodes.py`` defines one node class per row
+    (``LoadVAE``, ``LoadTextEncoder``, ``LoadCLIPVision``, ``LoadPlanner``) on a shared base."""
 
-    class_name: str  # the node's Python class in comfy_nodes
     node_id: str
     display_name: str
     description: str
@@ -144,9 +211,8 @@ class EncoderLoader:
     folders: tuple[str, ...]  # the ComfyUI model folders listed by the combo and searched for the choice
     what: str  # the model, as the dtype tooltip names it
     output: Out
-    encoder: str  # the bindweave_core encoder class, "module:Class" (imported when a node runs)
-    memory_kind: str  # what the model is to ComfyUI's memory manager (host.wrap)
-    dtype_kind: str  # whose ComfyUI default "auto" means (host.torch_dtype)
+    encoder: Callable[[], type[Encoder]]  # the bindweave_core encoder class (imported when a node runs)
+    memory_kind: str  # what the model is to ComfyUI's memory manager (host.wrap) and to AUTO_PRECISION
     options: tuple[In, ...] = ()  # further inputs, passed on to the encoder's load() by name
     comfy_tokenizer: bool = False  # load() gets ComfyUI's bundled Qwen2.5 tokenizer folder (the planner)
 
@@ -155,44 +221,70 @@ class EncoderLoader:
         files = In(self.file_input, "combo", self.file_tooltip, files=self.folders, smoke=(SMOKE_CHOICE,),
                    directories=True)
         return NodeSpec(self.node_id, self.display_name, f"{CATEGORY}/loaders", self.description,
-                        (files, _dtype(self.what), *self.options), (self.output,))
+                        (files, _dtype(self.what, self.memory_kind), *self.options), (self.output,))
 
 
-ENCODER_LOADERS: tuple[EncoderLoader, ...] = (
-    EncoderLoader(
-        "LoadVAE", "BindWeaveVAELoader", "Load BindWeave VAE",
-        "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
-        "vae_name", "The Wan 2.1 VAE file.", ("vae",), "VAE", Out(VAE, "vae", "The Wan 2.1 VAE."),
-        "bindweave_core.encoders.vae:WanVAE", "vae", "vae"),
-    EncoderLoader(
-        "LoadTextEncoder", "BindWeaveTextEncoderLoader", "Load BindWeave UMT5",
-        "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
-        "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
-        "text_encoder_name", "The UMT5-XXL encoder file.", ("text_encoders",), "text encoder",
-        Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."),
-        "bindweave_core.encoders.text:TextEncoder", "text_encoder", "text",
-        options=(In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): "
-                                               "the folder of the google/umt5-xxl tokenizer. Leave empty otherwise.",
-                    default="", optional=True),)),
-    EncoderLoader(
-        "LoadCLIPVision", "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision",
-        "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
-        "clip_name", "The CLIP ViT-H/14 vision file.", ("clip_vision",), "CLIP vision encoder",
-        Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."),
-        "bindweave_core.encoders.clip_vision:ClipVisionEncoder", "clip_vision", "text"),
-    EncoderLoader(
-        "LoadPlanner", "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)",
-        "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
-        "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
-        "directory in models/bindweave (which can also refine prompts).",
-        "planner_name", "The Qwen2.5-VL-7B file or directory.", ("text_encoders",), "planner",
-        Out(PLANNER, "planner", "The Qwen2.5-VL planner."),
-        "bindweave_core.encoders.planner:Planner", "planner", "text",
-        options=(In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
-                    options=C.ENCODER_WEIGHT_FORMATS, default="default"),),
-        comfy_tokenizer=True),
-)
+# The encoder classes, imported only when a loader runs (ComfyUI starts without loading transformers' models).
+def _wan_vae() -> type[Encoder]:
+    from bindweave_core.encoders.vae import WanVAE
+    return WanVAE
+
+
+def _umt5() -> type[Encoder]:
+    from bindweave_core.encoders.text import TextEncoder
+    return TextEncoder
+
+
+def _clip_vision() -> type[Encoder]:
+    from bindweave_core.encoders.clip_vision import ClipVisionEncoder
+    return ClipVisionEncoder
+
+
+def _planner() -> type[Encoder]:
+    from bindweave_core.encoders.planner import Planner
+    return Planner
+
+
+VAE_LOADER = EncoderLoader(
+    "BindWeaveVAELoader", "Load BindWeave VAE",
+    "Loads the Wan 2.1 VAE (wan_2.1_vae.safetensors in models/vae, or a diffusers vae directory).",
+    "vae_name", "The Wan 2.1 VAE file.", ("vae",), "VAE", Out(VAE, "vae", "The Wan 2.1 VAE."), _wan_vae, "vae")
+TEXT_ENCODER_LOADER = EncoderLoader(
+    "BindWeaveTextEncoderLoader", "Load BindWeave UMT5",
+    "Loads the UMT5-XXL text encoder (umt5_xxl_fp8_e4m3fn_scaled.safetensors, umt5_xxl_fp16.safetensors or "
+    "umt5-xxl-enc-bf16.safetensors in models/text_encoders).",
+    "text_encoder_name", "The UMT5-XXL encoder file.", ("text_encoders",), "text encoder",
+    Out(TEXT_ENCODER, "text_encoder", "The UMT5-XXL encoder."), _umt5, "text_encoder",
+    options=(In("tokenizer_dir", "string", "Only for files without a built-in tokenizer (e.g. umt5-xxl-enc-bf16): "
+                                           "the folder of the google/umt5-xxl tokenizer. Leave empty otherwise.",
+                default="", optional=True),))
+CLIP_VISION_LOADER = EncoderLoader(
+    "BindWeaveCLIPVisionLoader", "Load BindWeave CLIP Vision",
+    "Loads the CLIP ViT-H/14 vision encoder (clip_vision_h.safetensors in models/clip_vision).",
+    "clip_name", "The CLIP ViT-H/14 vision file.", ("clip_vision",), "CLIP vision encoder",
+    Out(CLIP_VISION, "clip_vision", "The CLIP vision encoder."), _clip_vision, "clip_vision")
+PLANNER_LOADER = EncoderLoader(
+    "BindWeavePlannerLoader", "Load BindWeave Planner (Qwen2.5-VL)",
+    "Loads the Qwen2.5-VL-7B planner that reads the prompt together with the reference images: "
+    "qwen_2.5_vl_7b(_fp8_scaled).safetensors from models/text_encoders, or the Qwen2.5-VL-7B-Instruct "
+    "directory in models/bindweave (which can also refine prompts).",
+    "planner_name", "The Qwen2.5-VL-7B file or directory.", ("text_encoders",), "planner",
+    Out(PLANNER, "planner", "The Qwen2.5-VL planner."), _planner, "planner",
+    options=(In("weight_format", "combo", "fp8: keep the language model's linear weights in fp8 storage.",
+                options=C.ENCODER_WEIGHT_FORMATS, default="default"),),
+    comfy_tokenizer=True)
+ENCODER_LOADERS: tuple[EncoderLoader, ...] = (VAE_LOADER, TEXT_ENCODER_LOADER, CLIP_VISION_LOADER, PLANNER_LOADER)
 LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER = (row.spec for row in ENCODER_LOADERS)
+
+REFERENCE_IMAGES_NODE = NodeSpec(
+    "BindWeaveReferences", "BindWeave References", f"{CATEGORY}/conditioning",
+    "The 1-4 reference images (subjects or a background) and their optional subject masks, wired once: connect "
+    "its output to both Planner Encode and Reference Encode, so the planner and the reference encoding see the "
+    "same images in the same order. A batched IMAGE counts as several references; a mask goes with the image "
+    "of its number, and a mask without its image is refused.",
+    (*_images("video"), *_masks("Optional subject mask"), _invert_masks()),
+    (Out(REFERENCE_IMAGES, "reference_images", "The references, for Planner Encode and Reference Encode."),),
+)
 
 PLANNER_ENCODE = NodeSpec(
     "BindWeavePlannerEncode", "BindWeave Planner Encode", f"{CATEGORY}/conditioning",
@@ -201,16 +293,18 @@ PLANNER_ENCODE = NodeSpec(
     "a short prompt into a detailed one first; the prompt actually used comes out as text, to feed the UMT5 "
     "encode node.",
     (
-        In("planner", "socket", "The planner from Load BindWeave Planner.", type=PLANNER),
+        In("planner", "socket", "The planner from Load BindWeave Planner, or ComfyUI's Load CLIP with "
+                                "qwen_2.5_vl_7b (type qwen_image; run by this pack's code on the same weights).",
+           type=f"{PLANNER},CLIP"),
         In("prompt", "string", "What happens in the video: who, doing what, where.", multiline=True, default=""),
         In("negative_prompt", "string", "What to avoid. The default is the official planner negative prompt.",
            multiline=True, default=C.DEFAULT_PLANNER_NEGATIVE_PROMPT),
-        *_images("planner"),
+        *_reference_images("planner"),
         In("refine_prompt", "boolean", "Let the planner rewrite the prompt into a detailed single-scene "
                                        "description before encoding (needs a planner with its language-model head).",
            default=False),
-        In("refine_seed", "int", "Seed for prompt refinement; 0 = greedy (deterministic) decoding.", default=0,
-           min=0, max=2**31 - 1),
+        _setting("refine_seed", "refine_seed", "int", "Seed for prompt refinement; 0 = greedy (deterministic) "
+                                                      "decoding.", default=0),
     ),
     (Out(PLANNER_COND, "planner_conditioning", "Planner states for the prompt and the negative prompt."),
      Out("STRING", "prompt", "The prompt the planner used (the refined one when refinement is on).")),
@@ -220,7 +314,9 @@ TEXT_ENCODE = NodeSpec(
     "BindWeaveTextEncode", "BindWeave UMT5 Encode", f"{CATEGORY}/conditioning",
     "Encodes the prompt and the negative prompt with UMT5-XXL (512 tokens, zero past the text).",
     (
-        In("text_encoder", "socket", "The encoder from Load BindWeave UMT5.", type=TEXT_ENCODER),
+        In("text_encoder", "socket", "The encoder from Load BindWeave UMT5, or ComfyUI's Load CLIP with a "
+                                     "umt5_xxl file (type wan; run by this pack's code on the same weights).",
+           type=f"{TEXT_ENCODER},CLIP"),
         In("prompt", "string", "The prompt: connect the planner's prompt output to use the same (or refined) text.",
            multiline=True, default=""),
         In("negative_prompt", "string", "What to avoid. The default is the official negative prompt.",
@@ -238,13 +334,10 @@ REFERENCE_ENCODE = NodeSpec(
     (
         In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
                             "by this pack's code on the same weights: the same numbers).", type=f"{VAE},VAE"),
-        *_images("references"),
-        In("width", "int", "Video width in pixels (multiple of 16).", default=C.DEFAULT_WIDTH, min=16,
-           max=MAX_RESOLUTION, step=16),
-        In("height", "int", "Video height in pixels (multiple of 16).", default=C.DEFAULT_HEIGHT, min=16,
-           max=MAX_RESOLUTION, step=16),
-        In("length", "int", "Number of frames (4k+1: 81 = 5 s at 16 fps).", default=C.DEFAULT_FRAMES, min=1,
-           max=1025, step=4),
+        *_reference_images("reference encoding"),
+        _setting("width", "width", "int", "Video width in pixels (multiple of 16)."),
+        _setting("height", "height", "int", "Video height in pixels (multiple of 16)."),
+        _setting("length", "num_frames", "int", "Number of frames (4k+1: 81 = 5 s at 16 fps)."),
         In("mode", "combo", "bindweave: the 4 temporal reference slots of BindWeave. kaleido: R-RoPE sequence "
                             "references for Kaleido-14B-S2V checkpoints. Must match the loaded DiT.",
            options=("bindweave", "kaleido"), default="bindweave"),
@@ -252,14 +345,12 @@ REFERENCE_ENCODE = NodeSpec(
                                  "mark the subject with their alpha, composited on black (non-default). In kaleido "
                                  "mode everything outside the subject is painted white instead.",
            options=C.MASK_MODES, default="rectangle"),
-        In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode).", type=CLIP_VISION,
-           optional=True),
-        *(In(f"mask_{k}", "socket", f"Optional subject mask for reference {k} (same size as the image; "
-                                    "non-default). See invert_masks.", type="MASK", optional=True)
-          for k in range(1, C.MAX_REFERENCES + 1)),
-        In("invert_masks", "boolean", "ComfyUI's Load Image gives MASK = 1 where the image is transparent; on "
-                                      "(default) turns that into 1 = subject. Off: masks already mark the subject.",
-           default=True, optional=True),
+        In("clip_vision", "socket", "The CLIP vision encoder (needed in bindweave mode): Load BindWeave CLIP Vision, "
+                                    "or ComfyUI's Load CLIP Vision with clip_vision_h (run by this pack's code with "
+                                    "the official squash to 224, not ComfyUI's centre crop).",
+           type=f"{CLIP_VISION},CLIP_VISION", optional=True),
+        *_masks("Older wiring, kept for saved graphs: subject mask"),
+        _invert_masks("(older wiring; BindWeave References has its own)"),
     ),
     (Out(REFERENCES, "references", "Reference conditioning for the sampler."),
      Out("IMAGE", "letterboxed", "The references as the model sees them (letterboxed canvases)."),
@@ -275,15 +366,13 @@ SAMPLER = NodeSpec(
         In("model", "socket", "The DiT (optionally with LoRAs).", type=DIT),
         In("text_conditioning", "socket", "From BindWeave UMT5 Encode.", type=TEXT_COND),
         In("references", "socket", "From BindWeave Reference Encode.", type=REFERENCES),
-        In("seed", "int", "Noise seed (official: 1234; noise is drawn in bf16 on the CPU as the official run does, "
-                          "so the same seed gives the same video on any GPU).",
-           default=C.DEFAULT_SEED, min=0, max=2**63 - 1, seed=True),
-        In("steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8).", default=C.DEFAULT_STEPS,
-           min=1, max=1000),
-        In("guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 disables the "
-                                "negative branch.", default=C.DEFAULT_GUIDANCE, min=1.0, max=30.0, step=0.1),
-        In("shift", "float", "Flow shift of the noise schedule (official: 3.0).", default=C.DEFAULT_SHIFT, min=0.1,
-           max=20.0, step=0.1),
+        _setting("seed", "seed", "int", "Noise seed (official: 1234; noise is drawn in bf16 on the CPU as the "
+                                        "official run does, so the same seed gives the same video on any GPU).",
+                 seed=True),
+        _setting("steps", "steps", "int", "Denoising steps (official: 50; step-distilled LoRAs: 4-8)."),
+        _setting("guidance", "guidance", "float", "Classifier-free guidance scale (official: 5.0; Kaleido: 6.0). 1.0 "
+                                                  "disables the negative branch.", step=0.1),
+        _setting("shift", "shift", "float", "Flow shift of the noise schedule (official: 3.0).", step=0.1),
         In("sampler", "combo", "unipc: BindWeave's official UniPC multistep solver on the "
                                "official grid. unipc-diffusers: the same on the installed diffusers' grid (differs "
                                "from 0.37 on). euler: flow-matching Euler. rf-euler: Euler on an evenly spaced, "
@@ -293,12 +382,11 @@ SAMPLER = NodeSpec(
         In("cfg_batch", "combo", "auto: run prompt and negative prompt in one batch when memory allows. "
                                  "separate: two calls per step (less memory).",
            options=C.CFG_BATCH_MODES, default="auto"),
-        In("step_cache", "float", "Step caching (EasyCache): skip a DiT evaluation while the model's output is "
-                                  "predicted to change less than this (accumulated relative change), reusing the "
-                                  f"last one. 0 (default): off, exact. {C.DEFAULT_STEP_CACHE}: the authors' value "
-                                  "for Wan 2.1 (about 2x faster there); higher is faster and less faithful. The "
-                                  "number of evaluations saved is logged.",
-           default=0.0, min=0.0, max=1.0, step=0.01),
+        _setting("step_cache", "step_cache", "float",
+                 "Step caching (EasyCache): skip a DiT evaluation while the model's output is predicted to change "
+                 "less than this (accumulated relative change), reusing the last one. 0 (default): off, exact. "
+                 f"{C.DEFAULT_STEP_CACHE}: the authors' value for Wan 2.1 (about 2x faster there); higher is "
+                 "faster and less faithful. The number of evaluations saved is logged.", step=0.01),
         In("planner_conditioning", "socket", "From BindWeave Planner Encode (required by BindWeave models, unused "
                                              "by Kaleido).", type=PLANNER_COND, optional=True),
     ),
@@ -310,13 +398,14 @@ DECODE = NodeSpec(
     "BindWeaveDecode", "BindWeave Decode", f"{CATEGORY}/sampling",
     "Decodes the latents into frames for ComfyUI's Create Video / Save Video nodes.",
     (
-        In("vae", "socket", "The VAE from Load BindWeave VAE.", type=VAE),
+        In("vae", "socket", "The VAE from Load BindWeave VAE, or ComfyUI's own Load VAE with the Wan 2.1 VAE (run "
+                            "by this pack's code on the same weights).", type=f"{VAE},VAE"),
         In("samples", "socket", "Latents from the BindWeave Sampler or a KSampler on the BindWeave MODEL.",
            type="LATENT"),
         In("tiled", "boolean", "Decode in spatial tiles to save memory (slightly different at tile seams).",
            default=False),
-        In("fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
-           default=float(C.DEFAULT_FPS), min=1.0, max=120.0, step=1.0),
+        _setting("fps", "fps", "float", "Frame rate passed on to Create Video (the model was trained at 16 fps).",
+                 default=float(C.DEFAULT_FPS), step=1.0),
     ),
     (Out("IMAGE", "frames", "The video frames [frames, height, width, 3] in 0..1."),
      Out("FLOAT", "fps", "The frame rate.")),
@@ -339,8 +428,9 @@ NATIVE_MODEL = NodeSpec(
     "Kaleido, Wan 2.1 latent format), for KSampler, SamplerCustomAdvanced, LoraLoaderModelOnly (original Wan, "
     "kohya and trainer LoRAs), ModelSamplingSD3, TorchCompileModel and step caches such as EasyCache. The DiT "
     "runs exactly as in the BindWeave Sampler.",
-    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Leave its "
-                           "resident_blocks at -1: native samplers load the model through ComfyUI.", type=DIT),),
+    (In("model", "socket", "The DiT from Load BindWeave DiT (optionally with BindWeave LoRAs). Its resident_blocks "
+                           "applies here too: with 0 or more, native samplers run the DiT with that many blocks on "
+                           "the GPU and stream the others (the same latents, slower).", type=DIT),),
     (Out("MODEL", "MODEL", "A native MODEL for ComfyUI's samplers and model patches."),),
 )
 
@@ -364,9 +454,8 @@ SIGMAS = NodeSpec(
     "BindWeaveSigmas", "BindWeave Sigmas", f"{CATEGORY}/native",
     "The noise levels of the official samplers, as SIGMAS for SamplerCustomAdvanced: euler with these sigmas "
     "equals the BindWeave Sampler's euler. (KSampler's own schedulers space the steps differently.)",
-    (In("steps", "int", "Denoising steps.", default=C.DEFAULT_STEPS, min=1, max=1000),
-     In("shift", "float", "Flow shift (official: 3.0; Kaleido: 7.0).", default=C.DEFAULT_SHIFT, min=0.1, max=20.0,
-        step=0.1),
+    (_setting("steps", "steps", "int", "Denoising steps."),
+     _setting("shift", "shift", "float", "Flow shift (official: 3.0; Kaleido: 7.0).", step=0.1),
      In("schedule", "combo", "Whose schedule: unipc (BindWeave's official), euler, rf-euler (Kaleido's).",
         options=SAMPLERS, default="euler")),
     (Out("SIGMAS", "sigmas", "steps + 1 noise levels from 1 to 0."),),
@@ -377,12 +466,50 @@ NOISE = NodeSpec(
     "The official start noise as NOISE for SamplerCustomAdvanced: drawn in bf16 on the CPU as the official run "
     "draws it, the same noise the BindWeave Sampler uses for this seed (ComfyUI's RandomNoise draws float32 "
     "values, another video).",
-    (In("noise_seed", "int", "Noise seed (official: 1234).", default=C.DEFAULT_SEED, min=0, max=2**63 - 1,
-        seed=True),),
+    (_setting("noise_seed", "seed", "int", "Noise seed (official: 1234).", seed=True),),
     (Out("NOISE", "noise", "Noise for SamplerCustomAdvanced."),),
+)
+
+# ------------------------------------------------------------------------------------------ evaluation
+EVALUATE = NodeSpec(
+    "BindWeaveEvaluate", "BindWeave Evaluate", f"{CATEGORY}/evaluation",
+    "Scores any video against its reference images with local models: CLIP-I per reference (cosine of CLIP "
+    "ViT-H class-token features, frames and references squashed to 224), optional DINO-I and ArcFace face "
+    "similarity, VBench's subject consistency and temporal flickering, and optical-flow motion; per frame, "
+    "overall and per context window. Outputs a plot of the per-frame curves (also shown on the node) and the "
+    "report. These are not OpenS2V-Eval scores (see docs/evaluation.md).",
+    (
+        In("frames", "socket", "The video frames (from BindWeave Decode, a Load Video node, any IMAGE batch).",
+           type="IMAGE"),
+        In("clip_vision", "socket", "The CLIP ViT-H/14 vision encoder from Load BindWeave CLIP Vision.",
+           type=CLIP_VISION),
+        *(In(f"image_{k}", "socket", f"Reference image {k}" + (" (a batch counts as several references)." if k == 1
+                                                                 else " (optional)."),
+             type="IMAGE", optional=k > 1) for k in range(1, C.MAX_REFERENCES + 1)),
+        In("samples", "int", "Frames sampled evenly (first to last) for the similarity metrics and subject "
+                             "consistency; 0 = every frame. Flickering uses every frame.",
+           default=32, min=0, max=100000),
+        In("regions", "boolean", "Also score the best-matching half-size region of each frame (the whole frame and "
+                                 "a 3 x 3 grid of crops: 10 times the CLIP work).", default=False),
+        In("prompt", "string", "The prompt, recorded in the report only (no text score is computed).",
+           multiline=True, default="", optional=True),
+        In("windows", "string", "Context windows as [start, end) frame ranges, e.g. '0:33, 24:57': adds per-window "
+                                "means and draws the boundaries. Empty: none.", default="", optional=True),
+        In("dino_dir", "string", "Optional: a transformers DINOv2 folder (e.g. facebook/dinov2-base) for DINO-I; "
+                                 "subject consistency then uses DINOv2 as VBench does. Empty: skipped.",
+           default="", optional=True),
+        In("face_model_dir", "string", "Optional: an InsightFace model pack folder (e.g. buffalo_l) for ArcFace face "
+                                       "similarity; needs the insightface and onnxruntime packages. The model "
+                                       "packs are for non-commercial use only. Empty: skipped.",
+           default="", optional=True),
+    ),
+    (Out("IMAGE", "plot", "The per-frame curves with the context windows."),
+     Out("STRING", "summary", "The overall values, window means and skipped metrics, as text."),
+     Out("STRING", "report_json", "The whole report as JSON (schema in docs/evaluation.md).")),
+    output_node=True,
 )
 
 ALL_SPECS: tuple[NodeSpec, ...] = (LOAD_DIT, LOAD_VAE, LOAD_TEXT_ENCODER, LOAD_CLIP_VISION, LOAD_PLANNER,
                                    PLANNER_ENCODE, TEXT_ENCODE, REFERENCE_ENCODE, SAMPLER, DECODE, LORA,
-                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE)
+                                   NATIVE_MODEL, NATIVE_CONDITIONING, SIGMAS, NOISE, REFERENCE_IMAGES_NODE, EVALUATE)
 SPECS = {s.node_id: s for s in ALL_SPECS}

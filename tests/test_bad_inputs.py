@@ -15,7 +15,7 @@ import bad_inputs  # noqa: E402
 
 
 def test_every_bad_input_gets_its_message_and_changes_nothing(tmp_path):
-    """Each case: exit 2 (130 for Ctrl-C), no traceback, the message, inputs unchanged (sha256), no output
+    """Each case: exit 2 (130 for Ctrl-C, 143 for SIGTERM), no traceback, the message, inputs unchanged (sha256), no output
     left, no model built before the failure; then docs/bad-inputs.md must be what the cases print."""
     d = tmp_path / "in"
     results = bad_inputs.run_cases(d)
@@ -25,6 +25,8 @@ def test_every_bad_input_gets_its_message_and_changes_nothing(tmp_path):
     assert sum(r.ran for r in results) >= len(results) - 1  # only the CPU-only-torch case may be skipped
     ctrl_c = next(r for r in results if r.case.id == "ctrl-c")
     assert ctrl_c.code == 130 and bad_inputs.message(ctrl_c).count("\n") == 0  # one line
+    sigterm = next(r for r in results if r.case.id == "sigterm")  # SIGTERM: as Ctrl-C, exit 128 + 15
+    assert sigterm.code == 143 and bad_inputs.message(sigterm).count("\n") == 0 and not sigterm.left
     stages = [ln for ln in ctrl_c.stderr.splitlines() if ln.startswith("INFO ") and "estimated" not in ln]
     assert stages[:3] == ["INFO loading models", "INFO conditioning (planner, text encoder, references)",
                           "INFO sampling (1000 steps)"], stages  # the display names each stage
@@ -69,17 +71,19 @@ def test_generate_help_states_every_default():
 
 
 def test_python_api_and_nodes_get_the_same_value_checks():
-    """GenerationSettings.validate (the API's generate and the nodes call it) refuses what the CLI refuses."""
+    """GenerationSettings (the API's generate, the nodes and the trainer's preview make one) refuses what the CLI
+    refuses, when it is made."""
     from bindweave_core.errors import InputError
     from bindweave_core.pipeline import GenerationSettings
 
     for change, message in (({"seed": 2 ** 64}, "seed must be"), ({"seed": -1}, "seed must be"),
-                            ({"fps": 0}, "fps must be"), ({"guidance": -0.5}, "guidance must be 0 or more"),
-                            ({"shift": 0.0}, "shift must be above 0"), ({"shift": float("inf")}, "finite"),
-                            ({"width": 100000}, "above 16384"), ({"refine_seed": -2}, "refine seed"),
-                            ({"steps": 5000}, "at most 1000")):
+                            ({"fps": 0}, "fps must be a whole number from 1 to 120"),
+                            ({"guidance": -0.5}, "guidance must be a number from 0 to 100"),
+                            ({"shift": 0.0}, "shift must be a number from 0.1 to 100"), ({"shift": float("inf")}, "finite"),
+                            ({"width": 100000}, "from 16 to 16384"), ({"refine_seed": -2}, "refine seed"),
+                            ({"steps": 5000}, "from 1 to 1000")):
         with pytest.raises(InputError, match=message):
-            GenerationSettings(prompt="a cat", **change).validate(1)
+            GenerationSettings(prompt="a cat", **change)
     GenerationSettings(prompt="a cat", seed=2 ** 64 - 1, guidance=0.0).validate(1)  # the edges are accepted
 
 

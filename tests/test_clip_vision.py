@@ -139,9 +139,9 @@ def test_references_are_concatenated_and_zero_padded_to_1028(encoder, canvases, 
 
 
 def test_reference_count_and_shape_are_checked(encoder, canvases):
-    with pytest.raises(InputError, match="5 reference canvases given; BindWeave takes 1 to 4"):
+    with pytest.raises(InputError, match="5 reference images given; BindWeave takes 1 to 4"):
         encoder.encode_references(torch.cat([canvases, canvases[:1]]))
-    with pytest.raises(InputError, match="0 reference canvases"):
+    with pytest.raises(InputError, match="0 reference images given"):
         encoder.encode_references(canvases[:0])
     with pytest.raises(InputError, match=r"\[n, H, W, 3\]"):
         encoder.encode_canvases(canvases.permute(0, 3, 1, 2))

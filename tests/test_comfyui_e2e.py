@@ -29,7 +29,7 @@ from nodes.specs import MODEL_FOLDER, SMOKE_CHOICE, SPECS
 COMFYUI = os.environ.get("COMFYUI_PATH")
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
-    not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) "
+    not COMFYUI, reason="needs a ComfyUI server: set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its interpreter) "
                         "to run the end-to-end tests in a real ComfyUI server")]
 sys.path.insert(0, str(REPO / "tools"))
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -46,20 +46,72 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
+TINY_PACK = "bindweave_e2e_tiny_loaders"
+# A test-only node pack: ComfyUI's own CLIP (UMT5) and CLIP vision model classes at the tiny test size, loaded from
+# a file as its Load CLIP / Load CLIP Vision load one (those build the released sizes only).
+_TINY_PACK_SOURCE = """
+import sys
+
+import folder_paths
+
+sys.path.append("TESTS")
+
+
+class TinyComfyCLIPVisionLoader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP_VISION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_clip_vision
+
+        return (comfy_clip_vision(folder_paths.get_full_path("clip_vision", clip_name)),)
+
+
+class TinyComfyUMT5Loader:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "load", ("CLIP",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),)}}
+
+    def load(self, clip_name):
+        from comfy_native_encoders import comfy_umt5_clip
+
+        return (comfy_umt5_clip(folder_paths.get_full_path("text_encoders", clip_name)),)
+
+
+NODE_CLASS_MAPPINGS = {"TinyComfyCLIPVisionLoader": TinyComfyCLIPVisionLoader,
+                       "TinyComfyUMT5Loader": TinyComfyUMT5Loader}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-BindWeave").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / TINY_PACK).mkdir()
+    (base / "custom_nodes" / TINY_PACK / "__init__.py").write_text(_TINY_PACK_SOURCE.replace("TESTS", str(REPO / "tests")))
     for d in ("input", "output", "temp", "user", "models"):
         (base / d).mkdir()
+    # The server imports this checkout's core too, not another copy installed in ComfyUI's environment
+    # (an editable install of the pack there would otherwise win over the pack's own folder).
+    core = base / "core_path"
+    core.mkdir()
+    (core / "bindweave_core").symlink_to(REPO / "bindweave_core", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(core), os.environ.get("PYTHONPATH")]))}
     port = _free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen(
         [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave"],
-        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-BindWeave", TINY_PACK,
+         # previews on: ComfyUI 0.3.64 takes the preview method only from its command line (newer: per prompt too)
+         "--preview-method", "latent2rgb"],
+        cwd=COMFYUI, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -109,13 +161,37 @@ def test_our_nodes_are_registered_with_docs(server):
         assert theirs == ours, node_id
 
 
+# Widgets of core nodes the workflows were saved with (ComfyUI 0.33.0) that older supported versions lack:
+# an older frontend drops the extra value and the server ignores the input, so the workflows still run.
+NEWER_CORE_WIDGETS = {"CreateVideo.bit_depth": "0.3.64"}
+
+
+def test_node_widget_bounds_are_the_settings_validators(server):
+    """Every widget of a generation setting shows, in ComfyUI's own /object_info, the min/max of the one
+    settings validator (bindweave_core.setting_bounds)."""
+    from bindweave_core.setting_bounds import SETTINGS
+
+    info = server["object_info"]
+    compared = 0
+    for node_id, spec in SPECS.items():
+        for i in spec.inputs:
+            if not i.setting:
+                continue
+            group = "optional" if i.optional else "required"
+            _, opts = info[node_id]["input"][group][i.name]
+            assert (opts["min"], opts["max"]) == (SETTINGS[i.setting].min, SETTINGS[i.setting].max), (node_id, i.name)
+            compared += 1
+    assert compared == 13, compared  # every setting widget of the 6 nodes that have one
+
+
 def test_core_nodes_used_by_the_workflows_exist(server):
     info = server["object_info"]
     for node_type, widgets in CORE_NODES.items():
         assert node_type in info, node_type
         inputs = {**info[node_type]["input"].get("required", {}), **info[node_type]["input"].get("optional", {})}
         for w in widgets:  # "format.codec": a sub-input of the dynamic combo "format"
-            assert w.split(".")[0] in inputs or w in FRONTEND_WIDGETS, f"{node_type}.{w}"
+            assert w.split(".")[0] in inputs or w in FRONTEND_WIDGETS or f"{node_type}.{w}" in NEWER_CORE_WIDGETS, \
+                f"{node_type}.{w}"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -153,7 +229,7 @@ def _browser_skip() -> str | None:
 def test_workflow_loads_in_the_frontend_without_missing_nodes(server, path):
     reason = _browser_skip()
     if reason:
-        pytest.skip(f"headless browser unavailable: {reason}")
+        pytest.skip(f"needs a browser: {reason}")
     from comfy_browser import comfy_page, load_workflow
 
     async def run():
@@ -478,18 +554,26 @@ def _wan21_stats():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_file(server):
-    """Our tiny smoke VAE (the smoke choice of Load BindWeave VAE) saved in the original Wan 2.1 layout,
-    for ComfyUI's own VAELoader (key names: tests/test_vae.py original_state_dict)."""
+def wan_vae_file(server):
+    """A Wan 2.1 VAE of the released width (base dim 96) with our smoke model's seeded weights, in the
+    original layout, for ComfyUI's own VAELoader (key names: tests/test_vae.py original_state_dict).
+    Full width because ComfyUI 0.3.64's loader builds every Wan 2.1 VAE at width 96 whatever the file
+    holds (newer ones read the width from the file)."""
+    import torch
+    from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
     from test_vae import original_state_dict
 
-    from bindweave_core.encoders.vae import WanVAE
+    from bindweave_core.encoders.vae import WAN21_VAE_CONFIG, _tiny_value, seeded_init_
 
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**WAN21_VAE_CONFIG)
+    model = model.to_empty(device="cpu")
+    seeded_init_(model, 0, _tiny_value)
     folder = server["base"] / "models" / "vae"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(original_state_dict(WanVAE.tiny(0).model), str(folder / "bw_tiny_vae.safetensors"))
-    return "bw_tiny_vae.safetensors"
+    save_file(original_state_dict(model), str(folder / "bw_wan21_vae.safetensors"))
+    return "bw_wan21_vae.safetensors"
 
 
 def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift: float, cfg: float, seed: int,
@@ -507,7 +591,7 @@ def _custom_sampling(g: dict, model: list, conditioning: list, steps: int, shift
     return b + "5"
 
 
-def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae_file):
+def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, wan_vae_file):
     """Our loaders + BindWeave Conditioning -> KSampler -> ComfyUI's VAE Decode writes a video; with euler and
     the same sigmas (SamplerCustomAdvanced) the native latents equal our Sampler's; ComfyUI's VAE Decode of
     our Sampler's LATENT equals our Decode, and our Decode takes KSampler's LATENT as ComfyUI's VAE Decode does."""
@@ -519,6 +603,7 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
     seed, steps = 321, 3
     g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
     g["30"]["inputs"].update(sampler="euler", steps=steps, seed=seed)
+    g["2"]["inputs"]["vae_name"] = wan_vae_file  # our VAE loader on the file ComfyUI's VAE Loader reads
     del g["40"], g["41"]
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native/ours")
     g["51"] = node("SaveImage", images=["31", 0], filename_prefix="native/our_decode")
@@ -527,12 +612,12 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
                    planner_conditioning=["20", 0])
     sampled = _custom_sampling(g, ["60", 0], ["61"], steps, 3.0, 5.0, seed, "euler", 7)
     g["80"] = node("SaveLatent", samples=[sampled, 0], filename_prefix="native/custom")
-    g["81"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["81"] = node("VAELoader", vae_name=wan_vae_file)
     g["82"] = node("VAEDecode", samples=["30", 0], vae=["81", 0])
     g["83"] = node("SaveImage", images=["82", 0], filename_prefix="native/comfy_decode")
     # the plain native graph: KSampler (its own schedule) -> VAE Decode -> video; and our Decode of its LATENT
     native = native_graph(refs=None, prompt=g["20"]["inputs"]["prompt"], width=64, height=48, length=5, steps=steps,
-                          guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True, vae=tiny_vae_file,
+                          guidance=5.0, shift=3.0, sampler="euler", seed=seed, smoke=True, vae=wan_vae_file,
                           prefix="native/ksampler")
     g.update({k: v for k, v in native.items() if k not in g})
     g["33"]["inputs"]["model"] = ["29", 0]
@@ -541,7 +626,7 @@ def test_native_graph_matches_our_sampler_and_decodes_like_ours(server, tiny_vae
     g["92"] = node("SaveImage", images=["91", 0], filename_prefix="native/ksampler_our_decode")
     out = _run(server, g)
 
-    ours = _normalised(_saved_latent(server, out, "50"), _tiny_vae_stats())  # the smoke VAE's raw space
+    ours = _normalised(_saved_latent(server, out, "50"), _wan21_stats())  # the raw space of that file's VAE
     custom = _normalised(_saved_latent(server, out, "80"), _wan21_stats())  # the native MODEL's latent format
     print(f"native vs our Sampler: max |diff| {(custom - ours).abs().max():.2e} (latents up to {ours.abs().max():.2f})")
     torch.testing.assert_close(custom, ours, rtol=0, atol=1e-4)
@@ -678,19 +763,23 @@ def test_native_lora_loader_matches_our_lora_node(server):
         torch.testing.assert_close(ours, core, rtol=0, atol=1e-4)
 
 
-def test_native_model_patches_attach_and_run(server):
-    """ModelSamplingSD3, EasyCache (ComfyUI's step cache), KSamplerAdvanced and TorchCompileModel on the
-    native MODEL: each attaches and samples (TorchCompileModel: one step, guidance 1, to keep compile short)."""
-    from build_workflows import native_graph, node
+def _native_patch_graph() -> dict:
+    from build_workflows import native_graph
 
     g = native_graph(refs=None, prompt="a man waves at the camera", width=64, height=48, length=5, steps=3,
                      guidance=5.0, shift=3.0, sampler="euler", seed=5, smoke=True)
     for key in ("34", "35", "40", "41", "23", "24"):
         del g[key]
-    g["50"] = node("EasyCache", model=["29", 0], reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
-                   verbose=True)
-    g["33"]["inputs"]["model"] = ["50", 0]
-    g["51"] = node("SaveLatent", samples=["33", 0], filename_prefix="native_patches/easycache")
+    return g
+
+
+def test_native_model_patches_attach_and_run(server):
+    """ModelSamplingSD3, KSamplerAdvanced and TorchCompileModel on the native MODEL: each attaches and samples
+    (TorchCompileModel: one step, guidance 1, to keep compile short)."""
+    from build_workflows import node
+
+    g = _native_patch_graph()
+    del g["33"]  # the graph's own KSampler: the nodes below sample instead
     g["52"] = node("KSamplerAdvanced", model=["29", 0], add_noise="enable", noise_seed=5, steps=2, cfg=5.0,
                    sampler_name="euler", scheduler="simple", positive=["32", 0], negative=["32", 1],
                    latent_image=["32", 2], start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
@@ -699,15 +788,31 @@ def test_native_model_patches_attach_and_run(server):
     g["55"] = node("KSampler", model=["54", 0], positive=["32", 0], negative=["32", 1], latent_image=["32", 2],
                    seed=5, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
     g["56"] = node("SaveLatent", samples=["55", 0], filename_prefix="native_patches/compiled")
-    log_start = len((server["base"] / "comfyui.log").read_text())
     t0 = time.time()
     out = _run(server, g, timeout=900)
-    print(f"EasyCache + KSamplerAdvanced + TorchCompileModel graph: {time.time() - t0:.0f} s")
-    log = (server["base"] / "comfyui.log").read_text()[log_start:]
-    assert "EasyCache - skipped" in log, log[-2000:]
-    for key in ("51", "53", "56"):
+    print(f"KSamplerAdvanced + TorchCompileModel graph: {time.time() - t0:.0f} s")
+    for key in ("53", "56"):
         latents = _saved_latent(server, out, key)
         assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
+
+
+def test_easycache_attaches_to_the_native_model(server):
+    """EasyCache (ComfyUI's step cache) on the native MODEL skips DiT evaluations and samples."""
+    from build_workflows import node
+
+    if "EasyCache" not in server["object_info"]:
+        pytest.skip("this ComfyUI has no EasyCache node (comfy_extras/nodes_easycache.py)")
+    g = _native_patch_graph()
+    g["50"] = node("EasyCache", model=["29", 0], reuse_threshold=0.2, start_percent=0.0, end_percent=1.0,
+                   verbose=True)
+    g["33"]["inputs"]["model"] = ["50", 0]
+    g["51"] = node("SaveLatent", samples=["33", 0], filename_prefix="native_patches/easycache")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    out = _run(server, g, timeout=900)
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "EasyCache - skipped" in log, log[-2000:]
+    latents = _saved_latent(server, out, "51")
+    assert latents.shape == (1, 16, 2, 6, 8) and latents.isfinite().all()
 
 
 _NATIVE_VAE_SCRIPT = r'''
@@ -724,12 +829,12 @@ from nodes.native_inputs import wan_vae_from_native
 
 native = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
 ours = wan_vae_from_native(native)
-tiny = WanVAE.tiny(0)
+loaded = WanVAE.load(vae_path, dtype=torch.float32)  # Load BindWeave VAE on the same file
 x = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
 with torch.no_grad():
     mu = ours.model.to(torch.float32).encode(x).latent_dist.mode()
-    assert torch.equal(mu, tiny.model.encode(x).latent_dist.mode())
-    assert torch.equal(ours.model.decode(mu).sample, tiny.model.decode(mu).sample)
+    assert torch.equal(mu, loaded.model.encode(x).latent_dist.mode())
+    assert torch.equal(ours.model.decode(mu).sample, loaded.model.decode(mu).sample)
 assert ours.model.config.latents_mean == WAN21_VAE_CONFIG["latents_mean"]
 shared = native.first_stage_model.state_dict()["encoder.conv1.weight"].data_ptr()
 assert ours.model.encoder.conv_in.weight.data_ptr() == shared  # no second copy of the weights
@@ -737,24 +842,227 @@ print("ok")
 '''
 
 
-def test_reference_encode_takes_comfyuis_own_vae(server, tiny_vae_file):
+def test_reference_encode_takes_comfyuis_own_vae(server, wan_vae_file):
     """ComfyUI's VAELoader output into Reference Encode: our WanVAE over the same tensors (no copy) encodes and
     decodes exactly as Load BindWeave VAE does on that file, and a graph with it runs."""
     import copy
 
     from build_workflows import _cases, node
 
-    path = server["base"] / "models" / "vae" / tiny_vae_file
+    path = server["base"] / "models" / "vae" / wan_vae_file
     run = subprocess.run([PYTHON, "-c", _NATIVE_VAE_SCRIPT, str(path), str(REPO)], cwd=COMFYUI, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": COMFYUI})
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
     g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
     g["30"]["inputs"]["seed"] = 4242
-    g["7"] = node("VAELoader", vae_name=tiny_vae_file)
+    g["7"] = node("VAELoader", vae_name=wan_vae_file)
     g["22"]["inputs"]["vae"] = ["7", 0]
     for key in ("31", "40", "41"):
         del g[key]
     g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="native_vae/ours")
     out = _run(server, g)
     assert _saved_latent(server, out, "50").isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI's own loaders
+def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
+    """ComfyUI's CLIP vision, UMT5 CLIP and Qwen2.5-VL CLIP as our encoders equal our loaders on the same file
+    (ComfyUI's model classes built tiny in ComfyUI's interpreter; see tests/comfy_native_encoders.py)."""
+    run = subprocess.run([PYTHON, str(REPO / "tests/comfy_native_encoders.py"), str(REPO), str(tmp_path)], cwd=COMFYUI,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": COMFYUI}, timeout=600)
+    print(run.stdout)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("max |diff|") == 6
+
+
+def test_decode_takes_comfyuis_own_vae(server, wan_vae_file):
+    """BindWeave Decode on ComfyUI's Load VAE (the same tiny VAE file) gives the frames of Load BindWeave VAE."""
+    import copy
+
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 777
+    for key in ("40", "41"):
+        del g[key]
+    g["7"] = node("VAELoader", vae_name=wan_vae_file)
+    g["50"] = node("SaveImage", images=["31", 0], filename_prefix="decode_vae/ours")
+    g["51"] = node("BindWeaveDecode", vae=["7", 0], samples=["30", 0], tiled=False, fps=16.0)
+    g["52"] = node("SaveImage", images=["51", 0], filename_prefix="decode_vae/comfy")
+    out = _run(server, g)
+    ours, comfy = _saved_frames(server, out, "50"), _saved_frames(server, out, "52")
+    print(f"Decode on ComfyUI's VAE vs ours: max |diff| {abs(ours - comfy).max() * 255:.0f}/255")
+    # the same weights; the LATENT's round trip through the VAE statistics differs in the last float bit (this tiny
+    # file's statistics are not the Wan 2.1 ones that ComfyUI's VAE carries), which can flip an 8-bit rounding
+    assert ours.shape == comfy.shape and abs(ours - comfy).max() <= 1 / 255 + 1e-6
+
+
+def _legacy_wiring(g: dict) -> dict:
+    """The graph as saved before BindWeave References: the images connected to each node's own sockets."""
+    refs = g.pop("15")["inputs"]
+    for key in ("20", "22"):
+        if key in g:
+            del g[key]["inputs"]["reference_images"]
+            g[key]["inputs"].update({k: v for k, v in refs.items() if k.startswith("image_")})
+    return g
+
+
+def test_references_wired_once_and_the_old_wiring_give_the_same_latents(server):
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 99
+    for key in ("31", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="wiring/once")
+    once = _saved_latent(server, _run(server, g), "50")
+    old = _legacy_wiring(copy.deepcopy(g))
+    old["50"]["inputs"]["filename_prefix"] = "wiring/old"
+    assert "15" not in old and old["22"]["inputs"]["image_1"] == ["10", 0]
+    legacy = _saved_latent(server, _run(server, old), "50")
+    torch.testing.assert_close(legacy, once, rtol=0, atol=0)
+
+
+def _run_error(server, prompt: dict, timeout: float = 300) -> str:
+    """Queue a prompt that must fail while running; the server's error message."""
+    from comfy_browser import post_json
+
+    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
+    assert reply["node_errors"] == {}, reply
+    pid = reply["prompt_id"]
+    deadline = time.time() + timeout
+    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
+        assert time.time() < deadline, f"prompt did not finish in {timeout} s"
+        time.sleep(1)
+    errors = [m[1] for m in history[pid]["status"]["messages"] if m[0] == "execution_error"]
+    assert history[pid]["status"]["status_str"] == "error" and errors, history[pid]["status"]
+    return errors[0]["exception_message"] + f" (node {errors[0]['node_type']})"
+
+
+def test_more_masks_than_images_is_refused(server):
+    import copy
+
+    from build_workflows import _cases, node
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    g["30"]["inputs"]["seed"] = 5150  # not a cached run
+    g["12"] = node("SolidMask", value=1.0, width=96, height=128)
+    g["15"]["inputs"]["mask_1"] = ["12", 0]
+    g["15"]["inputs"]["mask_2"] = ["12", 0]
+    message = _run_error(server, g)
+    print(message)
+    assert "mask_2 is connected but image_2 is not" in message and "BindWeaveReferences" in message
+
+
+def test_ksampler_with_block_offload_gives_the_unswapped_latents(server):
+    """Load BindWeave DiT's resident_blocks (1 of the 2 tiny blocks resident) under KSampler, through ComfyUI's
+    memory manager, gives the latents of the same graph without offload."""
+    import copy
+
+    import torch
+    from build_workflows import native_graph, node
+
+    g = native_graph(refs=None, prompt="a man waves at the camera", width=64, height=48, length=5, steps=3,
+                     guidance=5.0, shift=3.0, sampler="euler", seed=2024, smoke=True, prefix="offload/ksampler")
+    for key in ("34", "35", "40", "41"):
+        del g[key]
+    g["50"] = node("SaveLatent", samples=["33", 0], filename_prefix="offload/whole")
+    g["60"] = copy.deepcopy(g["1"])
+    g["60"]["inputs"]["resident_blocks"] = 1
+    g["61"] = node("BindWeaveNativeModel", model=["60", 0])
+    g["62"] = node("ModelSamplingSD3", model=["61", 0], shift=3.0)
+    g["63"] = copy.deepcopy(g["33"])
+    g["63"]["inputs"]["model"] = ["62", 0]
+    g["64"] = node("SaveLatent", samples=["63", 0], filename_prefix="offload/streamed")
+    log_start = len((server["base"] / "comfyui.log").read_text())
+    out = _run(server, g)
+    whole, streamed = _saved_latent(server, out, "50"), _saved_latent(server, out, "64")
+    print(f"KSampler with resident_blocks 1 vs -1: max |diff| {(streamed - whole).abs().max():.2e}")
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    log = (server["base"] / "comfyui.log").read_text()[log_start:]
+    assert "DiT block offload: 1 of 2 blocks resident" in log, log[-2000:]
+
+
+def test_kaleido_workflow_without_its_folder_is_stopped_naming_it(server):
+    """The Kaleido DiT folder cannot be in the frontend's missing-models list (README); queuing its workflow
+    without the folder stops before anything runs, ComfyUI naming the loader's missing entry."""
+    import urllib.error
+
+    from build_workflows import _cases
+
+    prompt = _cases()["kaleido_two_subjects"]["graph"]
+    request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    body = json.loads(refused.value.read())
+    errors = body["node_errors"]["1"]["errors"]
+    print(errors)
+    assert any("not in list" in e["message"].lower() or "not in list" in e.get("details", "").lower()
+               for e in errors)
+    assert any(f"{MODEL_FOLDER}/Kaleido-14B-S2V/" in e.get("details", "") for e in errors)
+
+
+def test_graph_on_comfyuis_own_models_equals_the_graph_on_our_loaders(server, wan_vae_file):
+    """The same sampling on ComfyUI's own loaded models (Load VAE; ComfyUI's CLIP vision and UMT5 CLIP classes,
+    built at the tiny size by a test node) and on our loaders with the same files: equal latents."""
+    import copy
+
+    import torch
+    from build_workflows import _cases, node
+    from comfy_native_encoders import write_tiny_clip_vision, write_tiny_umt5
+
+    for folder, name, write in (("clip_vision", "bw_tiny_clip_vision.safetensors", write_tiny_clip_vision),
+                                ("text_encoders", "bw_tiny_umt5.safetensors", write_tiny_umt5)):
+        (server["base"] / "models" / folder).mkdir(parents=True, exist_ok=True)
+        write(server["base"] / "models" / folder / name)
+    ours = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("31", "40", "41"):
+        del ours[key]
+    ours["30"]["inputs"]["seed"] = 8080
+    ours["2"]["inputs"]["vae_name"] = wan_vae_file
+    ours["3"]["inputs"]["text_encoder_name"] = "bw_tiny_umt5.safetensors"
+    ours["4"]["inputs"]["clip_name"] = "bw_tiny_clip_vision.safetensors"
+    for key in ("2", "3", "4"):
+        ours[key]["inputs"]["dtype"] = "fp32"
+    ours["50"] = node("SaveLatent", samples=["30", 0], filename_prefix="comfy_models/ours")
+    comfy = copy.deepcopy(ours)
+    comfy["2"] = node("VAELoader", vae_name=wan_vae_file)
+    comfy["3"] = node("TinyComfyUMT5Loader", clip_name="bw_tiny_umt5.safetensors")
+    comfy["4"] = node("TinyComfyCLIPVisionLoader", clip_name="bw_tiny_clip_vision.safetensors")
+    comfy["50"]["inputs"]["filename_prefix"] = "comfy_models/comfy"
+    a = _saved_latent(server, _run(server, ours), "50")
+    b = _saved_latent(server, _run(server, comfy), "50")
+    print(f"graph on ComfyUI's models vs on our loaders: max |diff| {(a - b).abs().max():.2e}")
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_evaluate_node_scores_the_smoke_video_and_shows_its_plot(server):
+    """BindWeave Evaluate on the smoke workflow's decoded frames: it runs in ComfyUI, shows its plot on the
+    node (a preview image in the temp folder), and its report is the core's, windows included."""
+    import copy
+
+    from build_workflows import _cases, node
+    from PIL import Image
+
+    g = copy.deepcopy(_cases()["bindweave_smoke_test"]["graph"])
+    for key in ("40", "41"):
+        del g[key]
+    g["60"] = node("BindWeaveEvaluate", frames=["31", 0], clip_vision=["4", 0], image_1=["10", 0], samples=32,
+                   regions=False, prompt="a man waves", windows="0:3, 2:5", dino_dir="", face_model_dir="")
+    g["61"] = node("PreviewAny", source=["60", 2])
+    g["62"] = node("PreviewImage", images=["60", 0])
+    out = _run(server, g)
+    shown = out["60"]["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
+    plot = Image.open(server["base"] / "temp" / shown[0]["subfolder"] / shown[0]["filename"])
+    assert plot.size == (1100, 640) and len(plot.convert("RGB").getcolors(1 << 16)) > 20  # drawn, not blank
+    report = json.loads(out["61"]["text"][0])
+    assert report["video"]["frames"] == 5 and report["prompt"]["text"] == "a man waves"
+    assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 3), (2, 5)]
+    assert set(report["metrics"]) == {"clip_i", "subject_consistency", "temporal_flickering", "motion_amplitude"}
+    assert len(report["skipped"]) == 2

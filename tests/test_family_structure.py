@@ -176,7 +176,7 @@ def test_kaleido_family_gives_the_official_values():
     assert f.canvas_colour == (255, 255, 255) and f.letterbox_upscales and not f.needs_video_condition
     assert f.smoke_preset == "tiny-kaleido" and f.sigma_sampling == "kaleido"
     assert f.slot_frames(PRESETS["tiny-kaleido"]) == 0 and f.reference_vae_chunks(2, 81) == 2
-    with pytest.raises(InputError, match="at most 3"):
+    with pytest.raises(InputError, match="takes 1 to 3"):
         f.check_reference_count(4)
     with pytest.raises(InputError, match="text-to-video DiT"):
         f.check_dit(PRESETS["tiny"], "dit.safetensors", "bindweave")  # 36 input channels

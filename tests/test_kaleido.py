@@ -268,15 +268,15 @@ def test_white_letterbox_pixels_and_upscaling():
 
 
 def test_more_than_three_references_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(InputError, match="at most 3.*Remove 1"):
+    with pytest.raises(InputError, match="takes 1 to 3.*Remove 1"):
         prepare_kaleido_references([EXAMPLE] * 4, 64, 48)
     pipe = BindWeavePipeline.smoke(family="kaleido")
-    with pytest.raises(InputError, match="at most 3"):
+    with pytest.raises(InputError, match="takes 1 to 3"):
         pipe.generate([EXAMPLE] * 4, GenerationSettings(prompt="four people", width=64, height=48, num_frames=5,
                                                         steps=1, sampler="rf-euler"))
     rc = cli.main(["generate", "--smoke", "--family", "kaleido", *(["--ref", str(EXAMPLE)] * 4), "--prompt", "x",
                    "--out", str(tmp_path / "four.mp4")])
-    assert rc == 2 and "at most 3" in capsys.readouterr().err and not (tmp_path / "four.mp4").exists()
+    assert rc == 2 and "takes 1 to 3" in capsys.readouterr().err and not (tmp_path / "four.mp4").exists()
 
 
 # ------------------------------------------------------------------------------------------ sampling

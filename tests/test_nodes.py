@@ -18,7 +18,7 @@ from nodes.specs import ALL_SPECS, SPECS, WIDGET_KINDS
 
 def test_node_ids_are_prefixed_unique_and_documented():
     ids = [s.node_id for s in ALL_SPECS]
-    assert len(ids) == len(set(ids)) == 15
+    assert len(ids) == len(set(ids)) == 17
     for spec in ALL_SPECS:
         assert spec.node_id.startswith("BindWeave") and spec.category.startswith("BindWeave")
         assert len(spec.description) > 40, spec.node_id
@@ -42,6 +42,32 @@ def test_defaults_are_the_official_settings():
     assert (refs["width"], refs["height"], refs["length"], refs["mask_mode"]) == (1280, 720, 81, "rectangle")
     assert {i.name: i.default for i in SPECS["BindWeaveDecode"].inputs}["fps"] == 16.0
     assert {i.name: i.default for i in SPECS["BindWeaveDiTLoader"].inputs}["attention"] == "sdpa"
+
+
+# number widgets that are not generation settings (no GenerationSettings field behind them)
+NOT_SETTINGS = {("BindWeaveDiTLoader", "resident_blocks"), ("BindWeaveLoraLoader", "strength")}
+
+
+def test_node_widgets_take_their_bounds_from_the_settings_validator():
+    """Each number widget of a generation setting has the validator's min/max; its ends are accepted by the
+    validator and one step beyond them refused (so the node and the core never disagree)."""
+    from bindweave_core.setting_bounds import SETTINGS, check_setting
+
+    seen = set()
+    for spec in ALL_SPECS:
+        for i in spec.inputs:
+            if i.kind not in ("int", "float") or (spec.node_id, i.name) in NOT_SETTINGS:
+                continue
+            assert i.setting, f"{spec.node_id}.{i.name} takes no bounds from bindweave_core.setting_bounds"
+            s = SETTINGS[i.setting]
+            assert (i.min, i.max) == (s.min, s.max), (spec.node_id, i.name)
+            assert check_setting(i.setting, i.min) == i.min and check_setting(i.setting, i.max) == i.max
+            for outside in (i.min - 1, i.max + 1):
+                with pytest.raises(InputError, match="must be"):
+                    check_setting(i.setting, outside)
+            seen.add(i.setting)
+    assert seen == {"width", "height", "num_frames", "steps", "guidance", "shift", "seed", "refine_seed", "fps",
+                    "step_cache"}
 
 
 def test_every_loader_offers_the_smoke_model():
@@ -73,8 +99,8 @@ def test_collect_references_aligns_and_inverts_masks():
 
 
 @pytest.mark.parametrize("images,masks,message", [
-    ([image(4, 4, 5)], [], "5 reference images connected; this model takes 1 to 4"),
-    ([None, None], [], "0 reference images connected"),
+    ([image(4, 4, 5)], [], "5 reference images given; this model takes 1 to 4"),
+    ([None, None], [], "0 reference images given"),
     ([None, image(4, 4)], [torch.ones(1, 4, 4)], "mask_1 is connected but image_1 is not"),
     ([image(4, 4, 3)], [torch.ones(2, 4, 4)], "mask_1 has 2 masks for 3 images"),
 ])
@@ -126,21 +152,52 @@ def test_node_docs_are_up_to_date():
 
 
 def test_encoder_loader_rows_name_encoders_whose_load_takes_their_options():
-    """Each row of the encoder loader table names an encoder class (the protocol of encoders/base.py) whose
+    """Each row of the encoder loader table gives an encoder class (the protocol of encoders/base.py) whose
     load() accepts every option the node passes it; the rows' specs are the nodes' specs."""
-    import importlib
     import inspect
 
     from bindweave_core.encoders.base import Encoder
     from nodes.specs import ENCODER_LOADERS
 
-    assert len(ENCODER_LOADERS) == 4 and len({r.class_name for r in ENCODER_LOADERS}) == 4
+    assert len(ENCODER_LOADERS) == 4 and len({r.node_id for r in ENCODER_LOADERS}) == 4
     for row in ENCODER_LOADERS:
         assert SPECS[row.node_id] == row.spec and row.spec.inputs[0].name == row.file_input
-        module, _, name = row.encoder.partition(":")
-        encoder = getattr(importlib.import_module(module), name)
-        assert issubclass(encoder, Encoder) and not inspect.isabstract(encoder), row.encoder
+        encoder = row.encoder()
+        assert issubclass(encoder, Encoder) and not inspect.isabstract(encoder), row.node_id
         accepted = set(inspect.signature(encoder.load).parameters)
         passed = {i.name for i in row.options} | ({"tokenizer_dir"} if row.comfy_tokenizer else set())
-        assert {"dtype"} | passed <= accepted, (row.encoder, passed - accepted)
+        assert {"dtype"} | passed <= accepted, (row.node_id, passed - accepted)
         assert row.spec.inputs[0].files == row.folders and row.spec.category == "BindWeave/loaders"
+
+
+def test_loader_nodes_are_plain_classes_named_in_the_source():
+    """Every node class is a class statement in comfy_nodes.py (a reader finds LoadPlanner by name): the
+    encoder loaders subclass one base and name their row; nothing builds classes or imports by string."""
+    import ast
+
+    from nodes import specs
+
+    tree = ast.parse((REPO / "nodes" / "comfy_nodes.py").read_text())
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    rows = {}
+    for name, cls in classes.items():
+        if [ast.unparse(b) for b in cls.bases] == ["EncoderLoaderNode"]:
+            (assign,) = [s for s in cls.body if isinstance(s, ast.Assign)]
+            rows[name] = getattr(specs, ast.unparse(assign.value))
+    assert rows == {"LoadVAE": specs.VAE_LOADER, "LoadTextEncoder": specs.TEXT_ENCODER_LOADER,
+                    "LoadCLIPVision": specs.CLIP_VISION_LOADER, "LoadPlanner": specs.PLANNER_LOADER}
+    calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not calls & {"type", "importlib.import_module", "getattr", "__import__"}
+    nodes_list = next(n for n in tree.body if isinstance(n, ast.AnnAssign) and ast.unparse(n.target) == "NODES")
+    assert {ast.unparse(e) for e in nodes_list.value.elts} <= set(classes)
+
+
+def test_auto_precision_tooltips_say_what_host_picks():
+    """The dtype tooltip of every loader names the official bf16, the fallback of its kind and the CPU rule."""
+    from nodes.specs import AUTO_PRECISION, ENCODER_LOADERS, LOAD_DIT
+
+    for spec, kind in [(LOAD_DIT, "dit")] + [(row.spec, row.memory_kind) for row in ENCODER_LOADERS]:
+        tooltip = {i.name: i for i in spec.inputs}["dtype"].tooltip
+        fallback = AUTO_PRECISION[kind].fallback
+        assert f"auto: bf16 (the official run's precision) on devices that support it, else {fallback}; " \
+               "fp32 on CPU." in tooltip, spec.node_id

@@ -33,7 +33,10 @@ def test_pyproject_metadata():
     project = meta["project"]
     assert "comfyui" not in project["name"].lower()
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
-    assert project["license"] == {"file": "LICENSE"}
+    # An SPDX expression plus license-files: the table form is deprecated by setuptools (builds fail from
+    # 2027-02-18); the SPDX form needs setuptools >= 77 in the build requirements.
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert "setuptools>=77" in meta["build-system"]["requires"]
     assert "Apache License" in (REPO / "LICENSE").read_text()
     deps = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
     assert not any(re.match(r"torch\b", d) for d in deps), "torch must not be a dependency"

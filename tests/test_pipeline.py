@@ -122,7 +122,7 @@ def test_bad_settings_have_clear_messages(pipe, kw, message):
 
 
 def test_reference_count_and_unreadable_images(pipe, tmp_path):
-    with pytest.raises(InputError, match="5 reference images given; this model takes 1 to 4"):
+    with pytest.raises(InputError, match="5 reference images given; BindWeave takes 1 to 4. Remove 1 of them"):
         pipe.generate([EXAMPLE] * 5, settings())
     with pytest.raises(InputError, match="0 reference images given"):
         pipe.generate([], settings())
@@ -165,16 +165,20 @@ def host_memory():
     """Installs counting host hooks (as the ComfyUI nodes do) and restores PyTorch's afterwards."""
     from bindweave_core import device_memory
 
-    calls = {"release": 0, "free": []}
+    calls = {"release": 0, "free": [], "order": []}
 
     def release():
         calls["release"] += 1
 
     def free_bytes(device):
         calls["free"].append(device)
+        calls["order"].append("free")
         return 7 << 30
 
-    device_memory.use_host_memory_manager(release=release, free_bytes=free_bytes)
+    def make_room(device, memory_required):
+        calls["order"].append(("make_room", device, memory_required))
+
+    device_memory.use_host_memory_manager(release=release, free_bytes=free_bytes, make_room=make_room)
     yield calls
     device_memory.use_host_memory_manager()
 
@@ -188,8 +192,12 @@ def test_host_memory_manager_answers_the_cores_questions(host_memory):
     assert host_memory["free"] == [torch.device("cuda", 1)]
     # the batching decision asks the host too (the nodes' cfg_batch "auto")
     dit = smoke_components(seed=0)["dit"]
+    host_memory["order"].clear()
     assert memory.fits_batched_cfg(dit, settings(), torch.device("cuda", 0)) is True
     assert host_memory["free"][-1] == torch.device("cuda", 0)
+    # the host is asked to unload idle models first, for what batching needs, then the free memory is read
+    (kind, device, need), last = host_memory["order"]
+    assert (kind, device, last) == ("make_room", torch.device("cuda", 0), "free") and 0 < need < 7 << 30
 
 
 def test_models_left_in_place_release_nothing_and_cancel_releases_through_the_host(pipe, host_memory):

@@ -1,7 +1,7 @@
 """The sampling grids and the UniPC solver against the official numbers (diffusers 0.33.1), not the installed diffusers.
 
-``shared/data/official-schedule/unipc_official.json`` was produced by the official configuration on
-diffusers 0.33.1 (its README). These tests hold whatever diffusers version is installed.
+``tests/data/official-schedule/unipc_official.json`` (copied from the project's shared data) was produced by
+the official configuration on diffusers 0.33.1 (its README). These tests hold whatever diffusers version is installed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import torch
 from bindweave_core.errors import InputError
 from bindweave_core.sampling import GuidanceInputs, denoise
 from bindweave_core.schedules import flow_euler_grid, official_unipc_grid
-from helpers import SHARED, need
-
-OFFICIAL = SHARED / "data/official-schedule/unipc_official.json"
+from helpers import OFFICIAL_SCHEDULE as OFFICIAL
+from helpers import need
 
 
 def official() -> dict:

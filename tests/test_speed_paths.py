@@ -122,7 +122,7 @@ def test_scaled_mm_matmul_math(caplog):
     try:
         fast = FP8.scaled_mm_linear(x, wq, ws, torch.zeros(96).bfloat16())
     except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch has no CPU fp8 _scaled_mm kernel ({e})")
+        pytest.skip(f"needs a kernel this CPU build lacks: CPU fp8 _scaled_mm ({e})")
     assert fast.shape == (2, 37, 96) and fast.dtype == torch.bfloat16
     assert rel_rms(fast, upcast) <= SCALED_MM_REL_RMS
     layer = torch.nn.Linear(64, 96)
@@ -426,7 +426,7 @@ def test_cuda_sdpa_half_precision_agrees_with_fp32(weights, dtype):
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < FP8.SCALED_MM_MIN_CAPABILITY,
-                    reason="needs a GPU with fp8 tensor cores (compute capability >= 8.9)")
+                    reason="needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9)")
 def test_cuda_fp8_matmul_runs_and_agrees(weights, caplog):
     FP8._scaled_mm_reason.cache_clear()
     ref = run(load_dit(weights, dtype=torch.float32, config=CFG).cuda(), cuda_inputs())
@@ -440,7 +440,7 @@ def test_cuda_fp8_matmul_runs_and_agrees(weights, caplog):
 @pytest.mark.parametrize("backend", ["sage", "flash"])
 def test_cuda_optional_kernels_agree_with_sdpa(backend):
     if not CUDA or not A.is_installed(backend):
-        pytest.skip(f"needs CUDA and the {backend} package")
+        pytest.skip(f"needs a CUDA GPU and the {backend} package")
     cfg = CFG.replace(num_heads=1, head_dim=64)  # SageAttention takes head dims 64/96/128
     model = randomize_(build_dit(cfg), seed=1).to("cuda", torch.bfloat16)
     inp = cuda_inputs()

@@ -133,7 +133,7 @@ def test_guidance_one_caches_the_single_branch_and_more_threshold_skips_more():
 
 
 def test_bad_thresholds_are_refused():
-    with pytest.raises(InputError, match="threshold"):
+    with pytest.raises(InputError, match="step_cache must be a number from 0 to 1"):
         StepCache(-0.1)
     with pytest.raises(InputError, match="step_cache"):
         GenerationSettings(prompt="x", step_cache=-1.0).validate(1)

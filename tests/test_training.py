@@ -284,6 +284,18 @@ def test_loss_falls(trained):
     assert last < 0.8 * first, (first, last)
 
 
+def test_saved_files_are_readable_by_other_users(trained):
+    """safetensors 0.8 creates 0600 files; ours follow the umask like any other file (0644 under 022), so a
+    ComfyUI running as another user can load the LoRA."""
+    from bindweave_core.atomic import current_umask
+
+    cfg, result = trained
+    want = 0o666 & ~current_umask()
+    written = [result.lora_path, *sorted(Path(cfg.output_dir).rglob("*.safetensors"))]
+    assert len(written) >= 2
+    assert {str(p): os.stat(p).st_mode & 0o777 for p in written} == {str(p): want for p in written}
+
+
 def test_saved_lora_reproduces_the_trained_model(trained):
     cfg, result = trained
     lora = load_lora(result.lora_path)
@@ -366,6 +378,41 @@ def test_mixed_precision_no_from_yaml(tmp_path, data):
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {{smoke: true}}\ndata: {{path: {data}}}\ntrain: {{mixed_precision: no}}\n")
     assert TrainConfig.from_yaml(path).train.mixed_precision == "no"  # YAML reads `no` as False
+
+
+@pytest.mark.parametrize("yaml_value, message", [
+    ("train: {learning_rate: .nan}", "train.learning_rate: nan is not a finite number"),
+    ("train: {learning_rate: nan}", "train.learning_rate: 'nan' is not a finite number"),
+    ("train: {learning_rate: .inf}", "train.learning_rate: inf is not a finite number"),
+    ("train: {lr_scheduler: cosine_annealing}", "unknown train.lr_scheduler 'cosine_annealing'; diffusers' "
+                                                "schedulers are linear, cosine,"),
+    ("lora: {dropout: 2}", "lora.dropout is the fraction of LoRA inputs zeroed, from 0 (off) up to but not "
+                           "including 1; got 2.0"),
+    ("lora: {dropout: -0.1}", "lora.dropout is the fraction"),
+    ("lora: {alpha: 0}", "lora.alpha must be positive"),
+    ("train: {adam_beta2: 1.5}", "adam_beta1 and adam_beta2 must be in [0, 1)"),
+    ("train: {max_steps: 1.5}", "train.max_steps: 1.5 is not a valid int"),
+    ("train: {learning_rate: true}", "train.learning_rate: True is not a valid float"),
+    ("validation: {guidance: .nan}", "validation.guidance: nan is not a finite number"),
+    ("validation: {steps: 0}", "validation.steps: steps must be a whole number from 1 to 1000, got 0"),
+    ("validation: {sampler: dpm}", "validation.sampler: unknown sampler 'dpm'"),
+    ("validation: {width: 100}", "validation.width: width must be a multiple of 16 from 16 to 16384"),
+    ("validation: {shift: 0}", "validation.shift: shift must be a number from 0.1 to 100"),
+])
+def test_bad_values_are_refused_when_the_config_is_read(tmp_path, data, yaml_value, message):
+    """Checked as the YAML is read: nothing (no feature cache, no model) has run yet."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{smoke: true}}\ndata: {{path: {data}}}\n{yaml_value}\n")
+    with pytest.raises(InputError, match=re.escape(message)):
+        TrainConfig.from_yaml(path)
+
+
+def test_lr_scheduler_names_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    from training.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {t.value for t in SchedulerType}
 
 
 @pytest.mark.parametrize("change, message", [

@@ -100,3 +100,34 @@ def test_too_short_and_too_small_clips_are_reported(tmp_path):
     report = load_dataset(tmp_path, [17], 16, [[832, 480]])
     assert "64x48 is smaller than every bucket (832x480)" in report.bad[0].reason
     assert load_dataset(tmp_path, [17], 16, [[832, 480]], upscale=True).good[0].bucket == (832, 480)
+
+
+def test_a_latin1_caption_is_reported_and_left_out_like_a_bad_video(tmp_path):
+    """One caption that is not UTF-8 (flat layout or a sample folder's prompt.txt) costs that sample only; a JSONL
+    list that is not UTF-8 is an error up front (it holds every sample)."""
+    import json
+
+    from bindweave_core.errors import InputError
+
+    for name in ("good", "latin"):
+        _video(tmp_path / f"{name}.mp4", 17)
+        _ref(tmp_path / f"{name}_ref1.png")
+    (tmp_path / "good.txt").write_text("a red disc\n", encoding="utf-8")
+    (tmp_path / "latin.txt").write_bytes("un caf\u00e9 rouge".encode("latin-1"))
+    make_example_dataset(tmp_path / "folders", samples=1, width=48, height=32, frames=17)
+    (tmp_path / "folders" / "sample_000" / "prompt.txt").write_bytes("cr\u00e8me".encode("latin-1"))
+    (tmp_path / "folders" / "sample_000").rename(tmp_path / "sample_000")
+    (tmp_path / "folders").rmdir()
+    before = (tmp_path / "latin.txt").read_bytes()
+    report = load_dataset(tmp_path, [17], 16, [[48, 32]])
+    assert [s.name for s in report.good] == [str(tmp_path / "good.mp4")]
+    assert [(b.path, b.reason) for b in report.bad] == [
+        (str(tmp_path / "latin.mp4"), "caption file latin.txt is not UTF-8 text (byte 6 is 0xe9); save it as UTF-8"),
+        (str(tmp_path / "sample_000"), "caption file prompt.txt is not UTF-8 text (byte 2 is 0xe8); save it as UTF-8")]
+    assert (tmp_path / "latin.txt").read_bytes() == before
+    jsonl = tmp_path / "list" / "data.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_bytes(json.dumps({"video": "a.mp4", "references": ["r.png"], "prompt": "caf\u00e9"},
+                                 ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(InputError, match=r"data.jsonl is not UTF-8 text \(byte \d+ is 0xe9\): save it as UTF-8"):
+        load_dataset(jsonl, [17], 16, [[48, 32]])

@@ -173,7 +173,7 @@ def test_bad_frames_and_sizes(vae):
         vae.encode(torch.zeros(1, 3, 1, 32, 24))
     with pytest.raises(InputError, match="encodes videos"):
         vae.encode(torch.zeros(1, 4, 1, 32, 32))
-    with pytest.raises(InputError, match="5 references given"):
+    with pytest.raises(InputError, match="5 reference images given; BindWeave takes 1 to 4"):
         vae.reference_slots(torch.zeros(5, 32, 32, 3), torch.zeros(5, 32, 32))
     with pytest.raises(InputError, match="masks must be"):
         vae.reference_slots(torch.zeros(1, 32, 32, 3), torch.zeros(1, 16, 32))

@@ -98,3 +98,51 @@ def test_smoke_workflow_needs_no_files():
     for n in wf["nodes"]:
         if n["type"] in SPECS and n["type"].endswith("Loader"):
             assert n["widgets_values"][0] in SPECS[n["type"]].inputs[0].smoke
+
+
+LEGACY = REPO / "tests/data/legacy_wiring_bindweave_smoke_test.json"  # saved before BindWeave References
+
+
+def _linked_inputs(wf: dict) -> list[tuple[str, str, str]]:
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    return [(nodes[dst]["type"], nodes[dst]["inputs"][slot]["name"], kind) for _, _, _, dst, slot, kind in wf["links"]]
+
+
+def test_a_graph_saved_with_the_old_wiring_still_fits_the_nodes():
+    """The image sockets of Planner Encode and Reference Encode stay (optional), so an old graph's links and
+    widget values still land on inputs of the right type."""
+    wf = json.loads(LEGACY.read_text())
+    linked = _linked_inputs(wf)
+    assert ("BindWeavePlannerEncode", "image_1", "IMAGE") in linked
+    for node_type, name, kind in linked:
+        if node_type in SPECS:
+            declared = next(i for i in SPECS[node_type].inputs if i.name == name)
+            assert declared.type == "" or kind in declared.type.split(","), (node_type, name, kind)
+    for node in wf["nodes"]:
+        if node["type"] in SPECS:
+            assert len(node["widgets_values"]) == expected_widget_count(node["type"]), node["type"]
+
+
+def test_rewiring_an_old_graph_wires_the_references_once():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from rewire_references import rewire
+
+    wf = json.loads(LEGACY.read_text())
+    assert rewire(wf)
+    linked = _linked_inputs(wf)
+    assert not [x for x in linked if x[1].startswith(("image_", "mask_")) and x[0] != "BindWeaveReferences"]
+    assert ("BindWeaveReferences", "image_1", "IMAGE") in linked
+    assert {x[0] for x in linked if x[1] == "reference_images"} == {"BindWeavePlannerEncode", "BindWeaveReferenceEncode"}
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, src_slot, dst, slot, _ in wf["links"]:
+        assert nodes[dst]["inputs"][slot]["link"] == link_id and link_id in nodes[src]["outputs"][src_slot]["links"]
+    assert not rewire(wf)  # once
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflows_wire_the_references_once(path):
+    linked = _linked_inputs(json.loads(path.read_text()))
+    assert not [x for x in linked if x[1].startswith(("image_", "mask_")) and x[0] != "BindWeaveReferences"]
+    assert ("BindWeaveReferenceEncode", "reference_images", "BINDWEAVE_REFERENCE_IMAGES") in linked

@@ -3,12 +3,13 @@
     python tools/bad_inputs.py           # run every case, rewrite docs/bad-inputs.md
     python tools/bad_inputs.py --check   # exit 1 if docs/bad-inputs.md is stale
 
-``tests/test_bad_inputs.py`` runs the same cases and asserts, for each: exit code 2 (130 for Ctrl-C),
-no traceback, the message, every input file unchanged (sha256 before and after), no output file
-left, and for all but the memory case that no model was built. The cases run in this process
-through ``bindweave_core.cli.main`` (the function ``python -m bindweave_core`` calls), except two
-that need a real process: an unwritable output (checked end to end, without torch being imported)
-and Ctrl-C (SIGINT sent while the smoke model samples). Both start first and run alongside.
+``tests/test_bad_inputs.py`` runs the same cases and asserts, for each: exit code 2 (130 for Ctrl-C,
+143 for SIGTERM), no traceback, the message, every input file unchanged (sha256 before and after), no
+output file (nor temporary file) left, and for all but the memory and signal cases that no model was
+built. The cases run in this process through ``bindweave_core.cli.main`` (the function
+``python -m bindweave_core`` calls), except three that need a real process: an unwritable output
+(checked end to end, without torch being imported), Ctrl-C and SIGTERM (sent while the smoke model
+samples). Those start first and run alongside. A few cases run ``inspect`` instead of ``generate``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MAX_SEED = 2 ** 64 - 1
+SIGNAL_PROCESSES = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}  # Case.process -> the signal it sends
 
 
 @dataclass
@@ -42,8 +44,9 @@ class Case:
     message: str  # a regex the error must match
     code: int = 2
     before_models: bool = True  # fails before any model is built
-    process: str = ""  # "" in this process; "subprocess" or "sigint" in a real one
+    process: str = ""  # "" in this process; "subprocess", "sigint" or "sigterm" in a real one
     needs: str = ""  # "cpu-only-torch": only runs where torch has no CUDA
+    command: str = "generate"  # the sub-command the args follow (inspect: what a model file is)
 
 
 @dataclass
@@ -112,24 +115,49 @@ CASES: list[Case] = [
     # ---- settings
     Case("seed-64-bit", "--seed past 64 bits", base("--seed", str(MAX_SEED + 1)), r"seed must be a whole number"),
     Case("seed-negative", "--seed below 0", base("--seed", "-1"), r"seed must be a whole number"),
-    Case("fps-zero", "--fps 0", base("--fps", "0"), r"fps must be a whole number of at least 1"),
-    Case("fps-negative", "--fps -1", base("--fps", "-1"), r"fps must be a whole number of at least 1"),
-    Case("guidance-negative", "--guidance -1", base("--guidance", "-1"), r"guidance must be 0 or more"),
-    Case("guidance-nan", "--guidance nan", base("--guidance", "nan"), r"guidance must be a finite number"),
-    Case("shift-zero", "--shift 0", base("--shift", "0"), r"shift must be above 0"),
-    Case("shift-negative", "--shift -3", base("--shift", "-3"), r"shift must be above 0"),
-    Case("steps-zero", "--steps 0", base("--steps", "0"), r"steps must be at least 1"),
-    Case("steps-huge", "--steps 100000", base("--steps", "100000"), r"steps must be at most 1000"),
+    Case("fps-zero", "--fps 0", base("--fps", "0"), r"fps must be a whole number from 1 to 120"),
+    Case("fps-negative", "--fps -1", base("--fps", "-1"), r"fps must be a whole number from 1 to 120"),
+    Case("guidance-negative", "--guidance -1", base("--guidance", "-1"), r"guidance must be a number from 0 to 100"),
+    Case("guidance-nan", "--guidance nan", base("--guidance", "nan"), r"guidance must be finite, a number from 0 to 100"),
+    Case("shift-zero", "--shift 0", base("--shift", "0"), r"shift must be a number from 0\.1 to 100"),
+    Case("shift-negative", "--shift -3", base("--shift", "-3"), r"shift must be a number from 0\.1 to 100"),
+    Case("steps-zero", "--steps 0", base("--steps", "0"), r"steps must be a whole number from 1 to 1000, got 0"),
+    Case("steps-huge", "--steps 100000", base("--steps", "100000"), r"steps must be a whole number from 1 to 1000, got 100000"),
     Case("frames-not-4k1", "--frames 80", base("--frames", "80"), r"frames must be 4k\+1"),
     Case("size-not-16", "--width 1000", base("--width", "1000"), r"width must be a multiple of 16"),
     Case("size-huge", "--width 100000 --height 100000", base("--width", "100000", "--height", "100000"),
-         r"width 100000 is above 16384"),
+         r"width must be a multiple of 16 from 16 to 16384, got 100000"),
     Case("memory", "a size that needs more memory than the machine has (CPU)",
          base("--width", "16384", "--height", "16384", "--frames", "4077", "--device", "cpu"),
          r"will not fit in this machine's memory", before_models=False),
     # ---- cancel
     Case("ctrl-c", "Ctrl-C (SIGINT) while sampling", base("--steps", "1000"), r"^cancelled at step \d+ of 1000",
          code=130, before_models=False, process="sigint"),
+    # ---- settings typed by the one validator (bindweave_core.setting_bounds), SIGTERM, inspect, command line
+    Case("steps-not-whole", "--steps 1.5", base("--steps", "1.5"), r"^argument --steps: invalid int value: '1\.5'\n"
+         r"\(python -m bindweave_core generate --help lists the options\)$"),
+    Case("frames-text", "--frames eighty", base("--frames", "eighty"), r"^argument --frames: invalid int value"),
+    Case("sampler-unknown", "--sampler dpm (not one of ours)", base("--sampler", "dpm"),
+         r"^argument --sampler: invalid choice: 'dpm'"),
+    Case("out-missing", "no --out (the usage block is not printed)", base(out=""),
+         r"^the following arguments are required: --out\n\(python -m bindweave_core generate --help"),
+    Case("shift-tiny", "--shift 0.05 (below the validator's 0.1)", base("--shift", "0.05"),
+         r"shift must be a number from 0\.1 to 100, got 0\.05"),
+    Case("guidance-huge", "--guidance 1000", base("--guidance", "1000"), r"guidance must be a number from 0 to 100"),
+    Case("fps-huge", "--fps 1000", base("--fps", "1000"), r"fps must be a whole number from 1 to 120, got 1000"),
+    Case("step-cache-huge", "--step-cache 5", base("--step-cache", "5"),
+         r"step_cache must be a number from 0 to 1, got 5\.0"),
+    Case("prompt-invisible", "--prompt of zero-width spaces only", base(prompt=("--prompt", "\u200b\u200b \u2060")),
+         r"the prompt is empty \(or only invisible characters\)"),
+    Case("sigterm", "SIGTERM (docker stop, schedulers) while sampling", base("--steps", "1000"),
+         r"^terminated \(SIGTERM\) at step \d+ of 1000; no file was written$", code=143, before_models=False,
+         process="sigterm"),
+    Case("inspect-fifo", "inspect on a named pipe (used to hang)", ["{d}/pipe.safetensors"],
+         r"pipe\.safetensors is a named pipe \(FIFO\), not a model file", command="inspect"),
+    Case("inspect-device", "inspect on /dev/null", ["/dev/null"], r"/dev/null is a character device, not a model file",
+         command="inspect"),
+    Case("inspect-missing", "inspect on a file that does not exist", ["{d}/nope.safetensors"],
+         r"nope\.safetensors not found", command="inspect"),
 ]
 
 
@@ -149,6 +177,7 @@ def make_inputs(d: Path) -> None:
     (d / "text.png").write_text("not an image\n")
     png = (d / "ref.png").read_bytes()
     (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    os.mkfifo(d / "pipe.safetensors")  # inspect must refuse it, not block reading it
 
 
 def _hashes(d: Path) -> dict[str, str]:
@@ -162,7 +191,7 @@ def _outputs(d: Path) -> list[str]:
 
 
 def _argv(case: Case, d: Path) -> list[str]:
-    return ["generate", *[a.replace("{d}", str(d)) for a in case.args]]
+    return [case.command, *[a.replace("{d}", str(d)) for a in case.args]]
 
 
 def _runnable(case: Case) -> bool:
@@ -184,13 +213,13 @@ def _start(case: Case, d: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish_sigint(proc: subprocess.Popen) -> tuple[int, str]:
-    """Wait for the sampling stage, send SIGINT, collect what the process says."""
+def _finish_signal(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+    """Wait for the sampling stage, send ``signum`` (SIGINT or SIGTERM), collect what the process says."""
     seen = []
     for line in proc.stderr:  # log lines end in newlines; the tqdm bar starts after this one
         seen.append(line)
         if line.startswith("INFO sampling ("):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
     rest, err = proc.communicate(timeout=120)
     return proc.returncode, "".join(seen) + err
@@ -236,11 +265,13 @@ def run_cases(d: Path, cases: list[Case] | None = None) -> list[Result]:
     cases = CASES if cases is None else cases
     make_inputs(d)
     hashes = _hashes(d)
-    sigint_dir = d / "sigint"  # its own inputs: its outputs must not mix with the others'
-    make_inputs(sigint_dir)
-    sigint_hashes = _hashes(sigint_dir)
-    hashes = {k: v for k, v in hashes.items() if not k.startswith("sigint")}
-    procs = {c.id: _start(c, sigint_dir if c.process == "sigint" else d)
+    signal_dirs = {name: d / name for name in SIGNAL_PROCESSES}  # their own inputs: outputs must not mix
+    signal_hashes = {}
+    for name, where in signal_dirs.items():
+        make_inputs(where)
+        signal_hashes[name] = _hashes(where)
+    hashes = {k: v for k, v in hashes.items() if not k.startswith(tuple(SIGNAL_PROCESSES))}
+    procs = {c.id: _start(c, signal_dirs.get(c.process, d))
              for c in cases if c.process}  # started first: they run while the in-process cases do
     results = []
     for case in cases:
@@ -250,15 +281,16 @@ def run_cases(d: Path, cases: list[Case] | None = None) -> list[Result]:
             results.append(Result(case, 0, "", ran=False))
             continue
         code, err, built = _run_in_process(case, d)
-        now = _hashes(d)  # (the sigint folder's files are compared once its process is done)
+        now = _hashes(d)  # (the signal folders' files are compared once their processes are done)
         results.append(Result(case, code, err, built, [k for k in hashes if now.get(k) != hashes[k]], _outputs(d)))
     for case in cases:
         if not case.process:
             continue
         proc = procs[case.id]
-        where, before = (sigint_dir, sigint_hashes) if case.process == "sigint" else (d, hashes)
-        if case.process == "sigint":
-            code, err = _finish_sigint(proc)
+        where, before = (signal_dirs[case.process], signal_hashes[case.process]) if case.process in signal_dirs \
+            else (d, hashes)
+        if case.process in SIGNAL_PROCESSES:
+            code, err = _finish_signal(proc, SIGNAL_PROCESSES[case.process])
         else:
             _, err = proc.communicate(timeout=300)
             code = proc.returncode
@@ -293,14 +325,17 @@ def message(result: Result) -> str:
     """The error the user reads: the lines from 'error:' (or the cancel line) on, without log lines."""
     lines = [ln.split("\r")[-1] for ln in result.stderr.splitlines()]
     for i, ln in enumerate(lines):
-        if ln.startswith("error: ") or ln.startswith("cancelled"):
+        if ln.startswith(("error: ", "cancelled", "terminated")):
             return "\n".join(lines[i:]).removeprefix("error: ").strip()
     return result.stderr.strip()
 
 
 # ---------------------------------------------------------------------------------- the doc
 def _doc_text(result: Result, d: Path) -> str:
-    text = message(result).replace(str(d / "sigint"), "<dir>").replace(str(d), "<dir>")
+    text = message(result)
+    for name in SIGNAL_PROCESSES:
+        text = text.replace(str(d / name), "<dir>")
+    text = text.replace(str(d), "<dir>")
     if result.case.id == "memory":  # figures depend on the machine and the estimate's calibration
         text = text.splitlines()[0] + " Then: settings that would fit (estimated), or none, and what else to try."
         text = re.sub(r"\d+\.\d+", "N", text)
@@ -321,7 +356,8 @@ def render(results: list[Result], d: Path, existing: str = "") -> str:
             rows.append(kept.get(r.case.id, f"| `{r.case.id}` | {r.case.what} | (not run on this machine) | | |"))
             continue
         text = _doc_text(r, d).replace("|", "\\|").replace("\n", "<br>")
-        when = ("before any model" if r.case.before_models else "during sampling" if r.case.process == "sigint"
+        when = ("before reading the file" if r.case.command == "inspect" else "before any model"
+                if r.case.before_models else "during sampling" if r.case.process in SIGNAL_PROCESSES
                 else "after building the smoke model, before sampling")
         rows.append(f"| `{r.case.id}` | {r.case.what} | {r.case.code} | {when} | {text} |")
     return "\n".join([
@@ -329,8 +365,10 @@ def render(results: list[Result], d: Path, existing: str = "") -> str:
         "",
         "Generated by `python tools/bad_inputs.py`, which runs each case through "
         "`python -m bindweave_core generate` (the smoke model); `tests/test_bad_inputs.py` runs them again and "
-        "fails when this page is stale. Every case exits with the code shown and one message, prints no "
-        "traceback, leaves every input file byte for byte as it was and writes no output file. Checks run in "
+        "fails when this page is stale (the `inspect` cases run `python -m bindweave_core inspect`). Every case "
+        "exits with the code shown and one message (a bad command line: the message and where to find the "
+        "options, without the usage block), prints no traceback, leaves every input file byte for byte as it "
+        "was and writes no output file, not even a temporary one. Checks run in "
         "this order, before any model is loaded: output and sidecar paths, prompt file, reference and mask "
         "images, model paths, device, settings; the memory estimate runs once the pipeline is built and before "
         "any weights of a real model load. Paths are shown as `<dir>`; the memory figures depend on the machine.",

@@ -46,6 +46,21 @@ def node(class_type: str, title: str | None = None, **inputs) -> dict:
     return out
 
 
+def _references(g: dict, refs: list[str] | None, color: int) -> dict:
+    """The reference images wired once: Load Image nodes (or a generated picture for the smoke graphs) into
+    BindWeave References, whose one output feeds Planner Encode and Reference Encode (the inputs returned)."""
+    images = {}
+    if refs is None:  # smoke: a generated picture, so the workflow needs no input file
+        g["10"] = node("EmptyImage", "Reference (generated)", width=96, height=128, batch_size=1, color=color)
+        images["image_1"] = ["10", 0]
+    else:
+        for k, name in enumerate(refs, start=1):
+            g[str(9 + k)] = node("LoadImage", f"Reference {k}", image=name)
+            images[f"image_{k}"] = [str(9 + k), 0]
+    g["15"] = node("BindWeaveReferences", invert_masks=True, **images)
+    return {"reference_images": ["15", 0]}
+
+
 def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: int, length: int, steps: int,
                     guidance: float, shift: float, sampler: str = "unipc", seed: int = 42, lora: str | None = None,
                     smoke: bool = False, prefix: str = "BindWeave/video") -> dict:
@@ -62,14 +77,7 @@ def bindweave_graph(*, refs: list[str] | None, prompt: str, width: int, height: 
     if lora:
         g["6"] = node("BindWeaveLoraLoader", model=model, lora_name=lora, strength=1.0)
         model = ["6", 0]
-    images = {}
-    if refs is None:  # smoke: a generated picture, so the workflow needs no input file
-        g["10"] = node("EmptyImage", "Reference (generated)", width=96, height=128, batch_size=1, color=0xE07030)
-        images["image_1"] = ["10", 0]
-    else:
-        for k, name in enumerate(refs, start=1):
-            g[str(9 + k)] = node("LoadImage", f"Reference {k}", image=name)
-            images[f"image_{k}"] = [str(9 + k), 0]
+    images = _references(g, refs, color=0xE07030)
     g["20"] = node("BindWeavePlannerEncode", planner=["5", 0], prompt=prompt,
                    negative_prompt=C.DEFAULT_PLANNER_NEGATIVE_PROMPT, refine_prompt=False, refine_seed=0, **images)
     g["21"] = node("BindWeaveTextEncode", text_encoder=["3", 0], prompt=["20", 1],
@@ -124,14 +132,7 @@ def kaleido_graph(*, refs: list[str] | None, prompt: str, width: int, height: in
         "3": node("BindWeaveTextEncoderLoader", text_encoder_name=SMOKE_CHOICE if smoke else T5, dtype="auto",
                   tokenizer_dir=""),
     }
-    images = {}
-    if refs is None:
-        g["10"] = node("EmptyImage", "Reference (generated)", width=96, height=128, batch_size=1, color=0x3070E0)
-        images["image_1"] = ["10", 0]
-    else:
-        for k, name in enumerate(refs, start=1):
-            g[str(9 + k)] = node("LoadImage", f"Reference {k}", image=name)
-            images[f"image_{k}"] = [str(9 + k), 0]
+    images = _references(g, refs, color=0x3070E0)
     g["21"] = node("BindWeaveTextEncode", text_encoder=["3", 0], prompt=prompt,
                    negative_prompt=C.KALEIDO_NEGATIVE_PROMPT)
     g["22"] = node("BindWeaveReferenceEncode", vae=["2", 0], width=width, height=height, length=length,

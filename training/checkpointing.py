@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bindweave_core.errors import InputError
+from bindweave_core.errors import InputError, OutputWriteError
+from bindweave_core.signals import describe_os_error
 
 from .model import trainable_state
 
@@ -51,7 +52,9 @@ class TrainState:
 def register_hooks(accelerator: Any, model: nn.Module) -> None:
     """Save/load only the trainable parameters of ``model`` (the unwrapped DiT) in accelerate's states."""
     from accelerate.utils import DistributedType
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from bindweave_core.checkpoints.writers import atomic_save_file
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP  # accelerate saves sharded models itself
 
@@ -60,7 +63,7 @@ def register_hooks(accelerator: Any, model: nn.Module) -> None:
             return
         if accelerator.is_main_process:
             state = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
-            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+            atomic_save_file(state, Path(output_dir) / TRAINABLE_FILE)
         weights.clear()  # accelerate would otherwise write the whole (frozen) model
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -122,9 +125,32 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int, extra: dict[str, Any] | None = None) -> Path:
-    """``accelerator.save_state`` into a temporary folder, renamed when every process is done."""
+    """``accelerator.save_state`` into a temporary folder, renamed when every process is done. A write that
+    fails (a full disk) or a second Ctrl-C / SIGTERM removes the temporary folder: the older checkpoints stay
+    as they were, and a full disk is :class:`OutputWriteError` (one line)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        return _save_checkpoint(accelerator, output_dir, final, tmp, keep, extra)
+    except OSError as e:
+        raise OutputWriteError(describe_os_error(e, f"the checkpoint {final}") + " The previous checkpoints are "
+                               "unchanged.") from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk as a RuntimeError without errno
+        if not any(mark in str(e) for mark in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            raise
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # what it wrote is space the user gets back
+        free = shutil.disk_usage(output_dir).free
+        raise OutputWriteError(f"cannot write the checkpoint {final}: torch.save failed ({str(e).splitlines()[0]}) "
+                               f"with {free // 1024} KiB free on that disk. Free some space or choose another "
+                               "train.output_dir, then run again. The previous checkpoints are unchanged.") from None
+    finally:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_checkpoint(accelerator: Any, output_dir: Path, final: Path, tmp: Path, keep: int,
+                     extra: dict[str, Any] | None) -> Path:
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()

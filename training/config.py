@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from bindweave_core import constants as C
 from bindweave_core.config import FAMILIES
 from bindweave_core.errors import InputError
 from bindweave_core.lora import DEFAULT_TARGETS
+from bindweave_core.setting_bounds import check_setting
 
 
 @dataclass
@@ -277,9 +279,25 @@ class TrainConfig:
             raise bad(f"objective.fixed_sigma must be in [0, 1], got {o.fixed_sigma}.")
 
     def _check_training(self, bad: Callable[[str], InputError]) -> None:
-        t = self.train
-        if self.lora.rank < 1 or not self.lora.targets:
+        t, lc = self.train, self.lora
+        if lc.rank < 1 or not lc.targets:
             raise bad("lora.rank must be at least 1 and lora.targets non-empty.")
+        if not 0 <= lc.dropout < 1:
+            raise bad(f"lora.dropout is the fraction of LoRA inputs zeroed, from 0 (off) up to but not including 1; "
+                      f"got {lc.dropout}.")
+        if lc.alpha <= 0:
+            raise bad(f"lora.alpha must be positive (the LoRA is scaled by alpha / rank), got {lc.alpha}.")
+        if lc.init not in LORA_INITS:
+            raise bad(f"lora.init must be {_one_of(LORA_INITS)}, got {lc.init!r}.")
+        if t.lr_scheduler not in LR_SCHEDULERS:
+            raise bad(f"unknown train.lr_scheduler {t.lr_scheduler!r}; diffusers' schedulers are "
+                      f"{_one_of(LR_SCHEDULERS)}.")
+        if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1) or t.adam_epsilon <= 0:
+            raise bad(f"train.adam_beta1 and adam_beta2 must be in [0, 1) and adam_epsilon positive, got "
+                      f"{t.adam_beta1}, {t.adam_beta2}, {t.adam_epsilon}.")
+        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "checkpoint_every", "keep_checkpoints"):
+            if getattr(t, name) < 0:
+                raise bad(f"train.{name} must be 0 or more, got {getattr(t, name)}.")
         if t.mixed_precision not in ("no", "fp16", "bf16"):
             raise bad(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}.")
         if t.optimizer not in OPTIMIZERS:
@@ -297,8 +315,23 @@ class TrainConfig:
                 raise bad(f"validation.prompts[{i}] must be {{prompt: TEXT, references: [IMAGES]}}, got {p!r}.")
             if not isinstance(p.get("references", []), list) or not p.get("references"):
                 raise bad(f"validation.prompts[{i}].references needs 1-4 image paths.")
-        if v.holdout < 0 or v.loss_every < 0:
-            raise bad("validation.holdout and validation.loss_every must be >= 0.")
+        if v.holdout < 0 or v.loss_every < 0 or v.every < 0:
+            raise bad("validation.every, validation.holdout and validation.loss_every must be >= 0.")
+        # the preview's settings: the generation settings' one validator (what GenerationSettings will check)
+        for name, setting in (("width", "width"), ("height", "height"), ("num_frames", "num_frames"),
+                              ("steps", "steps"), ("guidance", "guidance"), ("shift", "shift"),
+                              ("sampler", "sampler"), ("seed", "seed")):
+            value = getattr(v, name)
+            if value is not None:
+                try:
+                    setattr(v, name, check_setting(setting, value))
+                except InputError as e:
+                    raise bad(f"validation.{name}: {e}") from None
+        if v.every or v.prompts:  # the previews play at data.fps (rounded): a rate the video writer takes
+            try:
+                check_setting("fps", round(self.data.fps))
+            except InputError as e:
+                raise bad(f"data.fps {self.data.fps} for the validation previews: {e}") from None
 
     def _check_steps(self, bad: Callable[[str], InputError]) -> None:
         t = self.train
@@ -310,6 +343,10 @@ class TrainConfig:
 
 
 FRAME_SAMPLING = ("head", "uniform", "chunk")
+LORA_INITS = ("default", "gaussian")
+# diffusers.optimization.SchedulerType's values (get_scheduler's names), listed without importing diffusers
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 DTYPES = (*C.DTYPE_NAMES, *C.DTYPE_ALIASES)  # bf16 or bfloat16, ...: bindweave_core.dtypes.torch_dtype reads both
@@ -355,7 +392,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise ValueError
             return int(value)
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise InputError(f"{where}: {value!r} is not a finite number.")
+            return number
         if hint is str:
             if isinstance(value, bool):  # YAML 1.1 reads no/off as False and yes/on as True
                 return "no" if value is False else "yes"
@@ -368,6 +410,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return [_coerce(v, args[0], where) for v in value] if args else list(value)
+    except InputError:
+        raise
     except (TypeError, ValueError):
         raise InputError(f"{where}: {value!r} is not a valid {getattr(hint, '__name__', hint)}.") from None
     return value

@@ -142,10 +142,27 @@ def _reference(entry: Any, base: Path) -> Reference:
     raise ValueError(f"a reference must be a path or {{'image': path, 'mask': path}}, got {entry!r}")
 
 
+def read_caption(path: Path) -> tuple[str, str | None]:
+    """``(caption, None)``, or ``("", reason)`` for a caption file that is not UTF-8 text: that sample is
+    reported and left out, as a bad video is (one stray Latin-1 file must not stop the whole run)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as e:
+        return "", (f"caption file {path.name} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); save it "
+                    "as UTF-8")
+
+
 def _from_jsonl(path: Path) -> tuple[list[Sample], list[BadSample]]:
     samples, bad = [], []
     base = path.parent
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # the whole list of samples: nothing to train on without it
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}): save it as UTF-8.") \
+            from None
+    for i, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -186,7 +203,11 @@ def _from_flat(root: Path) -> tuple[list[Sample], list[BadSample]]:
         prefix = media.stem + "_ref"
         refs = [Reference(p, images.get(stem + "_mask")) for stem, p in sorted(images.items())
                 if stem.startswith(prefix) and not stem.endswith("_mask")]
-        samples.append(Sample(str(media), media, refs, caption.read_text(encoding="utf-8").strip()))
+        prompt, reason = read_caption(caption)
+        if reason:
+            bad.append(BadSample(str(media), reason))
+            continue
+        samples.append(Sample(str(media), media, refs, prompt))
     return samples, bad
 
 
@@ -207,7 +228,10 @@ def _from_folders(root: Path) -> tuple[list[Sample], list[BadSample]]:
         refs = [Reference(p, images.get(stem + "_mask")) for stem, p in sorted(images.items())
                 if stem.lower().startswith("ref") and not stem.endswith("_mask")]
         prompt_file = folder / "prompt.txt"
-        prompt = prompt_file.read_text(encoding="utf-8").strip() if prompt_file.is_file() else ""
+        prompt, reason = read_caption(prompt_file) if prompt_file.is_file() else ("", None)
+        if reason:
+            bad.append(BadSample(str(folder), reason))
+            continue
         samples.append(Sample(str(folder), videos[0], refs, prompt))
     return samples, bad
 

@@ -229,8 +229,6 @@ def add_lora(dit: BindWeaveTransformer, cfg: TrainConfig) -> int:
     from peft import LoraConfig, inject_adapter_in_model
 
     lc = cfg.lora
-    if lc.init not in ("default", "gaussian"):
-        raise InputError(f"lora.init must be default or gaussian, got {lc.init!r}.")
     config = LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                         target_modules=target_pattern(dit, lc.targets),
                         init_lora_weights=True if lc.init == "default" else lc.init)

@@ -12,7 +12,8 @@ check every sample (bad ones are reported in ``<output_dir>/dataset_report.json`
 inject the LoRA with peft -> train with accelerate (mixed precision, gradient accumulation,
 gradient checkpointing, DDP/FSDP) -> ``<output_dir>/<name>.safetensors``. Along the way:
 ``loss.csv`` (and tensorboard / wandb), ``val_loss.csv`` (held-out samples), checkpoints, preview
-videos in ``samples/``. Ctrl-C saves a checkpoint after the current step and exits with code 130.
+videos in ``samples/``. Ctrl-C (or SIGTERM, what schedulers and ``docker stop`` send) saves a checkpoint
+after the current step and exits with code 130 (143 for SIGTERM); a full disk is one line, exit 1.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from typing import Any
 import torch
 
 from bindweave_core.dtypes import torch_dtype
-from bindweave_core.errors import BindWeaveError, InputError
+from bindweave_core.errors import BindWeaveError, InputError, OutputWriteError
 from bindweave_core.families import family_for
 from bindweave_core.lora import CONFIG_KEY, save_lora
+from bindweave_core.signals import EXIT_INTERRUPTED, Terminated, describe_os_error, exit_code, signal_name, terminate_as_interrupt
 
 from .cache import FeatureCache, load_entry, load_tensors
 from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
@@ -55,7 +57,8 @@ from .preflight import check_launch, preflight
 
 log = logging.getLogger("BindWeave")
 
-INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT
+INTERRUPTED = EXIT_INTERRUPTED  # the shell's exit status for a process stopped by SIGINT (143: SIGTERM)
+EXIT_WRITE_FAILED = 1  # an output could not be written (a full disk)
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "sigma", "seconds")
 
 
@@ -67,7 +70,8 @@ class RunResult:
     checkpoint: Path | None = None
     report: DatasetReport | None = None
     interrupted: bool = False
-    stopped_by_signal: bool = False  # Ctrl-C (SIGINT): a checkpoint was saved, continue with --resume latest
+    stopped_by_signal: bool = False  # Ctrl-C or SIGTERM: a checkpoint was saved, continue with --resume latest
+    signal: int | None = None  # which signal stopped it (signal.SIGINT / signal.SIGTERM)
     model: torch.nn.Module | None = None  # the trained DiT (peft LoRA injected, unwrapped)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
@@ -104,28 +108,32 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) during training asks for a stop after the current optimizer step (with a
-    checkpoint); a second Ctrl-C stops at once. Only the main thread can own the handler."""
+    """Ctrl-C (SIGINT) or SIGTERM during training asks for a stop after the current optimizer step (with a
+    checkpoint of that step); a second one stops at once. Only the main thread can own the handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to stop at once, "
-                    "losing the steps since the last checkpoint)")
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        name = signal_name(signum)
+        log.warning("%s: stopping after this step with a checkpoint (%s again stops at once, losing the steps "
+                    "since the last checkpoint)", name, "press Ctrl-C" if name == "Ctrl-C" else "SIGTERM")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -476,6 +484,7 @@ class TrainingRun:
                 self._checkpoint_validate_preview(stopping)
                 if stopping and state.step < t.max_steps:
                     result.interrupted = result.stopped_by_signal = True
+                    result.signal = stop.signum or signal.SIGINT  # (another process's signal: as Ctrl-C)
                     break
                 if self.stop_at_step is not None and state.step >= self.stop_at_step and state.step < t.max_steps:
                     result.interrupted = True
@@ -610,9 +619,13 @@ class TrainingRun:
             self.preview(step)
         lora = self.lora_now()
         if accelerator.is_main_process:
-            result.lora_path = save_lora(lora, self.out / f"{t.name}.safetensors",
-                                         metadata=lora_metadata(cfg, self.dit_config.family, step),
-                                         dtype=torch_dtype(t.save_dtype))
+            path = self.out / f"{t.name}.safetensors"
+            try:  # atomic: a failed write leaves no partial file (the checkpoint above holds the same LoRA)
+                result.lora_path = save_lora(lora, path, metadata=lora_metadata(cfg, self.dit_config.family, step),
+                                             dtype=torch_dtype(t.save_dtype))
+            except OSError as e:
+                raise OutputWriteError(describe_os_error(e, f"the LoRA {path}") + f" The checkpoint {result.checkpoint}"
+                                       " holds it too (lora.safetensors).") from None
             log.info("LoRA saved: %s (%d layers, step %d)", result.lora_path, len(lora.layers), step)
         accelerator.wait_for_everyone()
 
@@ -651,8 +664,15 @@ def _reset_accelerate(accelerator: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _stopped(signum_or_error: int | BaseException) -> str:
+    """"interrupted" (Ctrl-C) or "terminated (SIGTERM)", the first word of the last line."""
+    return "interrupted" if signal_name(signum_or_error) == "Ctrl-C" else "terminated (SIGTERM)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train_lora", description=__doc__.split("\n\n")[0])
+    from bindweave_core.cli import OneLineErrorParser  # a bad command line: one line, not the usage block
+
+    p = OneLineErrorParser(prog="python -m training.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the training YAML (see training/configs/example.yaml)")
     p.add_argument("--cache-only", action="store_true", help="check the data and fill the feature cache, then stop")
     p.add_argument("--resume", help="'latest' or a checkpoint folder (overrides train.resume)")
@@ -668,19 +688,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("accelerate").setLevel(max(logging.WARNING, getattr(logging, args.log_level)))
     try:
-        cfg = TrainConfig.from_yaml(args.config, args.overrides)
-        result = run(cfg, cache_only=args.cache_only, stop_at_step=args.stop_at_step, resume=args.resume)
+        with terminate_as_interrupt():  # SIGTERM before or after the training loop: as Ctrl-C
+            cfg = TrainConfig.from_yaml(args.config, args.overrides)
+            result = run(cfg, cache_only=args.cache_only, stop_at_step=args.stop_at_step, resume=args.resume)
     except BindWeaveError as e:
         log.error("%s", e)
-        return 2
-    except KeyboardInterrupt:  # before training (the cache keeps what it finished) or a second Ctrl-C
-        log.error("interrupted: the feature cache keeps every finished entry; the last checkpoint is where "
-                  "--resume latest continues")
-        return INTERRUPTED
+        return EXIT_WRITE_FAILED if isinstance(e, OutputWriteError) else 2
+    except OSError as e:  # a full disk while writing logs, the cache or previews: one line, not a traceback
+        log.error("%s", describe_os_error(e, "the training outputs"))
+        return EXIT_WRITE_FAILED
+    except KeyboardInterrupt as e:  # before training (the cache keeps what it finished) or a second signal
+        log.error("%s: the feature cache keeps every finished entry; the last checkpoint is where "
+                  "--resume latest continues", _stopped(e))
+        return exit_code(e)
     if result.stopped_by_signal:
-        log.error("interrupted at step %d: checkpoint %s saved; continue with --resume latest", result.step,
-                  result.checkpoint)
-        return INTERRUPTED
+        log.error("%s at step %d: checkpoint %s saved; continue with --resume latest", _stopped(result.signal),
+                  result.step, result.checkpoint)
+        return exit_code(result.signal)
     if result.lora_path is not None:
         log.info("done: %s", result.lora_path)
     return 0

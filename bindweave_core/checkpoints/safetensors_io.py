@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from . import pickle_io
+from . import in_memory, pickle_io
 from .file_type import GGUF, PICKLE, SAFETENSORS, sniff, what_it_is
+from .in_memory import is_in_memory
 from .tensor_info import SAFETENSORS_DTYPES, TensorInfo
 from .tensor_reader import is_gguf, iter_tensors, open_safetensors
 
@@ -35,6 +36,8 @@ def component_dir(path: Path, subfolder: str) -> Path:
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files making up ``path`` (a file, or a directory of shards)."""
     p = Path(path)
+    if is_in_memory(p):
+        return [p]
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory. Check the path, or download the model first.")
     if p.is_dir():
@@ -80,6 +83,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     infos: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in checkpoint_files(path):
+        if is_in_memory(file):
+            infos.update(in_memory.header(file))
+            continue
         if is_gguf(file):
             from .gguf_io import read_gguf_header
 
@@ -108,8 +114,8 @@ def _check_sizes(infos: dict[str, TensorInfo]) -> None:
     """A truncated file can still have a whole header: compare the data it promises with its size."""
     ends: dict[Path, int] = {}
     for info in infos.values():
-        if pickle_io.is_pickle(info.file):
-            continue  # torch.load already checked the archive
+        if is_in_memory(info.file) or pickle_io.is_pickle(info.file):
+            continue  # tensors in memory; or torch.load already checked the archive
         ends[info.file] = ends.get(info.file, 0) + info.nbytes
     for file, data_bytes in ends.items():
         if is_gguf(file):

@@ -13,13 +13,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
-from . import pickle_io
+from . import in_memory, pickle_io
 from .file_type import GGUF, sniff
 from .tensor_info import TensorInfo
 
 
 def is_gguf(file: Path) -> bool:
-    return file.is_file() and sniff(file) == GGUF
+    return not in_memory.is_in_memory(file) and file.is_file() and sniff(file) == GGUF
 
 
 def open_safetensors(file: Path):
@@ -42,6 +42,10 @@ def iter_tensors(infos: list[TensorInfo], release_bytes: int = 256 << 20) -> Ite
     for info in infos:
         by_file.setdefault(info.file, []).append(info)
     for file, items in by_file.items():
+        if in_memory.is_in_memory(file):  # a host's loaded model: its own tensors
+            for info in items:
+                yield info, _select(info, in_memory.tensor(info))
+            continue
         if is_gguf(file):
             from .gguf_io import iter_gguf
 

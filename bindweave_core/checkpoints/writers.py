@@ -9,19 +9,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path
+
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
-    """``safetensors.torch.save_file`` to a temporary name in the same folder, then rename."""
+    """``safetensors.torch.save_file`` to a temporary name in the same folder, then rename (user's file mode)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -46,7 +42,6 @@ def save_sharded(tensors: dict[str, torch.Tensor], directory: str | os.PathLike,
         weight_map.update({k: name for k in shard})
     index = directory / f"{prefix}.safetensors.index.json"
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    tmp = index.with_name(index.name + ".tmp")
-    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    os.replace(tmp, index)
+    with atomic_path(index) as tmp:
+        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return directory

@@ -37,6 +37,7 @@ from ..conditioning import clip_context
 from ..config import PRESETS
 from ..errors import CheckpointError, InputError
 from ..model_files import where_to_get
+from ..setting_bounds import check_reference_count
 from .base import Encoder, check_before_load, header, problems_and_sizes, seeded_init_, size_differences
 
 log = logging.getLogger("BindWeave")
@@ -333,9 +334,9 @@ class ClipVisionEncoder(Encoder):
     @torch.no_grad()
     def encode_references(self, canvases: torch.Tensor, antialias: bool = C.CLIP_RESIZE_ANTIALIAS) -> torch.Tensor:
         """``[1, 4*257, D]``: the references' tokens in order, zero-padded to 4 slots (even for one)."""
-        n = int(canvases.shape[0]) if isinstance(canvases, torch.Tensor) and canvases.ndim == 4 else None
-        if n is None or not 1 <= n <= C.MAX_REFERENCES:
-            raise InputError(f"{n if n is not None else 'no'} reference canvases given; BindWeave takes "
-                             f"1 to {C.MAX_REFERENCES} as a [n, H, W, 3] tensor.")
+        if not isinstance(canvases, torch.Tensor) or canvases.ndim != 4:
+            raise InputError(f"the reference canvases must be one [n, H, W, 3] tensor, got {type(canvases).__name__}"
+                             f"{list(canvases.shape) if isinstance(canvases, torch.Tensor) else ''}.")
+        check_reference_count(int(canvases.shape[0]), C.MAX_REFERENCES, "BindWeave")
         tokens = self.encode_canvases(canvases, antialias)
         return clip_context(list(tokens.split(1, dim=0)))

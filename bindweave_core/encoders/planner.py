@@ -39,6 +39,7 @@ from PIL import Image
 from torch import nn
 
 from .. import constants as C
+from ..checkpoints.in_memory import is_in_memory
 from ..checkpoints.materialize import materialize
 from ..condition_cache import digest, file_identity
 from ..conditioning import PlannerStates
@@ -146,7 +147,7 @@ class Planner(Encoder):
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
         path = Path(path)
-        if not path.exists():
+        if not path.exists() and not is_in_memory(path):
             raise CheckpointError(f"{path}: no such file or directory. " + where_to_get("planner"))
         ckpt = scan_planner(path, config)
         check_loadable(ckpt)

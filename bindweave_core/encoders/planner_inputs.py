@@ -13,6 +13,7 @@ from PIL import Image
 
 from .. import constants as C
 from ..errors import InputError
+from ..setting_bounds import check_reference_count
 
 # ------------------------------------------------------------------------------------ chat template
 SYSTEM_PROMPT = "You are a helpful assistant."  # the Qwen2.5-VL chat template's default
@@ -162,11 +163,7 @@ def check_images(images: Any) -> list[Image.Image]:
     if images is None or isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
         raise InputError("the planner needs a list of 1 to 4 PIL reference images.")
     images = list(images)
-    if not images:
-        raise InputError(f"no reference image given; the planner takes 1 to {C.MAX_REFERENCES}.")
-    if len(images) > C.MAX_REFERENCES:
-        raise InputError(f"{len(images)} reference images given; BindWeave takes at most {C.MAX_REFERENCES} "
-                         f"(it was trained with up to {C.MAX_REFERENCES}). Remove {len(images) - C.MAX_REFERENCES}.")
+    check_reference_count(len(images), C.MAX_REFERENCES, "BindWeave")
     return [as_rgb(im) for im in images]
 
 

@@ -40,6 +40,7 @@ from ..conditioning import video_condition as assemble_video_condition
 from ..errors import CheckpointError, InputError
 from ..model_files import where_to_get
 from ..references import check_size
+from ..setting_bounds import check_reference_count
 from .base import Encoder, seeded_init_
 
 log = logging.getLogger("BindWeave")
@@ -350,8 +351,7 @@ class WanVAE(Encoder):
         if masks is not None and tuple(masks.shape) != tuple(canvases.shape[:3]):
             raise InputError(f"reference masks must be [n, H, W] = {list(canvases.shape[:3])}; got "
                              f"{list(masks.shape)}.")
-        if not 1 <= canvases.shape[0] <= C.NUM_REF_SLOTS:
-            raise InputError(f"{canvases.shape[0]} references given; BindWeave takes 1 to {C.NUM_REF_SLOTS}.")
+        check_reference_count(int(canvases.shape[0]), C.NUM_REF_SLOTS, "BindWeave")
         check_size(int(canvases.shape[2]), int(canvases.shape[1]))
 
     def _encode_canvas(self, canvas: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ class ModelFamily(ABC):
     trained_for_references: ClassVar[bool] = True  # False: a base model fed references it was not trained on
     requires_planner: ClassVar[bool] = False  # a run without planner states is refused
     max_references: ClassVar[int]
+    reference_model: ClassVar[str] = "this model"  # the model named in a reference-count message
     encoders: ClassVar[tuple[str, ...]]  # the models a run needs besides the DiT
     reference_encoders: ClassVar[tuple[str, ...]]  # the models that encode its references
     smoke_preset: ClassVar[str]  # the tiny DiT preset of the smoke model (config.PRESETS)
@@ -64,8 +65,11 @@ class ModelFamily(ABC):
     def defaults(self) -> dict[str, Any]:
         """The official sampling settings, as ``GenerationSettings`` keyword arguments."""
 
-    def check_reference_count(self, count: int) -> None:  # noqa: B027 (an optional hook: the base accepts)
-        """The family's own message for a reference count it cannot take (before the generic check)."""
+    def check_reference_count(self, count: int) -> None:
+        """1 to ``max_references`` references (``setting_bounds.check_reference_count``, named for this family)."""
+        from ..setting_bounds import check_reference_count
+
+        check_reference_count(count, self.max_references, self.reference_model)
 
     def check_settings(self, settings: Any) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """Warnings about settings the family was not trained for (nothing is changed)."""

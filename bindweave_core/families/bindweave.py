@@ -22,6 +22,7 @@ class BindWeaveFamily(ModelFamily):
     conditioning = "slots"
     requires_planner = True
     max_references = C.MAX_REFERENCES
+    reference_model = "BindWeave"
     encoders = ("planner", "text_encoder", "clip_vision", "vae")
     reference_encoders = ("clip_vision", "vae")
     smoke_preset = "tiny"

@@ -24,6 +24,7 @@ class KaleidoFamily(ModelFamily):
     name = "kaleido"
     conditioning = "rrope"
     max_references = C.KALEIDO_MAX_REFERENCES
+    reference_model = "Kaleido-14B-S2V"
     encoders = ("text_encoder", "vae")  # no CLIP, no planner
     reference_encoders = ("vae",)
     smoke_preset = "tiny-kaleido"
@@ -37,9 +38,6 @@ class KaleidoFamily(ModelFamily):
         return dict(negative_prompt=C.KALEIDO_NEGATIVE_PROMPT, width=C.KALEIDO_WIDTH, height=C.KALEIDO_HEIGHT,
                     num_frames=C.KALEIDO_FRAMES, steps=C.KALEIDO_STEPS, guidance=C.KALEIDO_GUIDANCE,
                     shift=C.KALEIDO_SHIFT, sampler=C.KALEIDO_SAMPLER, fps=C.KALEIDO_FPS)
-
-    def check_reference_count(self, count: int) -> None:
-        K.check_reference_count(count)
 
     def check_settings(self, settings: Any) -> None:
         """Beyond 80 patches (1280 px) the video's own positions reach the references' shifted ones."""
