@@ -46,8 +46,10 @@ from bindweave_core import constants as C  # noqa: E402
 from bindweave_core.checkpoints.materialize import target_dtype  # noqa: E402
 from bindweave_core.config import PRESETS, DiTConfig  # noqa: E402
 from bindweave_core.dit.attention import resolve_backend  # noqa: E402
-from bindweave_core.dtypes import torch_dtype  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
+from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
+from bindweave_core.dit.transformer import BindWeaveTransformer  # noqa: E402
+from bindweave_core.dtypes import torch_dtype  # noqa: E402
 from bindweave_core.fp8 import (  # noqa: E402
     FP8Linear,
     convert_to_fp8,
@@ -55,8 +57,6 @@ from bindweave_core.fp8 import (  # noqa: E402
     set_fp8_matmul,
     swap_in_fp8_linears,
 )
-from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
-from bindweave_core.dit.transformer import BindWeaveTransformer  # noqa: E402
 from bindweave_core.memory import GiB, RunShape, estimate_vram, token_count  # noqa: E402
 
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
@@ -116,7 +116,7 @@ def diffusers_twin(ours: BindWeaveTransformer, backend: str) -> WanTransformer3D
     theirs.load_state_dict(ours.state_dict(), strict=False, assign=True)
     device = ours.patch_embedding.weight.device
     cfg = ours.dit_config  # its rotary tables are non-persistent buffers: build them for real
-    theirs.rope = WanRotaryPosEmbed(cfg.head_dim, tuple(cfg.patch_size), cfg.rope_max_seq_len).to(device)
+    theirs.rope = WanRotaryPosEmbed(cfg.head_dim, tuple(cfg.patch_size), C.ROPE_POSITIONS).to(device)
     for name in fp8:
         theirs.get_submodule(name).matmul = ours.get_submodule(name).matmul
     theirs.set_attention_backend(DIFFUSERS_BACKEND[backend])
@@ -134,7 +134,7 @@ def make_inputs(cfg: DiTConfig, width: int, height: int, frames: int, batch: int
 
     x = rnd(batch, 16, t, h, w)
     cond = rnd(batch, 20, C.NUM_REF_SLOTS + t, h, w)
-    t5 = rnd(batch, cfg.text_len, cfg.text_dim)
+    t5 = rnd(batch, C.TEXT_LEN, cfg.text_dim)
     clip = rnd(batch, C.CLIP_CONTEXT_TOKENS, cfg.image_dim)
     planner = rnd(batch, planner_tokens, cfg.planner_dim)
     ts = torch.full((batch,), 500.0, device=device)
@@ -309,7 +309,7 @@ def main() -> None:
     models = Models(cfg, build_device, DTYPES[args.fp8_compute])
     for w, h in sizes:
         tokens = token_count(w, h, args.frames)
-        context = C.CLIP_CONTEXT_TOKENS + args.planner_tokens + cfg.text_len
+        context = C.CLIP_CONTEXT_TOKENS + args.planner_tokens + C.TEXT_LEN
         flops = step_flops(cfg, tokens, context, batch * calls)
         extra = connector_flops(cfg, args.planner_tokens, batch * calls)
         if extra:

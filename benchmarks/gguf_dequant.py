@@ -77,7 +77,7 @@ def main() -> None:
     print(f"{'type':<6} {'dequantise ms':>14} {'dequantise / matmul':>20}")
     for name in args.types:
         raw = torch.from_numpy(raw_blocks(name, args.dim, rng).reshape(-1)).to(device)
-        t = seconds(lambda: dequantize(raw, name, (args.dim, args.dim)).to(dtype), device, args.repeats)
+        t = seconds(lambda raw=raw, name=name: dequantize(raw, name, (args.dim, args.dim)).to(dtype), device, args.repeats)
         print(f"{name:<6} {t * 1e3:>14.2f} {t / matmul:>20.2f}")
 
 

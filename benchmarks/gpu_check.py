@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dit_speed as S  # noqa: E402
 
 from bindweave_core import constants as C  # noqa: E402
+from bindweave_core import fp8 as FP8  # noqa: E402
 from bindweave_core.config import PRESETS  # noqa: E402
 from bindweave_core.dit import attention as A  # noqa: E402
-from bindweave_core import fp8 as FP8  # noqa: E402
 from bindweave_core.dit.compile import compile_blocks  # noqa: E402
 from bindweave_core.dit.offload import enable_block_offload  # noqa: E402
 from bindweave_core.memory import GiB, RunShape, estimate_vram, token_count  # noqa: E402
@@ -128,13 +128,13 @@ def scaled_mm(device: torch.device, tokens: int, dim: int, ffn: int, repeats: in
         wq, ws = FP8.quantize_weight(w)
         upcast = (wq.float() * ws).to(torch.bfloat16)
         ref = x @ upcast.t()
-        row = {"shape": [tokens, dim, n_out], "bf16_ms": 1e3 * timed(lambda: x @ upcast.t(), device, repeats)}
+        row = {"shape": [tokens, dim, n_out], "bf16_ms": 1e3 * timed(lambda upcast=upcast: x @ upcast.t(), device, repeats)}
         flops = 2 * tokens * dim * n_out
         row["bf16_tflops"] = flops / row["bf16_ms"] / 1e9
         for label, scale, fast in (("dynamic", "dynamic", False), ("static", "static", False),
                                    ("dynamic_fast_accum", "dynamic", True)):
             try:
-                def fn():
+                def fn(wq=wq, ws=ws, scale=scale, fast=fast):
                     return FP8.scaled_mm_linear(x, wq, ws, activation_scale=scale, fast_accum=fast)
 
                 row[f"{label}_rel_rms"] = rel_rms(fn(), ref)
@@ -202,7 +202,7 @@ def full(device: torch.device, cfg, width: int, height: int, frames: int, steps:
     model.set_attention_backend("sdpa")
     ours, theirs = S.make_inputs(cfg, width, height, frames, 2, planner_tokens, torch.bfloat16, device)
     tokens = token_count(width, height, frames)
-    flops = S.step_flops(cfg, tokens, C.CLIP_CONTEXT_TOKENS + planner_tokens + cfg.text_len, 2)
+    flops = S.step_flops(cfg, tokens, C.CLIP_CONTEXT_TOKENS + planner_tokens + C.TEXT_LEN, 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_ours, peak = S.time_steps(model, ours, 1, steps, 1, device)

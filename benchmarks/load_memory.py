@@ -18,6 +18,7 @@ The machine may be shared, so only same-run, back-to-back figures mean anything.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -137,13 +138,18 @@ def child(path: str, dtype: str, weight_format: str, quantizer: str = "current")
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     # page every weight in, without allocating a copy of any of them
     touched = sum(float(p.view(torch.uint8).max()) for p in model.parameters())
-    # a checksum of the quantised bytes and scales (equal checksums: the quantisers agree)
-    digest = sum(int(p.view(torch.uint8).view(-1)[::4099].long().sum()) for p in model.parameters()
-                 if p.dtype == torch.float8_e4m3fn)
-    scales = sum(float(b) for n, b in model.named_buffers() if n.endswith("scale_weight"))
+    # sha256 of every quantised byte and every scale's bytes, by name (equal digests: the quantisers agree)
+    digest, scales = hashlib.sha256(), hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.dtype == torch.float8_e4m3fn:
+            digest.update(name.encode() + p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, b in sorted(model.named_buffers()):
+        if name.endswith("scale_weight"):
+            scales.update(name.encode() + b.detach().float().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest, scales = digest.hexdigest(), scales.hexdigest()
     peak = status_bytes("VmHWM")
     print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "cpu_seconds": cpu,
-                      "checksum": touched, "fp8_digest": digest, "scale_sum": scales, **totals}))
+                      "checksum": touched, "fp8_digest": digest, "scale_digest": scales, **totals}))
 
 
 def compare_quantize(directory: Path, size: int, repeats: int, quantizers: list[str]) -> None:
@@ -157,7 +163,7 @@ def compare_quantize(directory: Path, size: int, repeats: int, quantizers: list[
             print(f"  load -> fp8 with the {quantizer:9s} quantiser: {r['seconds']:.1f} s wall, "
                   f"{r['cpu_seconds']:.1f} s CPU; of which quantising {r['quantize_seconds']:.1f} s wall, "
                   f"{r['quantize_cpu_seconds']:.1f} s CPU", flush=True)
-    same = all(r[k] == runs[quantizers[0]][0][k] for rs in runs.values() for r in rs for k in ("fp8_digest", "scale_sum"))
+    same = all(r[k] == runs[quantizers[0]][0][k] for rs in runs.values() for r in rs for k in ("fp8_digest", "scale_digest"))
     for label, wall, cpu in (("whole load", "seconds", "cpu_seconds"),
                              ("quantising alone", "quantize_seconds", "quantize_cpu_seconds")):
         best = {q: (min(r[wall] for r in rs), min(r[cpu] for r in rs)) for q, rs in runs.items()}

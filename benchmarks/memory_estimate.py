@@ -92,7 +92,7 @@ def main() -> None:
         # what the forward itself allocates: one block's activations (the estimate's term), the embedded
         # context of each item and the rotary tables (both parts of the estimate's conditioning term)
         tokens = token_count(w, h, frames)
-        context = batch * (C.CLIP_CONTEXT_TOKENS + 600 + cfg.text_len) * cfg.dim * 2
+        context = batch * (C.CLIP_CONTEXT_TOKENS + 600 + C.TEXT_LEN) * cfg.dim * 2
         estimate = est.activations + context + tokens * cfg.head_dim // 2 * 16
         ratio = estimate / counter.peak
         worst = max(worst, abs(ratio - 1))

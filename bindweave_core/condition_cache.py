@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .checkpoints.in_memory import is_in_memory
+
 log = logging.getLogger("BindWeave")
 
 VERSION = 2  # bump when what an entry holds changes
@@ -49,6 +51,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 def digest(obj: Any) -> str:
+    """sha256 of an object's JSON (keys sorted, anything else by ``str``): the one hash of identities."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -65,15 +68,20 @@ def content_digest(tensors: Tensors) -> str:
     return digest({name: tensor_digest(t) for name, t in sorted(tensors.items())})
 
 
+def file_identity(path: str | os.PathLike) -> list[Any]:
+    """``[resolved path, size, mtime_ns]``: a file as the caches name it (a change of any part is a new file);
+    a host's loaded model (an in-memory pseudo path, unique per model) is ``[pseudo path]``."""
+    if is_in_memory(path):
+        return [str(path)]
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
 def path_identity(path: str | os.PathLike) -> list[list[Any]]:
-    """``[[resolved path, size, mtime_ns], ...]`` of a file, or of every file under a folder."""
+    """:func:`file_identity` of a file, or of every file under a folder (sorted), as a list."""
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return out
+    return [file_identity(f) for f in files]
 
 
 def _module(component: Any) -> torch.nn.Module | None:

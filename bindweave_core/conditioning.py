@@ -8,7 +8,6 @@ the nodes and the training cache pass around.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,16 +63,6 @@ class ReferenceCondition:
     @property
     def num_references(self) -> int:
         return int(self.canvases.shape[0])
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        """The typed fields as the dict older callers read (``family``, ``video_condition``, the geometry)."""
-        out: dict[str, Any] = {"family": self.family}
-        if self.video_condition is not None:
-            out["video_condition"] = self.video_condition
-        if self.geometry is not None:
-            out.update({k: v for k, v in vars(self.geometry).items() if v is not None})
-        return out
 
 
 # ------------------------------------------------------------------------------------------ assembly

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import constants as C
@@ -36,19 +36,16 @@ class DiTConfig:
     image_dim: int | None = 1280  # CLIP width; None for text-to-video families
     planner_dim: int | None = C.PLANNER_DIM  # Qwen width; None when there is no connector
     cross_attn_norm: bool = True
-    qk_norm: str = "rms_norm_across_heads"
-    eps: float = 1e-6
-    rope_max_seq_len: int = 1024
-    clip_token_len: int = C.CLIP_TOKENS_PER_REF
-    num_ref_slots: int = C.NUM_REF_SLOTS
-    text_len: int = C.TEXT_LEN
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    eps: float = 1e-6  # every LayerNorm / RMSNorm of the blocks
+    clip_token_len: int = C.CLIP_TOKENS_PER_REF  # the image key/value stream sees this many CLIP tokens
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
 
     @property
     def dim(self) -> int:
@@ -58,13 +55,12 @@ class DiTConfig:
         """Arguments for diffusers' ``WanTransformer3DModel`` with the same architecture."""
         ours = {name: getattr(self, name) for name in _DIFFUSERS_SAME_NAMES}
         theirs = {diffusers: getattr(self, name) for diffusers, name in _DIFFUSERS_NAMES.items()}
-        return {**ours, **theirs, "patch_size": tuple(self.patch_size),
+        return {**ours, **theirs, **_FIXED_DIFFUSERS, "patch_size": tuple(self.patch_size),
                 "added_kv_proj_dim": self.dim if self.image_dim is not None else None}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
-        d.pop("extra")
         return d
 
     def to_json(self) -> str:
@@ -79,11 +75,32 @@ class DiTConfig:
         (``_class_name``, ``_diffusers_version``, ...) are ignored. Anything else unknown is an error,
         so a misspelt or foreign key never falls back to 14B sizes silently.
         """
+        kwargs = cls.fields_from_dict(d)
+        config = cls(**kwargs)
+        added = d.get("added_kv_proj_dim")
+        expected = config.dim if config.image_dim is not None else None
+        if "added_kv_proj_dim" in d and added != expected:
+            raise InputError(f"DiT config has added_kv_proj_dim={added!r} but image_dim={config.image_dim!r} and width "
+                             f"{config.dim}: the image key/value projections must be {expected!r} wide.")
+        return config
+
+    @classmethod
+    def fields_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The fields a config dict gives, under our names (only those it gives: no defaults added).
+
+        Keys the model has one value for (``qk_norm``, ``rope_max_seq_len``, ``text_len``,
+        ``num_ref_slots``, ``pos_embed_seq_len``) are accepted at that value and refused otherwise.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown: list[str] = []
         for key, value in d.items():
             if key.startswith("_") or key in _DIFFUSERS_CHECKED:
+                continue
+            if key in _FIXED:
+                if value != _FIXED[key]:
+                    raise InputError(f"DiT config sets {key}={value!r}; this DiT implements only {key}="
+                                     f"{_FIXED[key]!r} ({_FIXED_WHY[key]}). Use a Wan2.1 / BindWeave config.")
                 continue
             name = _DIFFUSERS_NAMES.get(key, key)
             if name not in names:
@@ -94,21 +111,15 @@ class DiTConfig:
             else:
                 kwargs[name] = value
         if unknown:
-            known = sorted(names - {"extra"}) + sorted(_DIFFUSERS_NAMES) + sorted(_DIFFUSERS_CHECKED)
+            known = sorted(names) + sorted(_DIFFUSERS_NAMES) + sorted(_DIFFUSERS_CHECKED) + sorted(_FIXED)
             raise InputError(f"unknown DiT config key(s) {sorted(unknown)}; known keys: {', '.join(known)} "
                              "(diffusers' WanTransformer3DModel names are accepted too).")
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        config = cls(**kwargs)
-        added = d.get("added_kv_proj_dim")
-        expected = config.dim if config.image_dim is not None else None
-        if "added_kv_proj_dim" in d and added != expected:
-            raise InputError(f"DiT config has added_kv_proj_dim={added!r} but image_dim={config.image_dim!r} and width "
-                             f"{config.dim}: the image key/value projections must be {expected!r} wide.")
         if d.get("pos_embed_seq_len") is not None:
             raise InputError(f"DiT config sets pos_embed_seq_len={d['pos_embed_seq_len']!r} (Wan first-last-frame "
                              "image position embedding), which BindWeave/Wan2.1-I2V checkpoints do not have.")
-        return config
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return kwargs
 
     def replace(self, **changes: Any) -> "DiTConfig":
         return dataclasses.replace(self, **changes)
@@ -116,10 +127,17 @@ class DiTConfig:
 
 # diffusers' WanTransformer3DModel.__init__ names that are the same words as ours, and those that differ.
 _DIFFUSERS_SAME_NAMES = ("in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers",
-                         "cross_attn_norm", "qk_norm", "eps", "image_dim", "rope_max_seq_len")
+                         "cross_attn_norm", "eps", "image_dim")
 _DIFFUSERS_NAMES = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim"}
 # diffusers names we derive rather than store: checked against the config in from_dict.
 _DIFFUSERS_CHECKED = ("added_kv_proj_dim", "pos_embed_seq_len")
+# Names the model has exactly one value for (diffusers' config keys and the keys older configs of ours
+# wrote): accepted at that value, refused at any other (nothing would change the model to follow them).
+_FIXED_DIFFUSERS = {"qk_norm": C.QK_NORM, "rope_max_seq_len": C.ROPE_POSITIONS}
+_FIXED = {**_FIXED_DIFFUSERS, "text_len": C.TEXT_LEN, "num_ref_slots": C.NUM_REF_SLOTS}  # ours: older configs
+_FIXED_WHY = {"qk_norm": "diffusers' Wan attention normalises queries and keys across all heads",
+              "rope_max_seq_len": "the official rotary tables; inputs are checked against them",
+              "text_len": "UMT5 states are always 512 positions", "num_ref_slots": "BindWeave has 4 reference slots"}
 
 _WAN_14B = dict(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, freq_dim=256)
 

@@ -53,6 +53,8 @@ VAE_SPATIAL_FACTOR = 8
 PATCH_SIZE = (1, 2, 2)
 SIZE_MULTIPLE = 16  # width/height must be multiples of 16 (VAE x8, then 2x2 patches)
 MIN_REFERENCE_SIDE = 16  # a smaller reference image (e.g. 1x1) is less than one DiT patch: refused
+ROPE_POSITIONS = 1024  # the official rotary tables cover 1024 positions per axis (Wan's rope_max_seq_len)
+QK_NORM = "rms_norm_across_heads"  # Wan's query/key RMSNorm over all heads (the only one diffusers builds)
 DEFAULT_WIDTH = 1280
 DEFAULT_HEIGHT = 720
 DEFAULT_FRAMES = 81
@@ -86,6 +88,10 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "sage", "flash")
 MASK_MODES = ("rectangle", "alpha")
 CFG_BATCH_MODES = ("auto", "batched", "separate")
 OFFLOAD_MODES = ("release", "model", "none")  # encoders between uses: free them, keep them on the CPU, keep them
+# How references reach the DiT and the training noise draws; which family uses which: bindweave_core.families
+REFERENCE_CONDITIONINGS = ("slots", "rrope")
+SIGMA_SAMPLINGS = ("shifted", "kaleido")
+AUTO = "auto"  # an option that the DiT's family picks (training objective.conditioning, objective.sigma_sampling)
 
 # --- training [12] ----------------------------------------------------------------------------
 TRAIN_TIMESTEP_SHIFT = 5.0

@@ -98,12 +98,12 @@ def tensor_amax(weight: torch.Tensor) -> torch.Tensor:
     return torch.maximum(low.abs(), high.abs()).float()
 
 
-def quantize_weight(weight: torch.Tensor, rows_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scaled e4m3 quantisation: returns ``(fp8 weight, float32 scale)`` with
     ``fp8 = e4m3(weight_fp32 / scale)``, ``scale = max|weight| / 448``.
 
-    The division runs in float32 through a reused scratch buffer (``rows_per_chunk`` is accepted
-    for compatibility and ignored), so no full float32 copy of a large weight is ever made.
+    The division runs in float32 through a reused scratch buffer, so no full float32 copy of a
+    large weight is ever made.
     """
     scale = (tensor_amax(weight) / FP8_MAX).clamp(min=1e-12)
     flat = weight.reshape(-1)

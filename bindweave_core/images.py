@@ -115,7 +115,7 @@ def open_image(path: str | os.PathLike | bytes, what: str = "image") -> Image.Im
             out = to_8bit(upright, str(p)).copy()  # a copy: the frame must not depend on the closed file
             out.format = im.format  # what the content is (the extension is not trusted)
             return out
-    except UnidentifiedImageError as e:
+    except UnidentifiedImageError:
         raise InputError(f"{what} {p}: not an image file this machine can read (PIL could not identify it). "
                          "Use a PNG, JPEG or WebP image.") from None
     except PermissionError as e:

@@ -91,7 +91,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # Config entries too long or too internal for the one-line summary (still in --json).
-_CONFIG_HIDDEN = ("extra", "latents_mean", "latents_std", "patch_size", "qk_norm", "rope_max_seq_len")
+_CONFIG_HIDDEN = ("latents_mean", "latents_std", "patch_size")
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ and line ranges in ``docs/kaleido-rrope.md``):
 * text only: UMT5 states (no CLIP, no planner); guidance 6 on the text, the unconditional branch
   keeps the same references;
 * sampling: Euler over ``sigma = 7u / (1 + 6u)``, ``u = linspace(1, 0, steps + 1)``, model time
-  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (see :class:`RFEulerScheduler`).
+  ``1000 * sigma``, 50 steps, 896x512, 81 frames at 16 fps (``schedules.rf_sigmas``).
 
 Also here: the same inputs for training on a Wan base (:func:`rrope_training_batch`), and the
 layout of the Kaleido download (:func:`find_kaleido_bundle`). The family object that puts these
@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from . import constants as C
@@ -45,7 +44,6 @@ from .references import (
     prepare_references,
 )
 from .setting_bounds import check_reference_count as check_references
-from .setting_bounds import check_setting
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -191,38 +189,6 @@ def kaleido_training_sigma(batch: int, latent_height: int, latent_width: int,
     mu = y1 + (y2 - y1) / (x2 - x1) * (patches - x1)
     sigma = torch.sigmoid(torch.randn(batch, generator=generator))
     return math.exp(mu) / (math.exp(mu) + 1 / sigma - 1)
-
-
-# ------------------------------------------------------------------------------------------ sampling
-def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
-    """The ``steps + 1`` official sigmas from 1 to 0, float32 (computed in float64 first, as upstream).
-
-    ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
-    the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
-    """
-    check_setting("steps", steps)
-    u = np.linspace(1.0, 0.0, steps + 1)
-    return (shift * u / (1.0 + (shift - 1.0) * u)).astype(np.float32)
-
-
-class RFEulerScheduler(FlowMatchEulerDiscreteScheduler):
-    """diffusers' flow Euler scheduler fed with Kaleido's sigma grid (:func:`rf_sigmas`).
-
-    The grid is passed as explicit sigmas with the scheduler's own shift at 1, so diffusers adds
-    nothing: timesteps are ``1000 * sigma`` (float32) and each step is ``x + (sigma' - sigma) * v``.
-    """
-
-    def __init__(self, shift: float = C.KALEIDO_SHIFT, num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS):
-        super().__init__(num_train_timesteps=num_train_timesteps, shift=1.0)
-        self.grid_shift = float(shift)
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      sigmas: list[float] | None = None, **kwargs: Any) -> None:
-        if sigmas is None:
-            if num_inference_steps is None:
-                raise ValueError("give num_inference_steps or sigmas")
-            sigmas = rf_sigmas(num_inference_steps, self.grid_shift)[:-1]  # the scheduler appends the final 0
-        super().set_timesteps(device=device, sigmas=list(sigmas), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ download layout

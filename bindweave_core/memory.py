@@ -111,8 +111,8 @@ def weight_bytes(config: Any, dtype: torch.dtype = torch.bfloat16, weight_format
     """``(bytes outside the blocks, bytes of one block)`` of a DiT loaded with ``dtype``/``weight_format``,
     counted on a meta-device model with the loader's rules (fp32 tables, fp8 block linears)."""
     from .checkpoints.materialize import target_dtype
-    from .fp8 import fp8_candidate_modules
     from .dit.transformer import BindWeaveTransformer
+    from .fp8 import fp8_candidate_modules
 
     with torch.device("meta"):  # every block is alike: one is enough (a 40-block meta model takes seconds)
         model = BindWeaveTransformer(config.replace(num_layers=1))
@@ -145,8 +145,8 @@ def estimate_vram(config: Any, shape: RunShape) -> VramEstimate:
     tokens = -(-token_count(shape.width, shape.height, shape.num_frames, slots) // cp)
     t, h, w = (C.latent_frames(shape.num_frames), shape.height // C.VAE_SPATIAL_FACTOR,
                shape.width // C.VAE_SPATIAL_FACTOR)
-    context_tokens = C.CLIP_CONTEXT_TOKENS + shape.planner_tokens + config.text_len
-    inputs = (config.text_len * config.text_dim + C.CLIP_CONTEXT_TOKENS * (config.image_dim or 0)
+    context_tokens = C.CLIP_CONTEXT_TOKENS + shape.planner_tokens + C.TEXT_LEN
+    inputs = (C.TEXT_LEN * config.text_dim + C.CLIP_CONTEXT_TOKENS * (config.image_dim or 0)
               + shape.planner_tokens * (config.planner_dim or 0))
     per_branch = (context_tokens * config.dim + inputs + C.CONDITION_CHANNELS * (slots + t) * h * w) * element
     conditioning = (2 * per_branch  # cond and uncond are both on the device

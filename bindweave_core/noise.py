@@ -9,7 +9,9 @@ of 16 the last 16 values are redrawn and recomputed. (That is why CPU bf16 ``ran
 +-3.33: pytorch/pytorch issue 166853, seen on torch 2.7.1.) Newer torch computes in float32 instead, so
 the installed torch would give other noise for the same seed; this module reproduces the old numbers
 with any torch. Each libm call (``logf``, ``sqrtf``, ``cosf``, ``sinf``) is taken as correctly rounded
-to float32 before the bf16 rounding.
+to float32 before the bf16 rounding. The kernel ends each value with ``* std + mean`` (1 and 0 here): that
+changes no value but turns a ``-0.0`` (a zero radius times a positive cosine) into ``+0.0``, so the old
+kernel never returned a negative zero and neither does this one.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).to(torch.bfloat16).to(torch.float64)
 
 
-def _box_muller(block: torch.Tensor) -> torch.Tensor:
-    """``normal_fill_16<BFloat16>`` on ``[m, 16]`` uniforms (float64 holding bf16 values), mean 0, std 1."""
+def _box_muller(block: torch.Tensor, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    """``normal_fill_16<BFloat16>`` on ``[m, 16]`` uniforms (float64 holding bf16 values)."""
     u1 = _bf16(1 - block[:, :8])  # [0, 1) -> (0, 1]
     u2 = block[:, 8:]
     radius = _bf16(torch.sqrt(_bf16(-2 * _bf16(torch.log(u1)))))
     theta = _bf16(TWO_PI * u2)  # double product, stored in a BFloat16
-    first = _bf16(radius * _bf16(torch.cos(theta)))
-    second = _bf16(radius * _bf16(torch.sin(theta)))
+    # ``radius * cos(theta) * std + mean``, each BFloat16 operation rounded: the ``+ mean`` makes -0.0 +0.0
+    first = _bf16(_bf16(_bf16(radius * _bf16(torch.cos(theta))) * std) + mean)
+    second = _bf16(_bf16(_bf16(radius * _bf16(torch.sin(theta))) * std) + mean)
     return torch.cat([first, second], dim=1)
 
 

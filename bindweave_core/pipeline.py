@@ -30,8 +30,17 @@ import torch
 from . import constants as C
 from .condition_cache import ConditionCache, model_identity, shared_cache
 from .conditioning import PlannerStates, ReferenceCondition, TextStates, VideoGeometry
-from .context_windows import (DEFAULT_CONTEXT_FUSE, DEFAULT_CONTEXT_OVERLAP, DEFAULT_CONTEXT_SCHEDULE, ContextWindow,
-                              check_context, longest_dit_window, plan_windows, window_latent_frames, windowed_predictor)
+from .context_windows import (
+    DEFAULT_CONTEXT_FUSE,
+    DEFAULT_CONTEXT_OVERLAP,
+    DEFAULT_CONTEXT_SCHEDULE,
+    ContextWindow,
+    check_context,
+    longest_dit_window,
+    plan_windows,
+    window_latent_frames,
+    windowed_predictor,
+)
 from .contract import pixel_frames
 from .denoiser import DiTBranch, make_predictor
 from .device_memory import release_memory

@@ -10,12 +10,13 @@ same dtypes (numpy float64, then int64 timesteps by truncation and float32 sigma
 * :func:`diffusers_unipc_grid`: whatever the installed diffusers computes (``unipc-diffusers``, opt-in);
 * :func:`flow_euler_grid`: diffusers' ``FlowMatchEulerDiscreteScheduler`` grid (``euler``), which is the
   same in 0.33.1 and 0.42.1 but is computed here too so that it stays that way;
-* :func:`rf_euler_grid`: Kaleido's official RF grid (``rf-euler``, ``kaleido.rf_sigmas``).
+* :func:`rf_euler_grid`: Kaleido's official RF grid (``rf-euler``, :func:`rf_sigmas`; docs/kaleido-rrope.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,12 @@ class FlowGrid:
             raise ValueError("a flow grid has one sigma more than timesteps")
 
 
+def shifted_sigmas(u: Any, shift: float) -> Any:
+    """``shift u / (1 + (shift - 1) u)``: the flow-matching time shift of ``u`` in [0, 1] (the one place it is
+    written; a numpy array or a tensor, in its own dtype, the operations in this order as upstream does)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def _check(steps: int, shift: float) -> None:
     """The grids' guard for direct callers: the bounds of ``setting_bounds`` (the one validator)."""
     check_setting("steps", steps)
@@ -54,7 +61,7 @@ def official_unipc_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     shift = float(shift)
     alphas = np.linspace(1, 1 / num_train_timesteps, steps + 1)
     sigmas = 1.0 - alphas
-    sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+    sigmas = np.flip(shifted_sigmas(sigmas, shift))[:-1].copy()
     timesteps = torch.from_numpy(sigmas * num_train_timesteps).to(torch.int64)
     sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
     return FlowGrid(timesteps=timesteps, sigmas=sigmas)
@@ -71,20 +78,29 @@ def flow_euler_grid(steps: int, shift: float = C.DEFAULT_SHIFT,
     _check(steps, shift)
     shift = float(shift)
     ends = torch.tensor([num_train_timesteps, 1], dtype=torch.float32) / num_train_timesteps
-    ends = shift * ends / (1 + (shift - 1) * ends)
+    ends = shifted_sigmas(ends, shift)
     sigma_max, sigma_min = ends[0].item(), ends[1].item()
     sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
-    sigmas = torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)).to(torch.float32)
+    sigmas = torch.from_numpy(shifted_sigmas(sigmas, shift)).to(torch.float32)
     timesteps = sigmas * num_train_timesteps
     return FlowGrid(timesteps=timesteps, sigmas=torch.cat([sigmas, torch.zeros(1)]))
 
 
+def rf_sigmas(steps: int, shift: float = C.KALEIDO_SHIFT) -> np.ndarray:
+    """The ``steps + 1`` official sigmas from 1 to 0, float32 (computed in float64 first, as upstream).
+
+    ``u = linspace(1, 0, steps + 1)``, ``sigma = shift * u / (1 + (shift - 1) * u)``; upstream writes
+    the same numbers as ``1 - s / (shift + s - shift * s)`` with ``s = 1 - u``.
+    """
+    check_setting("steps", steps)
+    u = np.linspace(1.0, 0.0, steps + 1)
+    return shifted_sigmas(u, shift).astype(np.float32)
+
+
 def rf_euler_grid(steps: int, shift: float = C.KALEIDO_SHIFT,
                   num_train_timesteps: int = C.NUM_TRAIN_TIMESTEPS) -> FlowGrid:
-    """Kaleido's grid (``kaleido.rf_sigmas``, float32, 1 -> 0); timesteps ``1000 * sigma`` in float32."""
+    """Kaleido's grid (:func:`rf_sigmas`, float32, 1 -> 0); timesteps ``1000 * sigma`` in float32."""
     _check(steps, shift)
-    from .kaleido import rf_sigmas
-
     sigmas = torch.from_numpy(rf_sigmas(int(steps), float(shift)))
     return FlowGrid(timesteps=sigmas[:-1] * num_train_timesteps, sigmas=sigmas)
 

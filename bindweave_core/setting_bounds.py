@@ -22,7 +22,7 @@ from typing import Any
 from . import constants as C
 from .errors import InputError
 
-ROPE_POSITIONS = 1024  # the DiT's rotary tables cover 1024 positions per axis (DiTConfig.rope_max_seq_len)
+ROPE_POSITIONS = C.ROPE_POSITIONS  # inputs stay inside the official rotary tables
 MAX_SIDE = ROPE_POSITIONS * C.SIZE_MULTIPLE  # 16384 px: one position per 16 pixels
 MAX_FRAMES = (ROPE_POSITIONS - C.NUM_REF_SLOTS - 1) * C.VAE_TEMPORAL_FACTOR + 1  # latent frames + 4 slots
 MAX_STEPS = C.NUM_TRAIN_TIMESTEPS  # the schedulers pick steps among 1000 training timesteps

@@ -964,7 +964,7 @@ def test_references_wired_once_and_the_old_wiring_give_the_same_latents(server):
 
 # ------------------------------------------------------------------------------------------ stated conditioning
 def _run_error(server, prompt: dict, timeout: float = 300) -> str:
-    """Queue an API prompt that must fail at run time; return its execution error message."""
+    """Queue an API prompt that must fail at run time: ``"<exception type>: <message> (node <type>)"``."""
     from comfy_browser import post_json
 
     reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
@@ -974,9 +974,10 @@ def _run_error(server, prompt: dict, timeout: float = 300) -> str:
     while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
         assert time.time() < deadline, f"prompt did not finish in {timeout} s"
         time.sleep(1)
-    errors = [m[1] for m in history[pid]["status"]["messages"] if m[0] == "execution_error"]
-    assert history[pid]["status"]["status_str"] == "error" and errors, history[pid]["status"]
-    return errors[0]["exception_message"] + f" (node {errors[0]['node_type']})"
+    status = history[pid]["status"]
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert status["status_str"] == "error" and len(errors) == 1, status
+    return f"{errors[0]['exception_type']}: {errors[0]['exception_message']} (node {errors[0]['node_type']})"
 
 
 def test_more_masks_than_images_is_refused(server):
@@ -1103,12 +1104,6 @@ def test_evaluate_node_scores_the_smoke_video_and_shows_its_plot(server):
     assert set(report["metrics"]) == {"clip_i", "subject_consistency", "temporal_flickering", "motion_amplitude"}
     assert len(report["skipped"]) == 2
 
-
-    status = history[pid]["status"]
-    assert status["status_str"] == "error", status
-    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
-    assert len(errors) == 1, status
-    return f"{errors[0]['exception_type']}: {errors[0]['exception_message']}"
 
 
 def _native_mismatch_graph(latent: dict | None = None, mode: str = "bindweave") -> dict:

@@ -133,7 +133,7 @@ def test_pipeline_reuses_text_planner_and_references_exactly():
         assert torch.equal(text.positive, text2.positive) and torch.equal(text.negative, text2.negative)
         assert torch.equal(planner.positive, planner2.positive) and torch.equal(planner.negative, planner2.negative)
         for a, b in ((refs.clip_tokens, refs2.clip_tokens), (refs.slots, refs2.slots),
-                     (refs.extra["video_condition"], refs2.extra["video_condition"])):
+                     (refs.video_condition, refs2.video_condition)):
             assert torch.equal(a, b)
         # and equal to a fresh encode with no cache at all
         with torch.no_grad():

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bindweave_core.dit.loading import load_dit, scan_dit
-from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit, count_parameters
-from bindweave_core.fp8 import FP8Linear
+from bindweave_core.dit.loading import dit_from_state_dict, load_dit, scan_dit
 from bindweave_core.errors import CheckpointError
+from bindweave_core.fp8 import FP8Linear
+from bindweave_core.inspection import inspect_checkpoint
 from helpers import REPO, randomize_, tiny_dit_inputs
 
 TINY = PRESETS["tiny"]
@@ -210,6 +210,82 @@ def test_missing_keys_are_errors_and_unexpected_ones_warnings(reference, tmp_pat
     ckpt = scan_dit(tmp_path / "dit.safetensors")
     assert ckpt.missing == ["blocks.1.attn2.add_k_proj.weight"]
     assert ckpt.unexpected == ["blocks.0.extra_adapter.weight"]
+
+
+# ------------------------------------------------------------------------------------ config.json and metadata
+def _diffusers_dir(reference, folder, **changes):
+    """A diffusers transformer folder: shards plus a config.json written with diffusers' names by hand."""
+    save_sharded(reference.state_dict(), folder, max_shard_bytes=200_000)
+    config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1", "added_kv_proj_dim": 64,
+              "attention_head_dim": 32, "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 128, "freq_dim": 32,
+              "image_dim": 32, "in_channels": 36, "num_attention_heads": 2, "num_layers": 2, "out_channels": 16,
+              "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 32}
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_diffusers_config_eps_is_the_models_eps(reference, tmp_path):
+    model = load_dit(_diffusers_dir(reference, tmp_path, eps=1e-3), dtype=torch.float32)
+    assert model.dit_config.eps == 1e-3
+    block = model.blocks[0]
+    assert (block.norm1.eps, block.norm2.eps, block.attn1.norm_q.eps, model.norm_out.eps) == (1e-3,) * 4
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    # the norm computes with it: (x - mean) / sqrt(var + 1e-3), written out here
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-3)
+    torch.testing.assert_close(block.norm1(x), expected)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"qk_norm": "rms_norm"}, "implements only qk_norm='rms_norm_across_heads'"),
+    ({"rope_max_seq_len": 2048}, "implements only rope_max_seq_len=1024"),
+    ({"num_layers": 3}, "says num_layers=3 but the weights have num_layers=2"),
+    ({"added_kv_proj_dim": None}, "says added_kv_proj_dim=None but the weights' image key/value projections are 64"),
+    ({"attention_head_dim": 16, "num_attention_heads": 4}, None),  # another head split of the same width: used
+    ({"attention_head_dim": 24, "num_attention_heads": 2}, "do not make the width 64"),
+    ({"sample_size": 64}, "unknown DiT config key(s) ['sample_size']"),
+])
+def test_diffusers_config_fields_are_used_or_refused(reference, tmp_path, changes, message):
+    folder = _diffusers_dir(reference, tmp_path, **changes)
+    if message is None:
+        assert (scan_dit(folder).config.num_heads, scan_dit(folder).config.head_dim) == (4, 16)
+        return
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        scan_dit(folder)
+
+
+def test_width_without_config_is_refused_unless_one_known_model_has_it(tmp_path):
+    odd = TINY.replace(num_heads=3)  # 96 wide: no preset has that width
+    save_file(build_dit(odd).state_dict(), str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match="cannot tell the head size of a DiT 96 wide.*config.json.*config=DiTConfig"):
+        load_dit(tmp_path / "odd.safetensors")
+    assert load_dit(tmp_path / "odd.safetensors", config=odd).dit_config.num_heads == 3
+    # a file without metadata whose width one known model has keeps loading by its width (the KJ fp8 files)
+    save_file(build_dit(TINY).state_dict(), str(tmp_path / "known.safetensors"))
+    assert scan_dit(tmp_path / "known.safetensors").config == TINY
+
+
+def test_dit_from_a_config_and_a_state_dict(reference, inputs):
+    model = dit_from_state_dict(TINY, reference.state_dict(), dtype=torch.float32)
+    assert_same_model(model, reference, inputs)
+    half = dit_from_state_dict(TINY, reference.state_dict(), dtype=torch.bfloat16)
+    assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert half.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32  # kept as load_dit keeps it
+    sd = dict(reference.state_dict())
+    del sd["proj_out.bias"]
+    sd["blocks.0.ffn.net.0.proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"1 missing: proj_out.bias; 1 wrongly shaped: "
+                                              r"blocks.0.ffn.net.0.proj.weight \(3, 3\) \(expected \(128, 64\)\)"):
+        dit_from_state_dict(TINY, sd)
+
+
+def test_planner_states_already_text_width_are_refused_with_the_fix(reference, inputs):
+    from bindweave_core.errors import InputError
+
+    projected = torch.zeros(1, 7, TINY.text_dim)  # already through a connector
+    with pytest.raises(InputError, match="already through a connector.*raw Qwen2.5-VL states \\(64 wide"):
+        run(reference, {**inputs, "planner_states": projected})
+    with pytest.raises(InputError, match="are 48 wide; this DiT's connector takes 64-wide"):
+        run(reference, {**inputs, "planner_states": torch.zeros(1, 7, 48)})
 
 
 # ------------------------------------------------------------------------------------ inspect

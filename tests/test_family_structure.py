@@ -21,9 +21,7 @@ FAMILY_PACKAGE = REPO / "bindweave_core" / "families"
 FAMILY_WORDS = {"bindweave", "kaleido", "wan-i2v", "wan-t2v", "slots", "rrope"}
 # Names of the old family switches (gone: a family object answers instead).
 SWITCHES = {"RROPE_FAMILIES", "SLOT_FAMILIES", "uses_rrope", "uses_slots"}
-# Reading which family a checkpoint is (not what a family does): the released SAT-layout T2V weights are
-# Kaleido's. Matched by source text so that the site may move between modules.
-ALLOWED = {'cfg.family == "wan-t2v"'}  # checkpoints: a SAT-layout T2V DiT reads as kaleido
+ALLOWED: set[str] = set()  # source text of sites allowed to compare with a family literal (none)
 
 
 def _name(node: ast.AST) -> str | None:
@@ -38,21 +36,40 @@ def _is_string(node: ast.AST, words: set[str] | None = None) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str) and (words is None or node.value in words)
 
 
+def _holds_a_family_word(node: ast.AST) -> bool:
+    """A family literal, or a literal tuple/list/set/dict keys holding one (``in ("auto", "rrope")``)."""
+    if _is_string(node, FAMILY_WORDS):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_holds_a_family_word(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return any(k is not None and _holds_a_family_word(k) for k in node.keys)
+    return False
+
+
 def _compares_to_a_family(operands: list[ast.AST]) -> bool:
     """A family-name literal on one side, or a value called ``family`` (``cfg.family``) against a literal.
     Two family values compared (``family != scanned.family``: an override given?) pick no family."""
-    if any(_is_string(op, FAMILY_WORDS) for op in operands):
+    if any(_holds_a_family_word(op) for op in operands):
         return True
     return any(_name(op) == "family" for op in operands) and any(map(_is_string, operands))
 
 
+def _case_names_a_family(pattern: ast.AST) -> bool:
+    """``case "kaleido":``, ``case "slots" | "rrope":`` (any match pattern holding a family literal)."""
+    return any(isinstance(p, ast.MatchValue) and _is_string(p.value, FAMILY_WORDS) for p in ast.walk(pattern))
+
+
 def _branches_on_family(node: ast.AST) -> bool:
-    """``x == "kaleido"``, ``family != y``, ``f in RROPE_FAMILIES``, ``cfg.uses_slots``, or ``if rrope:``."""
+    """``x == "kaleido"``, ``family != y``, ``m in ("slots", "rrope")``, ``case "kaleido":``,
+    ``f in RROPE_FAMILIES``, ``cfg.uses_slots``, or ``if rrope:``."""
     if isinstance(node, ast.Compare):
         operands = [node.left, *node.comparators]
-        if any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops) and _compares_to_a_family(operands):
+        if _compares_to_a_family(operands):  # any operator: ==, !=, in, not in, is, <...
             return True
         return any(_name(op) in SWITCHES for op in operands)
+    if isinstance(node, ast.match_case):
+        return _case_names_a_family(node.pattern)
     if isinstance(node, ast.Attribute) and node.attr in SWITCHES:
         return True
     # a bare flag named after a family (``if rrope:``); ``if slots:`` counts slot frames in the DiT
@@ -65,9 +82,11 @@ def family_branches(path: Path, root: Path = REPO) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if _branches_on_family(node):
-            text = ast.get_source_segment(source, node.test if isinstance(node, (ast.If, ast.While)) else node)
+            at = node.test if isinstance(node, (ast.If, ast.While)) else node.pattern if isinstance(
+                node, ast.match_case) else node
+            text = ast.get_source_segment(source, at)
             if not any(allowed in text for allowed in ALLOWED):
-                found.append(f"{path.relative_to(root)}:{node.lineno}: {text}")
+                found.append(f"{path.relative_to(root)}:{at.lineno}: {text}")
     return sorted(set(found))
 
 
@@ -79,11 +98,18 @@ def test_the_finder_sees_each_kind_of_family_branch(tmp_path):
         'b = config.num_ref_slots if config.uses_slots else 0\n'
         'rrope = mode == "rrope"\n'
         'if rrope:\n    pass\n'
-        'ok = name not in ("auto", "slots", "rrope") or family_for(mode).max_references\n'
         'c = family if family != scanned.family else None\n'
-        'if args.kaleido_dir and "clip_vision" in family.encoders:\n    pass\n')
+        'if args.kaleido_dir and "clip_vision" in family.encoders:\n    pass\n'
+        'ok = name not in ("auto", "slots", "rrope") or family_for(mode).max_references\n'
+        'ok = mode in ("kaleido",)\n'
+        'ok = "wan-t2v" != cfg.family\n'
+        'ok = family in {"bindweave": 1}\n'
+        'match family:\n    case "bindweave" | "wan-i2v":\n        pass\n    case other:\n        pass\n'
+        'ok = mode in C.FAMILIES\n')
     lines = {int(site.split(":")[1]) for site in family_branches(sample, tmp_path)}
-    assert lines == {1, 2, 4, 5, 6}  # option validation and asking a family object are not branches
+    # a literal family name in any comparison or case is a branch; two family values compared, a
+    # membership in a list named in constants and asking a family object are not
+    assert lines == {1, 2, 4, 5, 6, 11, 12, 13, 14, 16}
 
 
 def test_no_family_branch_outside_the_family_modules():
@@ -100,6 +126,24 @@ def test_every_config_family_has_one_object():
     assert family_for(PRESETS["tiny-kaleido"]).name == "kaleido"  # a DiTConfig works too
     with pytest.raises(InputError, match="unknown model family 'phantom'"):
         family_for("phantom")
+
+
+def test_option_lists_name_exactly_what_the_families_use():
+    """The training options come from constants; each listed value is one some family uses, and back."""
+    from bindweave_core import constants as C
+
+    assert set(C.REFERENCE_CONDITIONINGS) == {f.conditioning for f in FAMILY_OBJECTS.values()}
+    assert set(C.SIGMA_SAMPLINGS) == {f.sigma_sampling for f in FAMILY_OBJECTS.values()}
+
+
+@pytest.mark.parametrize("planner, image, layout, family", [
+    (True, True, "diffusers", "bindweave"), (False, True, "wan-original", "wan-i2v"),
+    (False, False, "diffusers", "wan-t2v"), (False, False, "sat", "kaleido"),  # Kaleido-14B-S2V's release
+])
+def test_a_checkpoint_reads_as_its_family(planner, image, layout, family):
+    from bindweave_core.families import checkpoint_family
+
+    assert checkpoint_family(planner=planner, image_embedder=image, layout=layout) == family
 
 
 def test_bindweave_family_gives_the_spec_values():
@@ -174,8 +218,7 @@ def test_reference_condition_carries_typed_family_condition_and_geometry():
     refs = ReferenceCondition(clip_tokens=None, slots=None, canvases=torch.zeros(2, 48, 64, 3),
                               masks=torch.ones(2, 48, 64), video_condition=condition, geometry=geometry)
     assert refs.family == "bindweave" and refs.num_references == 2
-    # the dict older callers read holds the same values
-    assert refs.extra["video_condition"] is condition and (refs.extra["width"], refs.extra["num_frames"]) == (64, 5)
+    assert refs.video_condition is condition and (refs.geometry.width, refs.geometry.num_frames) == (64, 5)
     assert latent_stats(geometry) == ([0.5] * 16, [2.0] * 16)
     # without recorded statistics: the Wan 2.1 VAE's (channel 7: mean 1.5508, std 2.0743)
     mean, std = latent_stats(VideoGeometry(64, 48, 5))

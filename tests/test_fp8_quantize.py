@@ -3,14 +3,15 @@ formula for every bit pattern, at any chunking, and is what loading an fp8 DiT s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from bindweave_core.dit.loading import load_dit
+from bindweave_core import fp8 as FP8
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import build_dit
-from bindweave_core import fp8 as FP8
+from bindweave_core.dit.loading import load_dit
 from helpers import randomize_
 
 HALF = [torch.bfloat16, torch.float16]
@@ -21,9 +22,33 @@ def every_pattern(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
 
 
+def e4m3fn_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The float8 e4m3fn byte of each value, from the format's definition (OCP FP8): a sign bit, 4 exponent
+    bits with bias 7 and 3 mantissa bits; code ``e.m`` is ``(1 + m/8) 2^(e-7)``, or ``m/8 2^-6`` for ``e = 0``
+    (subnormals); no infinities, ``S.1111.111`` is NaN, so 448 (``1.1111.110``) is the largest finite value.
+    Rounds to the nearest code, ties to the even one (mantissa ending in 0); values here are within 448."""
+    codes = np.arange(127)  # the non-negative finite codes, in increasing value
+    e, m = codes >> 3, codes & 7
+    values = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    a = np.abs(x.double().numpy().ravel())
+    hi = np.clip(np.searchsorted(values, np.nan_to_num(a, nan=0.0)), 0, 126)  # first code >= a
+    lo = np.maximum(hi - 1, 0)
+    below, above = a - values[lo], values[hi] - a
+    nearest = np.where(below < above, lo, np.where(above < below, hi, np.where(lo % 2 == 0, lo, hi)))
+    code = np.where(np.isnan(a), 0x7F, nearest) | (np.signbit(x.numpy().ravel()).astype(np.int64) << 7)
+    return torch.from_numpy(code.astype(np.uint8)).view(x.shape)
+
+
 def textbook(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3(w / scale) in float32 with a clamp to +-448, written out independently of the module."""
-    return (w.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+    """e4m3(w / scale): the float32 division, a clamp to +-448, then the format's rounding (above)."""
+    return e4m3fn_bytes((w.float() / scale).clamp(-448.0, 448.0))
+
+
+def test_the_reference_encoder_knows_the_format():
+    """Spot values of the e4m3fn table: 448 = 0x7E, 1 = 0x38, the smallest subnormal 2^-9 = 0x01, -0.0 = 0x80,
+    a tie between 1 and 1.125 goes to the even code (1), NaN = 0x7F."""
+    x = torch.tensor([448.0, 1.0, 2.0 ** -9, -0.0, 1.0625, 1.1875, float("nan"), -2.0 ** -10])
+    assert e4m3fn_bytes(x).tolist() == [0x7E, 0x38, 0x01, 0x80, 0x38, 0x3A, 0x7F, 0x80]
 
 
 def textbook_scale(w: torch.Tensor) -> torch.Tensor:

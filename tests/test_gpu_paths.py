@@ -18,10 +18,10 @@ import torch
 from diffusers.models import attention_dispatch as D
 from diffusers.utils import import_utils as U
 
+from bindweave_core import fp8 as FP8
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import attention as A
 from bindweave_core.dit import build_dit
-from bindweave_core import fp8 as FP8
 from bindweave_core.dit.compile import compile_blocks
 from bindweave_core.dit.offload import Transfers, disable_block_offload, enable_block_offload
 from helpers import randomize_

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bindweave_core.fp8 import FP8Linear
 from bindweave_core.errors import CheckpointError
+from bindweave_core.fp8 import FP8Linear
 from bindweave_core.lora import (
     FORMAT_KEY,
     LoraLayer,

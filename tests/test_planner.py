@@ -16,11 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bindweave_core import constants as C
-from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.checkpoints.writers import save_sharded
 from bindweave_core.config import PRESETS
-from bindweave_core.fp8 import FP8Linear
 from bindweave_core.encoders.planner import (
     QWEN25_VL_7B_CONFIG,
     QWEN25_VL_7B_IMAGE_SETTINGS,
@@ -35,6 +33,8 @@ from bindweave_core.encoders.planner import (
     tiny_tokenizer,
 )
 from bindweave_core.errors import CheckpointError, InputError
+from bindweave_core.fp8 import FP8Linear
+from bindweave_core.inspection import inspect_checkpoint
 from helpers import QWEN_TOKENIZER, REPO, SAMPLES, need
 
 # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_config.json, as released.

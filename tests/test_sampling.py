@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from bindweave_core import constants as C
 from bindweave_core.errors import GenerationCancelled
 from bindweave_core.pipeline import GenerationSettings
 from bindweave_core.sampling import GuidanceInputs, denoise, seeded_noise
@@ -138,8 +137,12 @@ def test_noise_is_drawn_in_bf16_like_the_official_run():
 
 
 def test_default_seed_is_the_official_one():
-    assert C.DEFAULT_SEED == 1234
+    """Spec section 10: seed 1234 wherever a run gets no seed (settings, the command line, the noise)."""
+    from bindweave_core.cli import build_parser
+
     assert GenerationSettings(prompt="x").seed == 1234
+    args = build_parser().parse_args(["generate", "--smoke", "--prompt", "x", "--ref", "a.png", "--out", "o.mp4"])
+    assert args.seed == 1234
     assert torch.equal(seeded_noise(SHAPE), seeded_noise(SHAPE, 1234))
 
 

@@ -1,7 +1,7 @@
 """The sampling grids and the UniPC solver against the official numbers (diffusers 0.33.1), not the installed diffusers.
 
-``tests/data/official-schedule/unipc_official.json`` (copied from the project's shared data) was produced by the official configuration on
-diffusers 0.33.1 (its README). These tests hold whatever diffusers version is installed.
+``tests/data/official-schedule/unipc_official.json`` (copied from the project's shared data) was produced by
+the official configuration on diffusers 0.33.1 (its README). These tests hold whatever diffusers version is installed.
 """
 
 from __future__ import annotations

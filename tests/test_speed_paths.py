@@ -25,13 +25,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bindweave_core.dit.loading import load_dit
+from bindweave_core import fp8 as FP8
 from bindweave_core.checkpoints.writers import atomic_save_file
 from bindweave_core.config import PRESETS
 from bindweave_core.dit import attention as A
 from bindweave_core.dit import build_dit
-from bindweave_core import fp8 as FP8
 from bindweave_core.dit.compile import compile_blocks
+from bindweave_core.dit.loading import load_dit
 from bindweave_core.dit.offload import disable_block_offload, enable_block_offload
 from bindweave_core.dit.positions import grid_positions
 from bindweave_core.dit.rope import RotaryEmbedding3D, apply_rotary, prepare_rotary

@@ -16,10 +16,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from bindweave_core.inspection import inspect_checkpoint
 from bindweave_core.checkpoints.safetensors_io import TensorInfo
 from bindweave_core.cli import main as cli_main
-from bindweave_core.fp8 import FP8Linear
 from bindweave_core.encoders.text import (
     TextEncoder,
     clean_prompt,
@@ -28,6 +26,8 @@ from bindweave_core.encoders.text import (
     tokenizer_from_sentencepiece,
 )
 from bindweave_core.errors import CheckpointError, InputError
+from bindweave_core.fp8 import FP8Linear
+from bindweave_core.inspection import inspect_checkpoint
 from helpers import randomize_
 
 # A small UMT5 with the real architecture; vocab 384 holds a 48-piece sentencepiece model + 300 sentinels.

@@ -76,3 +76,24 @@ def test_torch_dtype_names_of_the_training_config():
         torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
     with pytest.raises(InputError, match="unknown dtype 'float8'"):
         torch_dtype("float8")
+
+
+@pytest.mark.parametrize("section, key, accepted", [
+    ("model", "family", ["bindweave", "wan-i2v", "wan-t2v", "kaleido"]),
+    ("objective", "conditioning", ["auto", "slots", "rrope"]),
+    ("objective", "sigma_sampling", ["auto", "shifted", "kaleido"]),
+])
+def test_family_options_of_the_training_config(tmp_path, section, key, accepted):
+    """Every family choice is accepted, and a wrong one is refused with a message naming all of them."""
+    def config(value):
+        base = {"model": {"dit": "d", "vae": "v", "text_encoder": "t"}, "data": {"path": "p"},
+                "train": {"output_dir": str(tmp_path / "out")}}
+        base.setdefault(section, {})[key] = value
+        return TrainConfig.from_dict(base)
+
+    for value in accepted:
+        assert getattr(getattr(config(value), section), key) == value
+    with pytest.raises(InputError) as err:
+        config("phantom")
+    assert f"{section}.{key} must be" in str(err.value) and "'phantom'" in str(err.value)
+    assert all(value in str(err.value) for value in accepted)

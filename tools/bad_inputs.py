@@ -443,9 +443,10 @@ def render(results: list[Result], d: Path, existing: str = "") -> str:
         "was and writes no output file, not even a temporary one. Checks run in "
         "this order, before any model is loaded: output and sidecar paths, prompt file, reference and mask "
         "images (reference sizes, each mask against its reference), model paths, device, settings (the prompt's "
-        "length and content too), LoRA files (read whole: NaN/inf refused); LoRA shapes against the DiT are checked "
-        "once the pipeline is built (for a real DiT from its file header, no weights loaded); the memory estimate runs once the pipeline is built and before "
-        "any weights of a real model load. Paths are shown as `<dir>`; the memory figures depend on the machine.",
+        "length and content too), LoRA files (read whole: NaN/inf refused); LoRA shapes against the DiT are "
+        "checked once the pipeline is built (for a real DiT from its file header, no weights loaded); the memory "
+        "estimate runs once the pipeline is built and before any weights of a real model load. Paths are shown "
+        "as `<dir>`; the memory figures depend on the machine.",
         "",
         "Inputs that are not errors: 16-bit, float, CMYK, LA and palette images are converted to 8-bit RGB "
         "(`bindweave_core/images.py`); an animated image gives its first frame with a logged note; a prompt "

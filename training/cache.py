@@ -35,10 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bindweave_core.checkpoints.writers import atomic_save_file
-from bindweave_core.condition_cache import digest
+from bindweave_core.condition_cache import digest, file_identity
 from bindweave_core.errors import BindWeaveError
-from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.families import family_for
+from bindweave_core.pipeline import BindWeavePipeline, GenerationSettings
 from bindweave_core.references import load_image
 
 from .augment import augment_reference, variant_rng
@@ -52,15 +52,15 @@ log = logging.getLogger("BindWeave")
 CACHE_VERSION = 2  # bump when what is stored (or how it is computed) changes
 
 
-def file_identity(path: Path, contents: bool = False) -> Any:
+def sample_file_identity(path: Path, contents: bool = False) -> Any:
+    """The sha256 of a sample file's bytes (``cache.hash_contents``), else the core's :func:`file_identity`."""
     if contents:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    return file_identity(path)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class FeatureCache:
                 "num_frames": d.num_frames, "fps": d.fps, "augment": aug}
 
     def sample_key(self, s: Sample) -> str:
-        files = [file_identity(p, self.cfg.cache.hash_contents) for p in s.files()]
+        files = [sample_file_identity(p, self.cfg.cache.hash_contents) for p in s.files()]
         masks = [r.mask is not None for r in s.references]
         return digest({**self._settings(), "files": files, "masks": masks, "prompt": s.prompt,
                       "mask_mode": s.mask_mode or self.cfg.data.mask_mode, "bucket": list(s.bucket),
@@ -275,7 +275,7 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ validation conditioning
     def validation_key(self, v: dict[str, Any]) -> str:
-        files = [file_identity(Path(p), self.cfg.cache.hash_contents) for p in v["references"]]
+        files = [sample_file_identity(Path(p), self.cfg.cache.hash_contents) for p in v["references"]]
         return digest({**self._settings(), "validation": {k: val for k, val in v.items() if k != "references"},
                       "files": files})
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bindweave_core import constants as C
+from bindweave_core.config import FAMILIES
 from bindweave_core.errors import InputError
 from bindweave_core.lora import DEFAULT_TARGETS
 from bindweave_core.setting_bounds import check_setting
@@ -265,12 +266,13 @@ class TrainConfig:
 
     def _check_objective(self, bad: Callable[[str], InputError]) -> None:
         m, o = self.model, self.objective
-        if o.conditioning not in ("auto", "slots", "rrope"):
-            raise bad(f"objective.conditioning must be auto, slots or rrope, got {o.conditioning!r}.")
-        if o.sigma_sampling not in ("auto", "shifted", "kaleido"):
-            raise bad(f"objective.sigma_sampling must be auto, shifted or kaleido, got {o.sigma_sampling!r}.")
-        if m.family is not None and m.family not in ("bindweave", "kaleido", "wan-i2v", "wan-t2v"):
-            raise bad(f"model.family must be bindweave or kaleido (or null), got {m.family!r}.")
+        conditionings, samplings = (C.AUTO, *C.REFERENCE_CONDITIONINGS), (C.AUTO, *C.SIGMA_SAMPLINGS)
+        if o.conditioning not in conditionings:
+            raise bad(f"objective.conditioning must be {_one_of(conditionings)}, got {o.conditioning!r}.")
+        if o.sigma_sampling not in samplings:
+            raise bad(f"objective.sigma_sampling must be {_one_of(samplings)}, got {o.sigma_sampling!r}.")
+        if m.family is not None and m.family not in FAMILIES:
+            raise bad(f"model.family must be {_one_of(FAMILIES)} (or null: read from the DiT), got {m.family!r}.")
         if o.shift <= 0:
             raise bad(f"objective.shift must be positive, got {o.shift}.")
         if o.fixed_sigma is not None and not 0 <= o.fixed_sigma <= 1:

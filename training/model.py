@@ -25,8 +25,8 @@ from bindweave_core.dit.transformer import BindWeaveTransformer
 from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for
-from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, dit_name_table
 from bindweave_core.lazy import Lazy
+from bindweave_core.lora import CONNECTOR, LoraLayer, LoraWeights, dit_name_table
 
 from .config import TrainConfig
 

@@ -28,7 +28,7 @@ from bindweave_core.config import DiTConfig
 from bindweave_core.denoiser import DiTBranch, call_dit
 from bindweave_core.errors import InputError
 from bindweave_core.families import family_for, sigma_sampling_family, sigma_sampling_for
-from bindweave_core.families.bindweave import shifted_sigmas  # noqa: F401  (training's name for the spec 12 shift)
+from bindweave_core.schedules import shifted_sigmas  # noqa: F401  (training's name for the spec 12 shift)
 
 # A builder turns one cached item (see training.cache.load_entry) into the DiT inputs of its branch.
 ConditioningBuilder = Callable[[dict[str, Any], torch.Tensor, DiTConfig], DiTBranch]

@@ -38,16 +38,13 @@ from bindweave_core.dtypes import torch_dtype
 from bindweave_core.errors import BindWeaveError, InputError, OutputWriteError
 from bindweave_core.families import family_for
 from bindweave_core.lora import CONFIG_KEY, save_lora
-from bindweave_core.signals import EXIT_INTERRUPTED, Terminated, describe_os_error, exit_code, signal_name, \
-    terminate_as_interrupt
+from bindweave_core.signals import EXIT_INTERRUPTED, Terminated, describe_os_error, exit_code, signal_name, terminate_as_interrupt
 
 from .cache import FeatureCache, load_entry, load_tensors
 from .checkpointing import TrainState, register_hooks, run_identity, save_checkpoint
 from .config import TrainConfig
 from .dataset import BadSample, BatchOrder, DatasetReport, load_dataset
-from .model import add_lora, dit_config, export_lora, lora_parameter_count, load_training_dit, train_connector, \
-    trainable_state
-from .preflight import check_launch, preflight
+from .model import add_lora, dit_config, export_lora, load_training_dit, lora_parameter_count, train_connector, trainable_state
 from .objective import (
     CONDITIONING,
     conditioning_mode,
@@ -56,6 +53,7 @@ from .objective import (
     sigma_method,
     step_generator,
 )
+from .preflight import check_launch, preflight
 
 log = logging.getLogger("BindWeave")
 

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import constants as C
 from ..checkpoints.dit_layout import map_dit_keys
-from ..checkpoints.materialize import ScannedCheckpoint, materialize
+from ..checkpoints.materialize import ScannedCheckpoint, materialize, target_dtype
 from ..checkpoints.safetensors_io import TensorInfo, read_header
 from ..config import PRESETS, DiTConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
+from ..families import checkpoint_family
 from ..fp8 import fp8_candidate_modules, set_fp8_matmul, swap_in_fp8_linears
 from .transformer import BindWeaveTransformer
 
@@ -65,14 +68,11 @@ def _shape(tensors: dict[str, TensorInfo], key: str) -> tuple[int, ...] | None:
     return info.shape if info is not None else None
 
 
-def infer_config(tensors: dict[str, TensorInfo], metadata: dict[str, str], directory: Path | None = None) -> DiTConfig:
-    """The architecture, read from tensor shapes (heads from metadata, config.json or the presets)."""
-    if CONFIG_METADATA_KEY in metadata:
-        return DiTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+def _shape_fields(tensors: dict[str, TensorInfo]) -> dict[str, Any]:
+    """The DiTConfig fields that the tensor shapes fix (everything but the head split, eps and family)."""
     patch = _shape(tensors, "patch_embedding.weight")
     if patch is None:
         raise CheckpointError("the checkpoint has no patch_embedding.weight: not a complete DiT")
-    dim, in_channels, patch_size = patch[0], patch[1], tuple(patch[2:])
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
     ffn = _shape(tensors, "blocks.0.ffn.net.0.proj.weight")
     text = _shape(tensors, "condition_embedder.text_embedder.linear_1.weight")
@@ -83,31 +83,78 @@ def infer_config(tensors: dict[str, TensorInfo], metadata: dict[str, str], direc
     if None in (ffn, text, freq, out) or not blocks:
         raise CheckpointError("the checkpoint lacks core DiT tensors (blocks, embedders or proj_out): "
                               "it is incomplete or not a Wan DiT")
-    head_dim = None
-    if directory is not None and (directory / "config.json").exists():
-        try:
-            cfg = json.loads((directory / "config.json").read_text())
-            head_dim = int(cfg["attention_head_dim"])
-        except (ValueError, KeyError):
-            head_dim = None
-    if head_dim is None:
-        head_dim = next((p.head_dim for p in PRESETS.values() if p.dim == dim), 128)
-    if dim % head_dim:
-        raise CheckpointError(f"cannot tell the head count of a DiT of width {dim}; pass a config explicitly")
-    if planner is not None:
-        family = "bindweave"
-    elif image is not None:
-        family = "wan-i2v"
+    patch_size = tuple(patch[2:])
+    return dict(num_layers=max(blocks) + 1, ffn_dim=ffn[0], in_channels=patch[1],
+                out_channels=out[0] // math.prod(patch_size), patch_size=patch_size, text_dim=text[1],
+                freq_dim=freq[1], image_dim=image[0] if image is not None else None,
+                planner_dim=planner[1] if planner is not None else None,
+                cross_attn_norm="blocks.0.norm2.weight" in tensors, dim=patch[0])
+
+
+def _config_json(directory: Path | None) -> tuple[dict[str, Any], str]:
+    """The fields a diffusers ``config.json`` next to the weights gives (our names), and its path."""
+    path = directory / "config.json" if directory is not None else None
+    if path is None or not path.is_file():
+        return {}, ""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e}). Fix or remove the file.") from None
+    try:
+        given = DiTConfig.fields_from_dict(raw)
+    except InputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if "added_kv_proj_dim" in raw:  # derived, not stored: kept to be checked against the weights
+        given["added_kv_proj_dim"] = raw["added_kv_proj_dim"]
+    return given, str(path)
+
+
+def _head_dim(dim: int, given: dict[str, Any], source: str) -> int:
+    """The head size: from the config (``attention_head_dim`` or the head count), else from the one known
+    model of this width; a width no known model has is refused (a guess would give a wrong model)."""
+    if "head_dim" in given:
+        head_dim = int(given["head_dim"])
+    elif "num_heads" in given:
+        head_dim = dim // int(given["num_heads"]) if int(given["num_heads"]) > 0 else 0
     else:
-        family = "wan-t2v"
-    prod = patch_size[0] * patch_size[1] * patch_size[2]
-    return DiTConfig(
-        family=metadata.get("bindweave_family", family), num_layers=max(blocks) + 1, num_heads=dim // head_dim,
-        head_dim=head_dim, ffn_dim=ffn[0], in_channels=in_channels, out_channels=out[0] // prod,
-        patch_size=patch_size, text_dim=text[1], freq_dim=freq[1],
-        image_dim=image[0] if image is not None else None,
-        planner_dim=planner[1] if planner is not None else None,
-        cross_attn_norm="blocks.0.norm2.weight" in tensors)
+        known = {p.head_dim for p in PRESETS.values() if p.dim == dim}
+        if len(known) != 1:
+            widths = sorted({p.dim for p in PRESETS.values()})
+            raise CheckpointError(
+                f"cannot tell the head size of a DiT {dim} wide: the file records no config and "
+                + ("no known model is that wide" if not known else f"known models of that width differ ({sorted(known)})")
+                + f" (known widths: {widths}). Put the diffusers config.json (with attention_head_dim) next to the "
+                "weights, or pass config=DiTConfig(...) to load_dit.")
+        head_dim = known.pop()
+    if head_dim <= 0 or dim % head_dim or ("num_heads" in given and int(given["num_heads"]) * head_dim != dim):
+        raise CheckpointError(f"{source}: heads {given.get('num_heads')} x head size {head_dim} do not make the "
+                              f"width {dim} of the weights. Fix the config.")
+    return head_dim
+
+
+def infer_config(tensors: dict[str, TensorInfo], metadata: dict[str, str], directory: Path | None = None,
+                 layout: str = "diffusers") -> DiTConfig:
+    """The architecture: the config recorded in the file, else the tensor shapes plus a diffusers
+    ``config.json`` in ``directory`` (every field it gives is used, and must agree with the shapes)."""
+    if CONFIG_METADATA_KEY in metadata:
+        return DiTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    fields = _shape_fields(tensors)
+    dim = fields.pop("dim")
+    given, source = _config_json(directory)
+    if "added_kv_proj_dim" in given:
+        added, expected = given.pop("added_kv_proj_dim"), dim if fields["image_dim"] is not None else None
+        if added != expected:
+            raise CheckpointError(f"{source} says added_kv_proj_dim={added!r} but the weights' image key/value "
+                                  f"projections are {expected!r}: the config belongs to another model.")
+    for name, value in given.items():
+        stored = tuple(value) if name == "patch_size" else value
+        if name in fields and fields[name] != stored:
+            raise CheckpointError(f"{source} says {name}={value!r} but the weights have {name}={fields[name]!r}: "
+                                  "the config belongs to another model. Use the config.json of these weights.")
+    head_dim = _head_dim(dim, given, source or "the DiT")
+    family = metadata.get("bindweave_family") or given.get("family") or checkpoint_family(
+        planner=fields["planner_dim"] is not None, image_embedder=fields["image_dim"] is not None, layout=layout)
+    return DiTConfig(**{**given, **fields, "family": family, "head_dim": head_dim, "num_heads": dim // head_dim})
 
 
 # ---------------------------------------------------------------------------------------- scan
@@ -116,9 +163,7 @@ def scan_dit(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTChe
     path = Path(path)
     infos, metadata = read_header(path)
     layout, tensors, scales, ignored, foreign = map_dit_keys(infos, path)
-    cfg = config or infer_config(tensors, metadata, path if path.is_dir() else None)
-    if config is None and layout == "sat" and cfg.family == "wan-t2v":
-        cfg = cfg.replace(family="kaleido")  # the released SAT-layout T2V weights are Kaleido's R-RoPE model
+    cfg = config or infer_config(tensors, metadata, path if path.is_dir() else None, layout)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in BindWeaveTransformer(cfg).state_dict().items()}
     ckpt = DiTCheckpoint(path=path, layout=layout, config=cfg, tensors=tensors, scales=scales,
@@ -173,6 +218,32 @@ def load_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, de
     log.info("loaded %s DiT (%s layout, %s) from %s", ckpt.family, ckpt.layout,
              "fp8 storage" if fp8_modules else "GGUF " + ", ".join(sorted(set(gguf_linears.values())))
              if gguf_linears else str(dtype).replace("torch.", ""), ckpt.path)
+    return model.eval().requires_grad_(False)
+
+
+def dit_from_state_dict(config: DiTConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", attention_backend: str = "sdpa") -> BindWeaveTransformer:
+    """A DiT of ``config`` holding the in-memory ``state_dict`` (diffusers module names), strictly: a missing,
+    unexpected or wrongly shaped tensor is an error naming it. ``dtype`` casts floating tensors as
+    :func:`load_dit` does (norm and time-embedding tensors stay float32); the tensors are not copied
+    when they already have the dtype and device."""
+    with torch.device("meta"):
+        model = BindWeaveTransformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})" for k in set(expected) & set(state_dict)
+                   if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                 for what, v in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if v]
+        raise CheckpointError(f"the state dict does not fit a {config.family} DiT of this config ({'; '.join(parts)}). "
+                              "Give the config the weights were made with.")
+
+    placed = {k: v.to(device=device, dtype=target_dtype(k, v.dtype, dtype, _KEEP_FP32) if dtype is not None else None)
+              for k, v in state_dict.items()}
+    model.load_state_dict(placed, strict=True, assign=True)
+    model.set_attention_backend(attention_backend)
     return model.eval().requires_grad_(False)
 
 

@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from torch import nn
 
 from ..config import DiTConfig
+from ..errors import InputError
 from . import positions as P
 from .attention import attention
 from .parallel import CP_PLAN
@@ -135,6 +136,21 @@ class BindWeaveAttnProcessor:
         return attn.to_out[1](out)
 
 
+def check_planner_width(width: int, planner_dim: int, text_dim: int) -> None:
+    """Planner states enter the connector as the raw Qwen2.5-VL states (``planner_dim`` wide; spec sections 2
+    and 4). The official code always runs the connector on them and has no path for states that are
+    already projected (``text_dim`` wide), so those are refused rather than guessed at."""
+    if width == planner_dim:
+        return
+    if width == text_dim:
+        raise InputError(f"the planner states are {width} wide: that is the DiT's text width, i.e. states already "
+                         f"through a connector. The DiT's connector takes the raw Qwen2.5-VL states ({planner_dim} "
+                         "wide: the last hidden state after the final norm); pass those (the official code always "
+                         "projects them itself).")
+    raise InputError(f"the planner states are {width} wide; this DiT's connector takes {planner_dim}-wide Qwen2.5-VL "
+                     "states. Encode the prompt with the planner that belongs to this DiT.")
+
+
 class BindWeaveTransformer(WanTransformer3DModel):
     """Wan2.1 DiT with BindWeave conditioning; see the module docstring.
 
@@ -192,6 +208,8 @@ class BindWeaveTransformer(WanTransformer3DModel):
         if planner_states is not None and planner_states.shape[1] > 0:
             if not hasattr(emb, "text_projector"):
                 raise ValueError("this checkpoint has no connector (text_projector): it takes no planner states")
+            check_planner_width(planner_states.shape[-1], emb.text_projector.linear_1.in_features,
+                                self.dit_config.text_dim)
             projected = emb.text_projector(planner_states.to(text_states.dtype))
             if planner_lengths is None or len(set(planner_lengths)) == 1:
                 n = planner_lengths[0] if planner_lengths is not None else projected.shape[1]

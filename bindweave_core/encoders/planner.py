@@ -41,6 +41,7 @@ from torch import nn
 from .. import constants as C
 from ..checkpoints.in_memory import is_in_memory
 from ..checkpoints.materialize import materialize
+from ..condition_cache import digest, file_identity
 from ..conditioning import PlannerStates
 from ..errors import CheckpointError
 from ..model_files import where_to_get
@@ -54,10 +55,8 @@ from .planner_checkpoint import (
     check_tokenizer,
     config_object,
     empty_model,
-    file_identity,
     inspect_report,
     is_tokenizer_dir,
-    json_hash,
     load_tokenizer,
     scan_planner,
     tiny_tokenizer,
@@ -191,7 +190,7 @@ class Planner(Encoder):
         materialize(model, ckpt.tensors, scales=ckpt.scales, dtype=dtype, device=device, fp8_modules=fp8_modules,
                     strict=True, source=path)
         model.to(device)  # the rotary buffers were made on the CPU
-        identity = json_hash({"files": file_identity(ckpt.files), "tokenizer": str(tok_dir.resolve()),
+        identity = digest({"files": [file_identity(f) for f in ckpt.files], "tokenizer": str(tok_dir.resolve()),
                           "settings": settings.__dict__, "dtype": str(dtype), "weight_format": weight_format,
                           "config": ckpt.config})
         log.info("loaded Qwen2.5-VL planner (%s, %s%s) from %s", ckpt.layout,
@@ -209,7 +208,7 @@ class Planner(Encoder):
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration(config_object(TINY_CONFIG))
         seeded_init_(model, seed, _tiny_value)
-        identity = json_hash({"tiny": seed, "config": TINY_CONFIG, "settings": QWEN25_VL_7B_IMAGE_SETTINGS.__dict__})
+        identity = digest({"tiny": seed, "config": TINY_CONFIG, "settings": QWEN25_VL_7B_IMAGE_SETTINGS.__dict__})
         return cls(model.float(), tiny_tokenizer(), QWEN25_VL_7B_IMAGE_SETTINGS, identity=identity,
                    source=f"tiny(seed={seed})")
 

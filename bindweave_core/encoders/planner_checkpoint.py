@@ -4,7 +4,6 @@ with or without ``lm_head``), its loadability, and the ``inspect`` report."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,7 +16,6 @@ from torch import nn
 
 from .. import constants as C
 from ..checkpoints.identify import describe, identify
-from ..checkpoints.in_memory import is_in_memory
 from ..checkpoints.materialize import ScannedCheckpoint, split_scales
 from ..checkpoints.safetensors_io import TensorInfo, read_header
 from ..errors import CheckpointError
@@ -246,21 +244,6 @@ class MissingLMHead(nn.Module):
         raise CheckpointError("this planner file has no LM head (lm_head.weight), so it cannot generate text. Prompt "
                               "refinement needs a file with the LM head, e.g. the Qwen/Qwen2.5-VL-7B-Instruct "
                               "directory or ComfyUI's qwen_2.5_vl_7b.safetensors.")
-
-
-def file_identity(files: list[Path]) -> list[list[Any]]:
-    out = []
-    for f in files:
-        if is_in_memory(f):  # a host's loaded model: its unique pseudo path
-            out.append([str(f)])
-            continue
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def json_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ inspect

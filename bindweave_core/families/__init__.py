@@ -14,8 +14,8 @@ from .base import ModelFamily, ReferenceHost
 from .bindweave import BindWeaveFamily, WanI2VFamily, WanT2VFamily
 from .kaleido import KaleidoFamily
 
-__all__ = ["FAMILY_OBJECTS", "ModelFamily", "ReferenceHost", "family_for", "sigma_sampling_for",
-           "sigma_sampling_family"]
+__all__ = ["FAMILY_OBJECTS", "ModelFamily", "ReferenceHost", "checkpoint_family", "family_for",
+           "sigma_sampling_for", "sigma_sampling_family"]
 
 FAMILY_OBJECTS: dict[str, ModelFamily] = {f.name: f for f in (BindWeaveFamily(), WanI2VFamily(), WanT2VFamily(),
                                                              KaleidoFamily())}
@@ -27,6 +27,20 @@ def family_for(family: str | Any) -> ModelFamily:
     if name not in FAMILY_OBJECTS:
         raise InputError(f"unknown model family {name!r}; choose one of {FAMILIES}.")
     return FAMILY_OBJECTS[name]
+
+
+def checkpoint_family(*, planner: bool, image_embedder: bool, layout: str) -> str:
+    """The family a DiT file without a recorded family is, from the tensors it has and its key layout.
+
+    The connector's ``text_projector`` makes it BindWeave, an image embedder (CLIP input) plain Wan
+    I2V; without either it is a text-to-video DiT, which in the SAT layout is Kaleido's release (the
+    Kaleido-14B-S2V download is the only SAT-layout Wan DiT) and plain Wan T2V otherwise.
+    """
+    if planner:
+        return BindWeaveFamily.name
+    if image_embedder:
+        return WanI2VFamily.name
+    return KaleidoFamily.name if layout == "sat" else WanT2VFamily.name
 
 
 def sigma_sampling_family(method: str) -> ModelFamily:

@@ -73,10 +73,10 @@ class ModelFamily(ABC):
 
         check_reference_count(count, self.max_references, self.reference_model)
 
-    def check_settings(self, settings: Any) -> None:
+    def check_settings(self, settings: Any) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """Warnings about settings the family was not trained for (nothing is changed)."""
 
-    def check_dit(self, config: Any, source: str, checkpoint_family: str) -> None:
+    def check_dit(self, config: Any, source: str, checkpoint_family: str) -> None:  # noqa: B027 (an optional hook: the base accepts)
         """Refuse a DiT (read as ``checkpoint_family``) that cannot run as this family."""
 
     def slot_frames(self, config: Any) -> int:

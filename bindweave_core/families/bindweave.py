@@ -14,12 +14,8 @@ from ..conditioning import PlannerStates, ReferenceCondition, TextStates, vae_co
 from ..denoiser import DiTBranch
 from ..finite import check_finite, model_dtype
 from ..references import prepare_references
+from ..schedules import shifted_sigmas
 from .base import ModelFamily, ReferenceHost
-
-
-def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """``shift u / (1 + (shift - 1) u)``: the flow-matching time shift applied to uniform ``u``."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 class BindWeaveFamily(ModelFamily):
@@ -42,7 +38,7 @@ class BindWeaveFamily(ModelFamily):
                     shift=C.DEFAULT_SHIFT, sampler=C.DEFAULT_SAMPLER, fps=C.DEFAULT_FPS)
 
     def slot_frames(self, config: Any) -> int:
-        return config.num_ref_slots
+        return C.NUM_REF_SLOTS
 
     def reference_vae_chunks(self, count: int, num_frames: int) -> int:
         return count + C.latent_frames(num_frames)  # one per reference, then the video condition's
