@@ -173,7 +173,8 @@ class _CaseChecker:
 
         self.args, self.plan = args, plan
         self.family = family_for(plan.family)
-        self.base = generation_settings(args, "", plan.family, plan.smoke)
+        # the batch's own settings; each case replaces the prompt (a placeholder here: an empty one is refused)
+        self.base = generation_settings(args, "(each case's prompt)", plan.family, plan.smoke)
         self.images: dict[Path, tuple[str | None, str | None]] = {}  # path -> (problem, sha256)
         self.inputs = [args.batch] + [getattr(args, n) for n in PATH_ARGS if getattr(args, n)]
 
@@ -191,8 +192,9 @@ class _CaseChecker:
             problems += [problem] if problem else []
             hashes.append(sha)
         seed = case.seed if case.seed is not None else self.args.seed
-        settings = replace(self.base, prompt=case.prompt, seed=seed, **case.settings)
+        settings = None
         try:
+            settings = replace(self.base, prompt=case.prompt, seed=seed, **case.settings)  # checks every value
             self.family.check_reference_count(len(case.refs))
             self.family.check_settings(settings)
             settings.validate(len(case.refs), self.family.max_references)

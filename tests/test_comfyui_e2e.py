@@ -912,7 +912,7 @@ def test_comfyuis_own_encoders_give_our_numbers(tmp_path):
 
 
 def test_decode_takes_comfyuis_own_vae(server, wan_vae_file):
-    """BindWeave Decode on ComfyUI's Load VAE (the same tiny VAE file) gives the frames of Load BindWeave VAE."""
+    """BindWeave Decode on ComfyUI's Load VAE gives the frames of Load BindWeave VAE on the same file."""
     import copy
 
     from build_workflows import _cases, node
@@ -921,6 +921,7 @@ def test_decode_takes_comfyuis_own_vae(server, wan_vae_file):
     g["30"]["inputs"]["seed"] = 777
     for key in ("40", "41"):
         del g[key]
+    g["2"]["inputs"]["vae_name"] = wan_vae_file  # our VAE loader on the file ComfyUI's VAE Loader reads
     g["7"] = node("VAELoader", vae_name=wan_vae_file)
     g["50"] = node("SaveImage", images=["31", 0], filename_prefix="decode_vae/ours")
     g["51"] = node("BindWeaveDecode", vae=["7", 0], samples=["30", 0], tiled=False, fps=16.0)

@@ -41,19 +41,18 @@ def test_sigterm_while_writing_leaves_no_file_and_exits_143(tmp_path, monkeypatc
     Image.new("RGB", (64, 48), (200, 120, 40)).save(tmp_path / "ref.png")
     out = tmp_path / "out"
 
-    def terminated_while_writing(frames, path, fps=16, crf=18):
-        with video_io.atomic_path(path) as tmp:
-            tmp.write_bytes(b"half a video")
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.sigtimedwait([], 0.5) if hasattr(signal, "sigtimedwait") else None
+    def terminated_while_writing(writer, frames):  # the decoded frames stream into the MP4 being written
+        writer.container.mux  # the temporary MP4 is open: a partial file exists
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0.5) if hasattr(signal, "sigtimedwait") else None
         raise AssertionError("SIGTERM was not raised")
 
-    monkeypatch.setattr(video_io, "write_mp4", terminated_while_writing)
+    monkeypatch.setattr(video_io.Mp4Writer, "write", terminated_while_writing)
     before = signal.getsignal(signal.SIGTERM)
     code = cli.main(["generate", "--smoke", "--ref", str(tmp_path / "ref.png"), "--prompt", "a cat walks",
                      "--out", str(out / "video.mp4"), "--steps", "1", "--width", "32", "--height", "32", "--frames", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 143 and err[-1] == "terminated (SIGTERM) while writing the video and its sidecar; no file was written"
+    assert code == 143 and err[-1] == "terminated (SIGTERM) while decoding the video (VAE); no file was written"
     assert sorted(p.name for p in out.iterdir()) == []  # no .tmp video, no .tmp sidecar
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -85,7 +84,7 @@ def test_inspect_still_reads_model_folders(tmp_path):
 @pytest.mark.parametrize("argv, first", [
     (["generate", "--ref", "a.png", "--prompt", "x", "--out", "v.mp4", "--steps", "1.5"],
      "error: argument --steps: invalid int value: '1.5'"),
-    (["generate", "--ref", "a.png", "--prompt", "x"], "error: the following arguments are required: --out"),
+    (["generate", "--ref", "a.png", "--prompt", "x", "--batch"], "error: argument --batch: expected one argument"),
     (["generat"], "error: argument command: invalid choice: 'generat' (choose from "),
 ])
 def test_command_line_errors_are_one_line_and_a_hint(argv, first, capsys):
