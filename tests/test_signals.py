@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -42,7 +43,8 @@ def test_sigterm_while_writing_leaves_no_file_and_exits_143(tmp_path, monkeypatc
     out = tmp_path / "out"
 
     def terminated_while_writing(writer, frames):  # the decoded frames stream into the MP4 being written
-        assert any(p.name.startswith(".video.tmp-") for p in out.iterdir())  # a partial temporary MP4 exists
+        Path(writer.container.name).write_bytes(b"half a video")  # a partial temporary MP4 exists
+        assert any(p.name.startswith(".video.tmp-") for p in out.iterdir())
         os.kill(os.getpid(), signal.SIGTERM)
         signal.sigtimedwait([], 0.5) if hasattr(signal, "sigtimedwait") else None
         raise AssertionError("SIGTERM was not raised")
