@@ -535,8 +535,8 @@ def test_cancel_during_reference_encode_stops_within_a_chunk(server):
 
 
 # ------------------------------------------------------------------------------------------ native route
-def _run(server, prompt: dict, timeout: float = 600) -> dict:
-    """Queue an API prompt, wait for it, return its outputs (failing with the server's error)."""
+def _finished(server, prompt: dict, timeout: float) -> dict:
+    """Queue an API prompt (the server must accept it) and wait for it: its /history entry."""
     from comfy_browser import post_json
 
     reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
@@ -546,9 +546,15 @@ def _run(server, prompt: dict, timeout: float = 600) -> dict:
     while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
         assert time.time() < deadline, f"prompt did not finish in {timeout} s"
         time.sleep(1)
-    status = history[pid]["status"]
+    return history[pid]
+
+
+def _run(server, prompt: dict, timeout: float = 600) -> dict:
+    """Queue an API prompt, wait for it, return its outputs (failing with the server's error)."""
+    entry = _finished(server, prompt, timeout)
+    status = entry["status"]
     assert status["status_str"] == "success", [m for m in status["messages"] if m[0] == "execution_error"]
-    return history[pid]["outputs"]
+    return entry["outputs"]
 
 
 def _saved_latent(server, outputs: dict, node_id: str):
@@ -966,16 +972,7 @@ def test_references_wired_once_and_the_old_wiring_give_the_same_latents(server):
 # ------------------------------------------------------------------------------------------ stated conditioning
 def _run_error(server, prompt: dict, timeout: float = 300) -> str:
     """Queue an API prompt that must fail at run time: ``"<exception type>: <message> (node <type>)"``."""
-    from comfy_browser import post_json
-
-    reply = post_json(server["url"] + "/prompt", {"prompt": prompt})
-    assert reply["node_errors"] == {}, reply
-    pid = reply["prompt_id"]
-    deadline = time.time() + timeout
-    while pid not in (history := get_json(f"{server['url']}/history/{pid}")):
-        assert time.time() < deadline, f"prompt did not finish in {timeout} s"
-        time.sleep(1)
-    status = history[pid]["status"]
+    status = _finished(server, prompt, timeout)["status"]
     errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
     assert status["status_str"] == "error" and len(errors) == 1, status
     return f"{errors[0]['exception_type']}: {errors[0]['exception_message']} (node {errors[0]['node_type']})"
