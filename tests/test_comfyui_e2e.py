@@ -3,7 +3,7 @@
 Starts ComfyUI on the CPU with only this pack installed (in a temporary base directory), checks our
 nodes in /object_info, validates every shipped workflow against the server's node schemas, loads
 each one in the server's own frontend (headless Chromium, when available), and runs the smoke
-workflow through /prompt, reading the video back from /history. See ../shared/comfyui-host.md for
+workflow through /prompt, reading the video back from /history. See docs/comfyui-versions.md for
 setting up a ComfyUI checkout; COMFYUI_PYTHON names the interpreter of its environment.
 """
 
