@@ -342,3 +342,18 @@ def test_ctrl_c_stops_with_130_and_keeps_the_finished_cases(tmp_path, monkeypatc
     assert "stopped by Ctrl-C during case case1 (its files were not written); 1 case(s) of this run were written" in err
     assert (out / "case0.mp4").exists() and not (out / "case1.mp4").exists()
     assert [r["status"] for r in _summary(out).values()] == ["done", "pending"]
+
+
+def test_evaluate_scores_each_case_into_its_sidecar_and_the_summary(tmp_path):
+    """generate --batch --evaluate: each case's sidecar holds the evaluation report of its video, and the
+    summary gets one column per metric with the report's overall value."""
+    need(SAMPLES / "images" / "man.png")
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "one", "prompt": "a man walks", "refs": [str(SAMPLES / "images" / "man.png")]}))
+    out = tmp_path / "out"
+    assert _batch(cases, out, "--evaluate") == 0
+    evaluation = json.loads((out / "one.json").read_text())["evaluation"]
+    row = _summary(out)["one"]
+    overall = {k: v["overall"] for k, v in evaluation["metrics"].items() if v.get("overall") is not None}
+    assert {"clip_i", "temporal_flickering"} <= set(overall)
+    assert {k: float(row[f"metric:{k}"]) for k in overall} == pytest.approx(overall)
