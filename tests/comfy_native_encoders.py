@@ -12,6 +12,7 @@ Prints one line per check and ``ok`` at the end.
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -69,10 +70,13 @@ def comfy_clip_vision(path: Path):
     from bindweave_core.encoders.clip_vision import ClipVisionEncoder
 
     cfg = ClipVisionEncoder.tiny(0).model.config
-    native = comfy.clip_vision.ClipVisionModel(dict(
+    config = dict(
         model_type="clip_vision_model", hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads, image_size=224,
-        patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=8))
+        patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=8)
+    json_config = Path(path).with_name(Path(path).stem + "_config.json")  # ComfyUI 0.3.64 takes only a file
+    json_config.write_text(json.dumps(config))
+    native = comfy.clip_vision.ClipVisionModel(str(json_config))
     missing, _ = native.load_sd(comfy.utils.load_torch_file(str(path)))
     assert not missing, missing
     return native

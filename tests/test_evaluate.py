@@ -77,7 +77,11 @@ def test_static_video_scores_one(clip):
     m = report["metrics"]
     assert m["temporal_flickering"]["overall"] == 1.0
     assert m["subject_consistency"]["overall"] == pytest.approx(1.0, abs=1e-6)
-    assert m["motion_amplitude"]["overall"] < 1e-4  # 0 up to the float rounding of the bilinear warp
+    # 0 up to the float rounding of our bilinear warp; OpenCV's Farneback (the default where it is installed)
+    # leaves a few thousandths of a pixel on a still, smooth image
+    assert m["motion_amplitude"]["overall"] < (1e-2 if "Farneback" in m["motion_amplitude"]["method"] else 1e-4)
+    torch_motion, _ = flow.motion_per_pair(video, method="torch-lucas-kanade")
+    assert torch_motion.max() < 1e-4
 
 
 def test_video_of_the_reference_is_similar_to_it(clip):
@@ -267,7 +271,10 @@ def test_generate_evaluate_scores_into_the_sidecar(tmp_path):
 
 
 def test_farneback_when_opencv_is_installed_gives_the_pan():
-    pytest.importorskip("cv2")
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        pytest.skip("needs an optional extra: opencv-python-headless (pip install -e .[evaluate])")
     size, step = 128, 2
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     video = grey_video([pattern(xx - step * t, yy) for t in range(4)])
