@@ -393,9 +393,8 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
     generation finishes: a cancel or an error leaves no file (not even a partial one) behind. ``evaluate``:
     score the video as written against the references into the sidecar's ``"evaluation"``
     (``bindweave_core.evaluate.generated``)."""
-    from .batch_outputs import file_sha256
     from .preflight import check_output_paths
-    from .video_io import Mp4Writer, atomic_path, read_video, write_json
+    from .video_io import Mp4Writer, atomic_path, read_video
 
     inputs = [str(r) for r in [*references, *(masks or [])] if isinstance(r, (str, Path))]
     out, sidecar_path = check_output_paths(out, inputs)
@@ -406,24 +405,33 @@ def generate_to_file(pipe, references: list, settings, out: str | Path, *, masks
                                    window_callback=window_callback, frame_sink=writer.write)
             if on_stage is not None:
                 on_stage("writing")
-        record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
-                  "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-                  "frames_written": writer.frames, "versions": _versions(), "output": str(out),
-                  "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
-                  "video_sha256": file_sha256(tmp_mp4), "step_cache": result.step_cache}
-        if evaluate:  # the video as written (the frames were streamed into the file, not kept)
-            frames, _ = read_video(tmp_mp4)
-            record["evaluation"] = _evaluation(pipe, references, frames, result, record, smoke)
-        write_json(record, tmp_json)
+        # the evaluation reads the video as written (its frames were streamed into the file, not kept)
+        _write_sidecar(pipe, result, out, tmp_mp4, tmp_json, sidecar, writer.frames, references,
+                       (lambda: read_video(tmp_mp4)[0]) if evaluate else None, smoke)
     return result
 
 
-def _evaluation(pipe, references: list, frames: Any, result, record: dict[str, Any], smoke: bool) -> dict[str, Any]:
-    """The evaluation report of a video just made (``bindweave_core.evaluate``) for its sidecar."""
-    from .evaluate.generated import evaluate_generated
+def _write_sidecar(pipe, result, out: Path, video: Path, json_path: Path, sidecar: dict[str, Any] | None,
+                   frames_written: int, references: list, evaluate_frames: Any, smoke: bool) -> dict[str, Any]:
+    """Write the sidecar record of ``result`` (its video complete at ``video``, named ``out``) to ``json_path``;
+    ``evaluate_frames``: None, or a callable giving the video's frames to score against ``references``."""
+    from .batch_outputs import file_sha256
+    from .video_io import write_json
 
-    return evaluate_generated(pipe, references, frames, prompt=result.prompt, fps=result.settings.fps,
-                              windows=result.windows or record.get("windows"), smoke=smoke)
+    settings = result.settings
+    record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
+              "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
+              "frames_written": frames_written, "versions": _versions(), "output": str(out),
+              "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
+              "video_sha256": file_sha256(video), "step_cache": result.step_cache}
+    if evaluate_frames is not None:
+        from .evaluate.generated import evaluate_generated
+
+        record["evaluation"] = evaluate_generated(pipe, references, evaluate_frames(), prompt=result.prompt,
+                                                  fps=settings.fps, windows=result.windows or record.get("windows"),
+                                                  smoke=smoke)
+    write_json(record, json_path)
+    return record
 
 
 def write_outputs(pipe, result, out: Path, sidecar_path: Path, sidecar: dict[str, Any] | None = None, *,
@@ -431,21 +439,12 @@ def write_outputs(pipe, result, out: Path, sidecar_path: Path, sidecar: dict[str
     """A result held in memory (the batch command's): the video, then its sidecar (with the video's sha256 and,
     with ``evaluate``, the evaluation of ``references`` against it), each to a temporary name and renamed: the
     sidecar appears last, so a sidecar always describes a complete video. Returns the sidecar's record."""
-    from .batch_outputs import file_sha256
-    from .video_io import atomic_path, write_json, write_mp4
+    from .video_io import atomic_path, write_mp4
 
-    settings = result.settings
     with atomic_path(sidecar_path) as tmp_json:  # both files appear together, or neither does
-        write_mp4(result.frames, out, fps=settings.fps)
-        record = {**(sidecar or {}), "settings": settings.to_dict(), "prompt_used": result.prompt,
-                  "seed": settings.seed, "device": str(pipe.device), "timings": result.timings,
-                  "frames_written": int(result.frames.shape[0]), "versions": _versions(), "output": str(out),
-                  "memory_estimate_gib": _estimate_gib(pipe), "context_windows": result.windows,
-                  "video_sha256": file_sha256(out), "step_cache": result.step_cache}
-        if evaluate:
-            record["evaluation"] = _evaluation(pipe, references or [], result.frames, result, record, smoke)
-        write_json(record, tmp_json)
-    return record
+        write_mp4(result.frames, out, fps=result.settings.fps)
+        return _write_sidecar(pipe, result, out, out, tmp_json, sidecar, int(result.frames.shape[0]),
+                              references or [], (lambda: result.frames) if evaluate else None, smoke)
 
 
 def _estimate_gib(pipe) -> float | None:
