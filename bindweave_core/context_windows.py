@@ -66,25 +66,18 @@ class ContextWindow:
                 "anchor_latent_frame": self.anchor}
 
 
-def check_context(context_frames: int, context_overlap: int, schedule: str, fuse: str) -> None:
-    """Clear messages for window settings that cannot be used as given (nothing is rounded)."""
+def check_context(context_frames: int, context_overlap: int) -> None:
+    """What the one settings validator (``setting_bounds``) cannot see field by field: a window of 4k+1 frames
+    (0: off) and an overlap shorter than it. Nothing is rounded."""
     if context_frames == 0:
         return
     if context_frames < 1 + C.VAE_TEMPORAL_FACTOR or (context_frames - 1) % C.VAE_TEMPORAL_FACTOR:
         k = max(1, round((context_frames - 1) / C.VAE_TEMPORAL_FACTOR))
         raise InputError(f"context frames must be 0 (off) or 4k+1 and at least 5 (e.g. {4 * k + 1} or "
                          f"{4 * k + 5}), got {context_frames}.")
-    if context_overlap < 0 or context_overlap % C.VAE_TEMPORAL_FACTOR:
-        lower = max(0, context_overlap // C.VAE_TEMPORAL_FACTOR * C.VAE_TEMPORAL_FACTOR)
-        raise InputError(f"context overlap must be a multiple of 4 video frames (e.g. {lower} or {lower + 4}), "
-                         f"got {context_overlap}.")
     if context_overlap >= context_frames - 1:
         raise InputError(f"context overlap {context_overlap} must be shorter than the window "
                          f"({context_frames} frames): use at most {context_frames - 5}.")
-    if schedule not in CONTEXT_SCHEDULES:
-        raise InputError(f"unknown context schedule {schedule!r}; choose one of {CONTEXT_SCHEDULES}.")
-    if fuse not in CONTEXT_FUSE_METHODS:
-        raise InputError(f"unknown context fuse method {fuse!r}; choose one of {CONTEXT_FUSE_METHODS}.")
 
 
 def window_latent_frames(context_frames: int, context_overlap: int) -> tuple[int, int]:

@@ -100,7 +100,7 @@ class GenerationSettings:
         for name in SETTINGS:
             value = getattr(self, name)
             setattr(self, name, check_prompt(value) if name == "prompt" else check_setting(name, value))
-        check_context(self.context_frames, self.context_overlap, self.context_schedule, self.context_fuse)
+        check_context(self.context_frames, self.context_overlap)  # how the window fields fit together
 
     def validate(self, num_references: int, max_references: int = C.MAX_REFERENCES) -> None:
         """The reference count against the model's (the values themselves were checked when the settings were
